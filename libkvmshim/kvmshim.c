@@ -1,0 +1,99 @@
+/* libkvmshim: see kvmshim.h. */
+#define _GNU_SOURCE
+#include "kvmshim.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#define RET(expr) do { long _r = (long)(expr); return _r < 0 ? -(int64_t)errno : (int64_t)_r; } while (0)
+
+int64_t kvs_open(const char *path, int32_t flags, int32_t mode) { RET(open(path, flags | O_CLOEXEC, mode)); }
+int64_t kvs_close(int32_t fd) { RET(close(fd)); }
+int64_t kvs_ioctl(int32_t fd, uint64_t request, void *arg) { RET(ioctl(fd, (unsigned long)request, arg)); }
+int64_t kvs_ioctl_val(int32_t fd, uint64_t request, uint64_t value) {
+  RET(ioctl(fd, (unsigned long)request, (unsigned long)value));
+}
+
+int64_t kvs_mmap(uint64_t addr, uint64_t len, int32_t prot, int32_t flags, int32_t fd, int64_t offset) {
+  void *p = mmap((void *)(uintptr_t)addr, (size_t)len, prot, flags, fd, (off_t)offset);
+  if (p == MAP_FAILED) return -(int64_t)errno;
+  return (int64_t)(uintptr_t)p;
+}
+int64_t kvs_munmap(uint64_t addr, uint64_t len) { RET(munmap((void *)(uintptr_t)addr, (size_t)len)); }
+int64_t kvs_madvise(uint64_t addr, uint64_t len, int32_t advice) {
+  RET(madvise((void *)(uintptr_t)addr, (size_t)len, advice));
+}
+int64_t kvs_memfd(const char *name, uint32_t flags) { RET(memfd_create(name, flags)); }
+int64_t kvs_ftruncate(int32_t fd, int64_t len) { RET(ftruncate(fd, (off_t)len)); }
+int64_t kvs_eventfd(uint32_t initval, int32_t flags) { RET(eventfd(initval, flags)); }
+int64_t kvs_read(int32_t fd, void *buf, uint64_t len) { RET(read(fd, buf, (size_t)len)); }
+int64_t kvs_write(int32_t fd, const void *buf, uint64_t len) { RET(write(fd, buf, (size_t)len)); }
+int64_t kvs_pread(int32_t fd, void *buf, uint64_t len, int64_t off) { RET(pread(fd, buf, (size_t)len, (off_t)off)); }
+int64_t kvs_pwrite(int32_t fd, const void *buf, uint64_t len, int64_t off) {
+  RET(pwrite(fd, buf, (size_t)len, (off_t)off));
+}
+int64_t kvs_readv(int32_t fd, const void *iov, int32_t n) { RET(readv(fd, (const struct iovec *)iov, n)); }
+int64_t kvs_writev(int32_t fd, const void *iov, int32_t n) { RET(writev(fd, (const struct iovec *)iov, n)); }
+int64_t kvs_preadv(int32_t fd, const void *iov, int32_t n, int64_t off) {
+  RET(preadv(fd, (const struct iovec *)iov, n, (off_t)off));
+}
+int64_t kvs_pwritev(int32_t fd, const void *iov, int32_t n, int64_t off) {
+  RET(pwritev(fd, (const struct iovec *)iov, n, (off_t)off));
+}
+int64_t kvs_fsync(int32_t fd) { RET(fsync(fd)); }
+int64_t kvs_fdatasync(int32_t fd) { RET(fdatasync(fd)); }
+int64_t kvs_fcntl(int32_t fd, int32_t cmd, int64_t arg) { RET(fcntl(fd, cmd, (long)arg)); }
+int64_t kvs_dup(int32_t fd) { RET(fcntl(fd, F_DUPFD_CLOEXEC, 0)); }
+
+int64_t kvs_epoll_create(void) { RET(epoll_create1(EPOLL_CLOEXEC)); }
+int64_t kvs_epoll_ctl(int32_t epfd, int32_t op, int32_t fd, uint32_t events, uint64_t data) {
+  struct epoll_event ev = {.events = events, .data.u64 = data};
+  RET(epoll_ctl(epfd, op, fd, &ev));
+}
+int64_t kvs_epoll_wait(int32_t epfd, uint64_t *out, int32_t max, int32_t timeout_ms) {
+  struct epoll_event evs[64];
+  if (max > 64) max = 64;
+  int n = epoll_wait(epfd, evs, max, timeout_ms);
+  if (n < 0) return -(int64_t)errno;
+  for (int i = 0; i < n; i++) out[i] = evs[i].data.u64;
+  return n;
+}
+int64_t kvs_poll1(int32_t fd, int32_t events, int32_t timeout_ms) {
+  struct pollfd p = {.fd = fd, .events = (short)events};
+  int n = poll(&p, 1, timeout_ms);
+  if (n < 0) return -(int64_t)errno;
+  return n == 0 ? 0 : p.revents;
+}
+
+static void kick_handler(int sig) { (void)sig; }
+int32_t kvs_kick_signal(void) { return SIGRTMIN + 1; }
+int64_t kvs_kick_init(void) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = kick_handler; /* no SA_RESTART: KVM_RUN returns EINTR */
+  sigemptyset(&sa.sa_mask);
+  RET(sigaction(SIGRTMIN + 1, &sa, NULL));
+}
+uint64_t kvs_thread_self(void) { return (uint64_t)pthread_self(); }
+int64_t kvs_kick(uint64_t thread) {
+  int r = pthread_kill((pthread_t)thread, SIGRTMIN + 1);
+  return r ? -(int64_t)r : 0;
+}
+int64_t kvs_gettid(void) { return (int64_t)syscall(SYS_gettid); }
+int64_t kvs_kick_tid(int32_t tid) { RET(syscall(SYS_tgkill, getpid(), tid, SIGRTMIN + 1)); }
+uint64_t kvs_now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}

@@ -1,0 +1,47 @@
+/* libkvmshim: thin syscall wrappers for dvmm. Every call returns a non-negative result or -errno.
+ * No policy lives here: ioctl numbers and struct layouts are defined in TypeScript (ffi/). */
+#ifndef KVMSHIM_H
+#define KVMSHIM_H
+#include <stdint.h>
+#include <stddef.h>
+
+int64_t kvs_open(const char *path, int32_t flags, int32_t mode);
+int64_t kvs_close(int32_t fd);
+int64_t kvs_ioctl(int32_t fd, uint64_t request, void *arg);
+int64_t kvs_ioctl_val(int32_t fd, uint64_t request, uint64_t value);
+int64_t kvs_mmap(uint64_t addr, uint64_t len, int32_t prot, int32_t flags, int32_t fd, int64_t offset);
+int64_t kvs_munmap(uint64_t addr, uint64_t len);
+int64_t kvs_madvise(uint64_t addr, uint64_t len, int32_t advice);
+int64_t kvs_memfd(const char *name, uint32_t flags);
+int64_t kvs_ftruncate(int32_t fd, int64_t len);
+int64_t kvs_eventfd(uint32_t initval, int32_t flags);
+int64_t kvs_read(int32_t fd, void *buf, uint64_t len);
+int64_t kvs_write(int32_t fd, const void *buf, uint64_t len);
+int64_t kvs_pread(int32_t fd, void *buf, uint64_t len, int64_t off);
+int64_t kvs_pwrite(int32_t fd, const void *buf, uint64_t len, int64_t off);
+int64_t kvs_readv(int32_t fd, const void *iov, int32_t iovcnt);
+int64_t kvs_writev(int32_t fd, const void *iov, int32_t iovcnt);
+int64_t kvs_preadv(int32_t fd, const void *iov, int32_t iovcnt, int64_t off);
+int64_t kvs_pwritev(int32_t fd, const void *iov, int32_t iovcnt, int64_t off);
+int64_t kvs_fsync(int32_t fd);
+int64_t kvs_fdatasync(int32_t fd);
+int64_t kvs_fcntl(int32_t fd, int32_t cmd, int64_t arg);
+int64_t kvs_dup(int32_t fd);
+int64_t kvs_epoll_create(void);
+int64_t kvs_epoll_ctl(int32_t epfd, int32_t op, int32_t fd, uint32_t events, uint64_t data);
+/* Waits for events; stores each event's data word in out[i]. Returns the count (0 on timeout). */
+int64_t kvs_epoll_wait(int32_t epfd, uint64_t *out, int32_t max, int32_t timeout_ms);
+int64_t kvs_poll1(int32_t fd, int32_t events, int32_t timeout_ms);
+
+/* vCPU kick: a no-op SIGRTMIN+1 handler without SA_RESTART, so a thread blocked in KVM_RUN returns EINTR. */
+int64_t kvs_kick_init(void);
+int32_t kvs_kick_signal(void);
+uint64_t kvs_thread_self(void);
+int64_t kvs_kick(uint64_t thread);
+int64_t kvs_gettid(void);
+/* Kicks a thread of this process by kernel tid (tgkill): safe even when the thread has exited (ESRCH). */
+int64_t kvs_kick_tid(int32_t tid);
+
+/* Monotonic clock in nanoseconds. */
+uint64_t kvs_now_ns(void);
+#endif

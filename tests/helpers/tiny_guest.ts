@@ -1,0 +1,73 @@
+/**
+ * Tiny hand-assembled guests packaged as ELF files with a PVH entry note, so the whole VM path
+ * (loader, vCPU workers, serial, ACPI power-off register) can run on any /dev/kvm, PVM included.
+ */
+
+/**
+ * 32-bit code loaded at 0x100000: prints `message` on COM1 (port 0x3f8) one byte at a time, then writes
+ * SLP_EN|S5 (0x34) to the ACPI sleep control register at port 0x600 and halts.
+ *
+ *   mov dx, 0x3f8 ; mov esi, msg ; 1: lodsb ; test al, al ; jz 2f ; out dx, al ; jmp 1b
+ *   2: mov dx, 0x600 ; mov al, 0x34 ; out dx, al ; 3: hlt ; jmp 3b ; msg: .asciz "..."
+ */
+export function printAndPoweroffCode(message: string, loadAddr = 0x100000): Uint8Array {
+  const head = [
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xbe, 0, 0, 0, 0, // mov esi, imm32 (patched)
+    0xac, // lodsb
+    0x84, 0xc0, // test al, al
+    0x74, 0x03, // jz +3
+    0xee, // out dx, al
+    0xeb, 0xf8, // jmp -8
+    0x66, 0xba, 0x00, 0x06, // mov dx, 0x600
+    0xb0, 0x34, // mov al, 0x34
+    0xee, // out dx, al
+    0xf4, // hlt
+    0xeb, 0xfd, // jmp -3
+  ];
+  const msg = new TextEncoder().encode(message + "\0");
+  const code = new Uint8Array(head.length + msg.length);
+  code.set(head);
+  code.set(msg, head.length);
+  new DataView(code.buffer).setUint32(5, loadAddr + head.length, true);
+  return code;
+}
+
+/** Wraps 32-bit code into an ELF64 executable with one PT_LOAD at `loadAddr` and a Xen PVH entry note. */
+export function pvhElf(code: Uint8Array, loadAddr = 0x100000): Uint8Array {
+  const phoff = 64;
+  const noteOff = phoff + 2 * 56;
+  const noteSize = 12 + 4 + 4; // header, "Xen\0", 4-byte entry
+  const codeOff = 0x1000;
+  const out = new Uint8Array(codeOff + code.length);
+  const v = new DataView(out.buffer);
+  out.set([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1]); // ELF, 64-bit, little-endian, version 1
+  v.setUint16(16, 2, true); // ET_EXEC
+  v.setUint16(18, 0x3e, true); // EM_X86_64
+  v.setUint32(20, 1, true);
+  v.setBigUint64(24, BigInt(loadAddr), true); // e_entry
+  v.setBigUint64(32, BigInt(phoff), true);
+  v.setUint16(52, 64, true); // e_ehsize
+  v.setUint16(54, 56, true); // e_phentsize
+  v.setUint16(56, 2, true); // e_phnum
+  const ph = (i: number, type: number, flags: number, off: number, addr: number, size: number, align: number) => {
+    const b = phoff + i * 56;
+    v.setUint32(b, type, true);
+    v.setUint32(b + 4, flags, true);
+    v.setBigUint64(b + 8, BigInt(off), true);
+    v.setBigUint64(b + 16, BigInt(addr), true);
+    v.setBigUint64(b + 24, BigInt(addr), true);
+    v.setBigUint64(b + 32, BigInt(size), true);
+    v.setBigUint64(b + 40, BigInt(size), true);
+    v.setBigUint64(b + 48, BigInt(align), true);
+  };
+  ph(0, 1, 5, codeOff, loadAddr, code.length, 0x1000); // PT_LOAD r-x
+  ph(1, 4, 4, noteOff, 0, noteSize, 4); // PT_NOTE
+  v.setUint32(noteOff, 4, true); // namesz
+  v.setUint32(noteOff + 4, 4, true); // descsz
+  v.setUint32(noteOff + 8, 18, true); // XEN_ELFNOTE_PHYS32_ENTRY
+  out.set([0x58, 0x65, 0x6e, 0], noteOff + 12); // "Xen\0"
+  v.setUint32(noteOff + 16, loadAddr, true);
+  out.set(code, codeOff);
+  return out;
+}

@@ -1,0 +1,192 @@
+import assert from "node:assert/strict";
+import { GuestMemory } from "../vmm/memory.ts";
+import { SplitQueue } from "../devices/virtio/queue.ts";
+import {
+  blkConfigSpace,
+  BlkDevice,
+  blkFeatures,
+  type Disk,
+  FileDisk,
+  MemoryDisk,
+} from "../devices/virtio/blk.ts";
+import {
+  BLK_F,
+  BLK_S,
+  BLK_T,
+  F,
+  featureBit,
+  VIRTQ_DESC_F_NEXT as NEXT,
+  VIRTQ_DESC_F_WRITE as W,
+} from "../devices/virtio/constants.ts";
+import { FakeDriverQueue } from "./virtio_driver.ts";
+
+const HDR = 0x4000, DATA = 0x10000, STATUS = 0x6000;
+
+function setup(disk: Disk) {
+  const mem = GuestMemory.fromBuffers([{ gpa: 0, size: 0x40000 }]);
+  const drv = new FakeDriverQueue(mem, 0x1000, 16);
+  const q = new SplitQueue(mem, drv.config, { eventIdx: true });
+  const dev = new BlkDevice(disk);
+  /** Builds header / data / status descriptors and runs the queue; returns {status, used len}. */
+  const run = (type: number, sector: number, dataLen: number, dataWritable: boolean) => {
+    mem.writeU32(HDR, type);
+    mem.writeU32(HDR + 4, 0);
+    mem.writeU64(HDR + 8, sector);
+    mem.writeU8(STATUS, 0xee);
+    let n = 0;
+    drv.setDesc(n, HDR, 16, NEXT, n + 1);
+    n++;
+    if (dataLen > 0) {
+      drv.setDesc(n, DATA, dataLen, NEXT | (dataWritable ? W : 0), n + 1);
+      n++;
+    }
+    drv.setDesc(n, STATUS, 1, W);
+    const before = drv.usedIdx();
+    drv.publish(0);
+    dev.processQueue(q);
+    assert.equal(drv.usedIdx(), (before + 1) & 0xffff);
+    return { status: mem.readU8(STATUS), len: drv.used(before).len };
+  };
+  return { mem, drv, q, dev, run };
+}
+
+Deno.test("blk: features and config space", () => {
+  const f = blkFeatures({ readonly: true }, { numQueues: 4 });
+  for (
+    const b of [F.VERSION_1, F.EVENT_IDX, BLK_F.RO, BLK_F.FLUSH, BLK_F.MQ, BLK_F.BLK_SIZE, BLK_F.SEG_MAX]
+  ) {
+    assert.notEqual(f & featureBit(b), 0n, `bit ${b}`);
+  }
+  assert.equal(blkFeatures({ readonly: false }) & featureBit(BLK_F.RO), 0n);
+  const c = new DataView(blkConfigSpace({ size: 1 << 20 }, { numQueues: 4, segMax: 254 }).buffer);
+  assert.equal(c.getBigUint64(0, true), 2048n);
+  assert.equal(c.getUint32(12, true), 254);
+  assert.equal(c.getUint32(20, true), 512);
+  assert.equal(c.getUint16(34, true), 4);
+});
+
+Deno.test("blk: read, write, flush, get-id on a memory disk", () => {
+  const disk = new MemoryDisk(64 * 512, false, "serial-0123456789abcdefXYZ");
+  for (let i = 0; i < disk.data.length; i++) disk.data[i] = i % 251;
+  const { mem, run, dev } = setup(disk);
+  let r = run(BLK_T.IN, 2, 1024, true);
+  assert.deepEqual(r, { status: BLK_S.OK, len: 1025 });
+  assert.deepEqual(mem.read(DATA, 1024), disk.data.slice(1024, 2048));
+  mem.fill(DATA, 512, 0x5a);
+  r = run(BLK_T.OUT, 63, 512, false);
+  assert.deepEqual(r, { status: BLK_S.OK, len: 1 });
+  assert.ok(disk.data.subarray(63 * 512).every((b) => b === 0x5a));
+  r = run(BLK_T.FLUSH, 0, 0, false);
+  assert.deepEqual(r, { status: BLK_S.OK, len: 1 });
+  assert.equal(disk.flushes, 1);
+  r = run(BLK_T.GET_ID, 0, 20, true);
+  assert.deepEqual(r, { status: BLK_S.OK, len: 21 });
+  assert.equal(new TextDecoder().decode(mem.read(DATA, 20)), "serial-0123456789abc");
+  assert.deepEqual(dev.counters.snapshot(), {
+    read_bytes: 1024,
+    write_bytes: 512,
+    read_ops: 1,
+    write_ops: 1,
+  });
+});
+
+Deno.test("blk: bounds, alignment, unsupported and read-only", () => {
+  const disk = new MemoryDisk(8 * 512);
+  const { run } = setup(disk);
+  assert.equal(run(BLK_T.IN, 7, 512, true).status, BLK_S.OK);
+  assert.deepEqual(run(BLK_T.IN, 7, 1024, true), { status: BLK_S.IOERR, len: 1 });
+  assert.equal(run(BLK_T.IN, 8, 512, true).status, BLK_S.IOERR);
+  assert.equal(run(BLK_T.OUT, 2 ** 52, 512, false).status, BLK_S.IOERR);
+  assert.equal(run(BLK_T.IN, 0, 100, true).status, BLK_S.IOERR); // not a sector multiple
+  assert.equal(run(BLK_T.DISCARD, 0, 16, false).status, BLK_S.UNSUPP);
+  assert.equal(run(BLK_T.WRITE_ZEROES, 0, 16, false).status, BLK_S.UNSUPP);
+  assert.equal(run(0x1234, 0, 0, false).status, BLK_S.UNSUPP);
+  const ro = setup(new MemoryDisk(8 * 512, true));
+  assert.equal(ro.run(BLK_T.OUT, 0, 512, false).status, BLK_S.IOERR);
+  assert.equal(ro.run(BLK_T.IN, 0, 512, true).status, BLK_S.OK);
+  assert.equal(ro.run(BLK_T.FLUSH, 0, 0, false).status, BLK_S.OK);
+  assert.equal(ro.dev.counters.snapshot().write_ops, 0);
+});
+
+Deno.test("blk: malformed requests", () => {
+  const { mem, drv, q, dev } = setup(new MemoryDisk(8 * 512));
+  // short header: IOERR in the status byte
+  drv.setDesc(0, HDR, 8, NEXT, 1);
+  drv.setDesc(1, STATUS, 1, W);
+  drv.publish(0);
+  dev.processQueue(q);
+  assert.equal(mem.readU8(STATUS), BLK_S.IOERR);
+  assert.deepEqual(drv.used(0), { id: 0, len: 1 });
+  // no writable byte at all: completed with length 0, nothing written
+  drv.setDesc(0, HDR, 16);
+  drv.publish(0);
+  dev.processQueue(q);
+  assert.deepEqual(drv.used(1), { id: 0, len: 0 });
+  // broken chain (next out of range): completed with length 0
+  drv.setDesc(0, HDR, 16, NEXT, 99);
+  drv.publish(0);
+  dev.processQueue(q);
+  assert.deepEqual(drv.used(2), { id: 0, len: 0 });
+  // invalid head: skipped
+  drv.publish(77);
+  dev.processQueue(q);
+  assert.equal(drv.usedIdx(), 3);
+  // header split across descriptors, data sharing the header's buffer (any layout)
+  mem.writeU32(0x7000, BLK_T.OUT);
+  mem.writeU64(0x7008, 1);
+  mem.fill(0x7010, 512, 0x33);
+  drv.setDesc(0, 0x7000, 4, NEXT, 1);
+  drv.setDesc(1, 0x7004, 12 + 512, NEXT, 2);
+  drv.setDesc(2, STATUS, 1, W);
+  drv.publish(0);
+  dev.processQueue(q);
+  assert.equal(mem.readU8(STATUS), BLK_S.OK);
+  assert.ok((dev.disk as MemoryDisk).data.subarray(512, 1024).every((b) => b === 0x33));
+  // a disk error becomes IOERR
+  const bad: Disk = {
+    size: 4096,
+    readonly: false,
+    id: "x",
+    readAt() {
+      throw new Error("EIO");
+    },
+    writeAt() {
+      throw new Error("EIO");
+    },
+    flush() {
+      throw new Error("EIO");
+    },
+  };
+  const b = setup(bad);
+  assert.deepEqual(b.run(BLK_T.IN, 0, 512, true), { status: BLK_S.IOERR, len: 1 });
+  assert.equal(b.run(BLK_T.FLUSH, 0, 0, false).status, BLK_S.IOERR);
+});
+
+Deno.test("blk: file-backed disk", () => {
+  const path = Deno.makeTempFileSync({ suffix: ".img" });
+  try {
+    const init = new Uint8Array(16 * 512);
+    for (let i = 0; i < init.length; i++) init[i] = (i * 7) & 0xff;
+    Deno.writeFileSync(path, init);
+    const disk = new FileDisk(path);
+    const { mem, run } = setup(disk);
+    assert.equal(run(BLK_T.IN, 3, 2048, true).status, BLK_S.OK);
+    assert.deepEqual(mem.read(DATA, 2048), init.slice(3 * 512, 7 * 512));
+    mem.fill(DATA, 1024, 0xc3);
+    assert.equal(run(BLK_T.OUT, 14, 1024, false).status, BLK_S.OK);
+    assert.equal(run(BLK_T.OUT, 15, 1024, false).status, BLK_S.IOERR);
+    assert.equal(run(BLK_T.FLUSH, 0, 0, false).status, BLK_S.OK);
+    disk.close();
+    const after = Deno.readFileSync(path);
+    assert.equal(after.length, init.length);
+    assert.ok(after.subarray(14 * 512).every((b) => b === 0xc3));
+    assert.deepEqual(after.subarray(0, 14 * 512), init.subarray(0, 14 * 512));
+    const ro = new FileDisk(path, true);
+    const r = setup(ro);
+    assert.equal(r.run(BLK_T.OUT, 0, 512, false).status, BLK_S.IOERR);
+    assert.equal(r.run(BLK_T.GET_ID, 0, 20, true).status, BLK_S.OK);
+    ro.close();
+  } finally {
+    Deno.removeSync(path);
+  }
+});

@@ -1,0 +1,81 @@
+/** Test helper (no tests here): the driver side of a split virtqueue laid out in test memory. */
+import type { GuestMemory } from "../vmm/memory.ts";
+import { ringSizes } from "../devices/virtio/queue.ts";
+
+export class FakeDriverQueue {
+  readonly descAddr: number;
+  readonly driverAddr: number;
+  readonly deviceAddr: number;
+  availIdx = 0;
+
+  constructor(readonly mem: GuestMemory, base: number, readonly size: number) {
+    const s = ringSizes(size);
+    this.descAddr = base;
+    this.driverAddr = base + s.desc;
+    this.deviceAddr = (this.driverAddr + s.avail + 3) & ~3;
+    mem.fill(base, this.deviceAddr + s.used - base, 0);
+  }
+
+  get config() {
+    return {
+      size: this.size,
+      descAddr: this.descAddr,
+      driverAddr: this.driverAddr,
+      deviceAddr: this.deviceAddr,
+    };
+  }
+
+  setDesc(i: number, addr: number, len: number, flags = 0, next = 0): void {
+    const o = this.descAddr + 16 * i;
+    this.mem.writeU64(o, addr);
+    this.mem.writeU32(o + 8, len);
+    this.mem.writeU16(o + 12, flags);
+    this.mem.writeU16(o + 14, next);
+  }
+
+  /** Writes a descriptor into an indirect table at tableAddr. */
+  setIndirect(tableAddr: number, i: number, addr: number, len: number, flags = 0, next = 0): void {
+    const o = tableAddr + 16 * i;
+    this.mem.writeU64(o, addr);
+    this.mem.writeU32(o + 8, len);
+    this.mem.writeU16(o + 12, flags);
+    this.mem.writeU16(o + 14, next);
+  }
+
+  /** Makes a chain available and publishes the new avail idx. */
+  publish(head: number): void {
+    this.mem.writeU16(this.driverAddr + 4 + 2 * (this.availIdx % this.size), head);
+    this.availIdx = (this.availIdx + 1) & 0xffff;
+    this.mem.writeU16(this.driverAddr + 2, this.availIdx);
+  }
+
+  setAvailIdx(v: number): void {
+    this.availIdx = v & 0xffff;
+    this.mem.writeU16(this.driverAddr + 2, this.availIdx);
+  }
+
+  setAvailFlags(v: number): void {
+    this.mem.writeU16(this.driverAddr, v);
+  }
+
+  setUsedEvent(v: number): void {
+    this.mem.writeU16(this.driverAddr + 4 + 2 * this.size, v);
+  }
+
+  usedIdx(): number {
+    return this.mem.readU16(this.deviceAddr + 2);
+  }
+
+  usedFlags(): number {
+    return this.mem.readU16(this.deviceAddr);
+  }
+
+  availEvent(): number {
+    return this.mem.readU16(this.deviceAddr + 4 + 8 * this.size);
+  }
+
+  used(i: number): { id: number; len: number } {
+    const o = this.deviceAddr + 4 + 8 * (i % this.size);
+    return { id: this.mem.readU32(o), len: this.mem.readU32(o + 4) };
+  }
+}

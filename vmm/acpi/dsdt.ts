@@ -1,0 +1,139 @@
+/**
+ * The DSDT's AML: \_S5, and in \_SB: COM1, the power button, the GED that signals it, the PCI host
+ * bridge (optional) and a motherboard-resources device reserving the ECAM. Callers can append their
+ * own \_SB devices (hook for PCI slots, hotplug, virtio-mmio...).
+ */
+
+import { Layout, mmio64Window } from "../layout.ts";
+import {
+  type Aml,
+  and,
+  cat,
+  device,
+  dwordMemory,
+  eisaId,
+  extendedInterrupt,
+  field,
+  FieldAccess,
+  FieldUpdate,
+  ifThen,
+  int,
+  ioPort,
+  irqNoFlags,
+  local,
+  memory32Fixed,
+  method,
+  name,
+  notify,
+  opRegion,
+  pkgOf,
+  qwordMemory,
+  ref,
+  RegionSpace,
+  resourceTemplate,
+  scope,
+  store,
+  str,
+  wordBusNumber,
+  wordIo,
+} from "./aml.ts";
+
+export interface DsdtOptions {
+  /** Describe COM1 (PNP0501 at 0x3F8, IRQ 4). Default true. */
+  serial?: boolean;
+  /** Describe the PCI host bridge PCI0 (PNP0A08) and reserve ECAM. Default true. */
+  pci?: boolean;
+  /** Guest RAM size: places the 64-bit MMIO window of the PCI host bridge. */
+  memSize?: number;
+  /** Extra AML appended inside Scope(\_SB) (e.g. devices of later features). */
+  sbDevices?: Aml[];
+  /** Extra AML appended inside Device(\_SB.PCI0) (e.g. _PRT, slots). */
+  pciDevices?: Aml[];
+}
+
+/** \_S5: SLP_TYPa = Layout.acpiPm.s5SleepType. */
+export function s5Package(): Aml {
+  return name("_S5", pkgOf(int(Layout.acpiPm.s5SleepType), int(0), int(0), int(0)));
+}
+
+/** COM1: 16550 UART at I/O 0x3F8..0x3FF, ISA IRQ 4. */
+export function com1(): Aml {
+  return device(
+    "COM1",
+    name("_HID", eisaId("PNP0501")),
+    name("_UID", int(1)),
+    name("_CRS", resourceTemplate(ioPort(0x3f8, 0x3f8, 1, 8), irqNoFlags(4))),
+  );
+}
+
+/** Power button (control-method device, notified by the GED). */
+export function powerButton(): Aml {
+  return device("PWRB", name("_HID", eisaId("PNP0C0C")), name("_UID", int(0)));
+}
+
+/**
+ * Generic Event Device (ACPI0013): one edge-triggered GSI. Its _EVT reads the event status port
+ * (reading clears it in the device model) and notifies the power button when bit 0 is set.
+ */
+export function ged(): Aml {
+  const pm = Layout.acpiPm;
+  return device(
+    "GED_",
+    name("_HID", str("ACPI0013")),
+    name("_UID", int(0)),
+    name("_CRS", resourceTemplate(extendedInterrupt([pm.gedGsi], { edge: true }))),
+    opRegion("GDST", RegionSpace.SystemIO, pm.gedStatusPort, 1),
+    field("GDST", FieldAccess.Byte, false, FieldUpdate.WriteAsZeros, [{ name: "GDAT", bits: 8 }]),
+    method(
+      "_EVT",
+      1,
+      true,
+      store(ref("GDAT"), local(0)),
+      ifThen(and(local(0), int(pm.gedPowerButtonBit)), notify(ref("\\_SB.PWRB"), int(0x80))),
+    ),
+  );
+}
+
+/** PCI Express host bridge for segment 0 with its bus, I/O and memory windows. */
+export function pciHostBridge(memSize: number | undefined, extra: Aml[] = []): Aml {
+  const m64 = mmio64Window(memSize ?? Layout.mmioHoleStart);
+  return device(
+    "PCI0",
+    name("_HID", eisaId("PNP0A08")),
+    name("_CID", eisaId("PNP0A03")),
+    name("_SEG", int(0)),
+    name("_UID", int(0)),
+    name("_BBN", int(Layout.pciBusStart)),
+    name(
+      "_CRS",
+      resourceTemplate(
+        wordBusNumber(Layout.pciBusStart, Layout.pciBusEnd),
+        ioPort(0xcf8, 0xcf8, 1, 8),
+        wordIo(0x0000, 0x0cf7),
+        wordIo(0x0d00, 0xffff),
+        dwordMemory(Layout.mmio32Start, Layout.mmio32Start + Layout.mmio32Size - 1),
+        qwordMemory(m64.start, m64.start + m64.size - 1),
+      ),
+    ),
+    ...extra,
+  );
+}
+
+/** Motherboard resources (PNP0C02): reserves the ECAM so the OS accepts the MCFG region. */
+export function motherboardResources(): Aml {
+  return device(
+    "MBRD",
+    name("_HID", eisaId("PNP0C02")),
+    name("_UID", int(0)),
+    name("_CRS", resourceTemplate(memory32Fixed(Layout.pciEcamStart, Layout.pciEcamSize, true))),
+  );
+}
+
+/** The DSDT body (AML after the table header). */
+export function dsdtAml(o: DsdtOptions = {}): Aml {
+  const sb: Aml[] = [];
+  if (o.pci ?? true) sb.push(pciHostBridge(o.memSize, o.pciDevices), motherboardResources());
+  if (o.serial ?? true) sb.push(com1());
+  sb.push(powerButton(), ged(), ...(o.sbDevices ?? []));
+  return cat(s5Package(), scope("\\_SB", ...sb));
+}

@@ -1,0 +1,700 @@
+/**
+ * The VMM control loop: the single consumer of typed requests. The REST server, the CLI (and any later
+ * front end) only build {@link VmmRequest}s; each carries its own reply callback and gets exactly one
+ * reply, also when a handler throws. Requests are handled one at a time, in arrival order, so the VM
+ * state machine below never sees two actions interleave.
+ *
+ * States: no VM → Created (config stored) → Running ⇄ Paused → Shutdown (backend released, config kept;
+ * it can be booted again). Guest-initiated events (poweroff, reboot, triple fault) enter the same queue.
+ */
+import {
+  type DeviceConfig,
+  deviceIds,
+  type DiskConfig,
+  type FsConfig,
+  type GenericVhostUserConfig,
+  type NetConfig,
+  parseWith,
+  type PciDeviceInfo,
+  type PmemConfig,
+  type ReceiveMigrationData,
+  type RestoreConfig,
+  SchemaError,
+  type SendMigrationData,
+  type UserDeviceConfig,
+  type VdpaConfig,
+  type VmConfig,
+  VmConfigSchema,
+  type VmCoredumpData,
+  type VmInfo,
+  type VmmPingResponse,
+  type VmRemoveDevice,
+  type VmResize,
+  type VmResizeDisk,
+  type VmResizeZone,
+  type VmSnapshotConfig,
+  type VmState,
+  type VsockConfig,
+} from "../api/schemas.ts";
+import { DVMM_VERSION } from "../api/version.ts";
+import { type EventSink, nullEventSink } from "./events.ts";
+import { type Logger, logger } from "./log.ts";
+
+// ---------------------------------------------------------------------------------------------------
+// The VM backend contract (implemented by vmm/vm.ts)
+
+export type GuestEvent = "poweroff" | "reboot" | "crash";
+
+/** The device kinds that can be added at run time, named after their endpoint. */
+export type HotplugKind =
+  | "disk"
+  | "net"
+  | "fs"
+  | "pmem"
+  | "vsock"
+  | "device"
+  | "user-device"
+  | "vdpa"
+  | "generic-vhost-user";
+
+export interface VmBackend {
+  /** Create vCPUs and devices and start running. */
+  boot(): Promise<void>;
+  pause(): Promise<void>;
+  resume(): Promise<void>;
+  /** Stop vCPUs and release everything; idempotent. */
+  shutdown(): Promise<void>;
+  /** ACPI power button to the guest. */
+  powerButton(): Promise<void>;
+  nmi(): Promise<void>;
+  counters(): Record<string, Record<string, number>>;
+  /** As Cloud Hypervisor's DeviceNode map. */
+  deviceTree(): Record<string, unknown>;
+  memoryActualSize(): number;
+  /** Called once per guest-initiated event (guest poweroff / reboot / triple fault). */
+  onGuestEvent(cb: (e: GuestEvent) => void): void;
+  /** Optional: hot-add a device to the running VM. Absent → the API answers "not implemented". */
+  addDevice?(kind: HotplugKind, config: unknown): Promise<PciDeviceInfo>;
+  /** Optional: hot-remove a device by identifier. */
+  removeDevice?(id: string): Promise<void>;
+  /** Optional: resize vCPUs / RAM / balloon of the running VM. */
+  resize?(r: VmResize): Promise<void>;
+  /** Optional: host input bytes (stdin in Tty mode) for the guest's serial port or console. */
+  serialInput?(bytes: Uint8Array): void;
+}
+
+export type VmBackendFactory = (config: VmConfig) => VmBackend;
+
+// ---------------------------------------------------------------------------------------------------
+// Requests and responses
+
+/** Why a request failed; the REST server turns this into a status code. */
+export type VmmErrorKind =
+  | "NotCreated" // no VM (404)
+  | "WrongState" // the VM is not in a state that allows the action (405)
+  | "BadRequest" // the request is invalid (400)
+  | "Conflict" // a device with that identifier already exists (409)
+  | "NotFound" // no device / zone with that identifier (404)
+  | "TooManyRequests" // a previous resize is still pending (429)
+  | "NotImplemented" // dvmm cannot do this yet (500)
+  | "ShuttingDown" // the VMM is exiting (500)
+  | "Internal"; // the action failed (500)
+
+export class VmmError extends Error {
+  readonly messages: string[];
+  constructor(readonly kind: VmmErrorKind, messages: string | string[]) {
+    const list = Array.isArray(messages) ? messages : [messages];
+    super(list.join(": "));
+    this.name = "VmmError";
+    this.messages = list;
+  }
+}
+
+export type VmmResponse =
+  | { ok: true; body?: unknown }
+  | { ok: false; error: { kind: VmmErrorKind; messages: string[] } };
+
+/** The body each request kind carries (already validated by the front end). */
+export interface RequestBodies {
+  "vmm.ping": undefined;
+  "vmm.shutdown": undefined;
+  "vm.create": VmConfig;
+  "vm.boot": undefined;
+  "vm.delete": undefined;
+  "vm.shutdown": undefined;
+  "vm.reboot": undefined;
+  "vm.power-button": undefined;
+  "vm.pause": undefined;
+  "vm.resume": undefined;
+  "vm.info": undefined;
+  "vm.counters": undefined;
+  "vm.nmi": undefined;
+  "vm.add-disk": DiskConfig;
+  "vm.add-net": NetConfig;
+  "vm.add-fs": FsConfig;
+  "vm.add-pmem": PmemConfig;
+  "vm.add-vsock": VsockConfig;
+  "vm.add-device": DeviceConfig;
+  "vm.add-user-device": UserDeviceConfig;
+  "vm.add-vdpa": VdpaConfig;
+  "vm.add-generic-vhost-user": GenericVhostUserConfig;
+  "vm.remove-device": VmRemoveDevice;
+  "vm.resize": VmResize;
+  "vm.resize-zone": VmResizeZone;
+  "vm.resize-disk": VmResizeDisk;
+  "vm.snapshot": VmSnapshotConfig;
+  "vm.coredump": VmCoredumpData;
+  "vm.restore": RestoreConfig;
+  "vm.receive-migration": ReceiveMigrationData;
+  "vm.send-migration": SendMigrationData;
+}
+
+export type RequestKind = keyof RequestBodies;
+export type ReplyFn = (r: VmmResponse) => void;
+
+export type VmmRequest = {
+  [K in RequestKind]: { kind: K; body: RequestBodies[K]; reply: ReplyFn };
+}[RequestKind];
+
+interface GuestEventItem {
+  kind: "guest-event";
+  event: GuestEvent;
+  generation: number;
+}
+
+type QueueItem = VmmRequest | GuestEventItem;
+
+/** Where each hot-pluggable kind lives in VmConfig. */
+const DEVICE_LISTS: Record<HotplugKind, keyof VmConfig> = {
+  "disk": "disks",
+  "net": "net",
+  "fs": "fs",
+  "pmem": "pmem",
+  "vsock": "vsock",
+  "device": "devices",
+  "user-device": "user_devices",
+  "vdpa": "vdpa",
+  "generic-vhost-user": "generic_vhost_user",
+};
+
+export interface ControlLoopOptions {
+  factory: VmBackendFactory;
+  events?: EventSink;
+  log?: Logger;
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+export class ControlLoop {
+  readonly #factory: VmBackendFactory;
+  readonly #events: EventSink;
+  readonly #log: Logger;
+  readonly #queue: QueueItem[] = [];
+  #draining = false;
+
+  #config: VmConfig | null = null;
+  #state: VmState = "Created";
+  #backend: VmBackend | null = null;
+  /** Bumped for every backend so events from a released one are ignored. */
+  #generation = 0;
+
+  #exiting = false;
+  #resolveExit!: (code: number) => void;
+  /** Resolves with the process exit code once the VMM has shut down (API request or guest poweroff). */
+  readonly exited: Promise<number>;
+
+  constructor(opts: ControlLoopOptions) {
+    this.#factory = opts.factory;
+    this.#events = opts.events ?? nullEventSink;
+    this.#log = opts.log ?? logger("control");
+    this.exited = new Promise((resolve) => (this.#resolveExit = resolve));
+  }
+
+  /** The current VM state, or null when no VM is created (for tests and diagnostics). */
+  get state(): VmState | null {
+    return this.#config ? this.#state : null;
+  }
+
+  /** Queue a request; its reply callback is called exactly once. */
+  submit(req: VmmRequest): void {
+    this.#queue.push(req);
+    this.#drain();
+  }
+
+  /** Convenience: submit and wait for the reply. */
+  request<K extends RequestKind>(
+    kind: K,
+    ...body: RequestBodies[K] extends undefined ? [] : [RequestBodies[K]]
+  ) {
+    return new Promise<VmmResponse>((resolve) => {
+      this.submit({ kind, body: body[0], reply: resolve } as VmmRequest);
+    });
+  }
+
+  async #drain(): Promise<void> {
+    if (this.#draining) return;
+    this.#draining = true;
+    try {
+      while (this.#queue.length > 0) {
+        const item = this.#queue.shift()!;
+        if (item.kind === "guest-event") await this.#handleGuestEvent(item);
+        else await this.#handleRequest(item);
+      }
+    } finally {
+      this.#draining = false;
+    }
+  }
+
+  async #handleRequest(req: VmmRequest): Promise<void> {
+    let replied = false;
+    const reply = (r: VmmResponse) => {
+      if (replied) return;
+      replied = true;
+      try {
+        req.reply(r);
+      } catch (e) {
+        this.#log.warn(`reply to ${req.kind} failed: ${(e as Error).message}`);
+      }
+    };
+    try {
+      if (this.#exiting) throw new VmmError("ShuttingDown", "the VMM is shutting down");
+      this.#log.debug(`request ${req.kind}`);
+      const body = await this.#dispatch(req);
+      reply({ ok: true, body });
+    } catch (e) {
+      reply({ ok: false, error: toErrorPayload(e) });
+      if (!(e instanceof VmmError)) this.#log.error(`${req.kind} failed: ${(e as Error)?.stack ?? e}`);
+      else this.#log.info(`${req.kind}: ${e.message}`);
+    }
+  }
+
+  // -------------------------------------------------------------------------------------------------
+  // Preconditions
+
+  #requireCreated(): VmConfig {
+    if (!this.#config) throw new VmmError("NotCreated", "the VM is not created");
+    return this.#config;
+  }
+
+  #requireBooted(action: string): VmBackend {
+    this.#requireCreated();
+    if ((this.#state !== "Running" && this.#state !== "Paused") || !this.#backend) {
+      throw new VmmError("WrongState", `cannot ${action}: the VM is not booted (state ${this.#state})`);
+    }
+    return this.#backend;
+  }
+
+  #isBooted(): boolean {
+    return this.#backend !== null && (this.#state === "Running" || this.#state === "Paused");
+  }
+
+  // -------------------------------------------------------------------------------------------------
+
+  #dispatch(req: VmmRequest): Promise<unknown> | unknown {
+    switch (req.kind) {
+      case "vmm.ping":
+        return this.#ping();
+      case "vmm.shutdown":
+        return this.#vmmShutdown(0);
+      case "vm.create":
+        return this.#create(req.body);
+      case "vm.boot":
+        return this.#boot();
+      case "vm.delete":
+        return this.#delete();
+      case "vm.shutdown":
+        return this.#shutdown();
+      case "vm.reboot":
+        this.#requireBooted("reboot");
+        return this.#reboot();
+      case "vm.power-button":
+        return this.#requireBooted("press the power button").powerButton();
+      case "vm.pause":
+        return this.#pause();
+      case "vm.resume":
+        return this.#resume();
+      case "vm.info":
+        return this.#info();
+      case "vm.counters":
+        return this.#requireBooted("read counters").counters();
+      case "vm.nmi":
+        return this.#requireBooted("inject an NMI").nmi();
+      case "vm.add-disk":
+        return this.#addDevice("disk", req.body);
+      case "vm.add-net":
+        return this.#addDevice("net", req.body);
+      case "vm.add-fs":
+        return this.#addDevice("fs", req.body);
+      case "vm.add-pmem":
+        return this.#addDevice("pmem", req.body);
+      case "vm.add-vsock":
+        return this.#addDevice("vsock", req.body);
+      case "vm.add-device":
+        return this.#addDevice("device", req.body);
+      case "vm.add-user-device":
+        return this.#addDevice("user-device", req.body);
+      case "vm.add-vdpa":
+        return this.#addDevice("vdpa", req.body);
+      case "vm.add-generic-vhost-user":
+        return this.#addDevice("generic-vhost-user", req.body);
+      case "vm.remove-device":
+        return this.#removeDevice(req.body.id);
+      case "vm.resize":
+        return this.#resize(req.body);
+      case "vm.resize-zone":
+        return this.#resizeZone(req.body);
+      case "vm.resize-disk":
+        return this.#resizeDisk(req.body);
+      case "vm.snapshot":
+        return this.#needsPaused("snapshot", "VM snapshots");
+      case "vm.coredump":
+        return this.#needsPaused("coredump", "VM coredumps");
+      case "vm.restore":
+        if (this.#config) {
+          throw new VmmError("WrongState", "cannot restore: a VM is already created; delete it first");
+        }
+        throw notImplemented("restoring a VM from a snapshot");
+      case "vm.receive-migration":
+        if (this.#config) {
+          throw new VmmError("WrongState", "cannot receive a migration: a VM is already created");
+        }
+        throw notImplemented("receiving a live migration");
+      case "vm.send-migration": {
+        this.#requireBooted("send a migration");
+        const m = this.#config!.memory;
+        if (!m.shared && !m.hugepages) {
+          throw new VmmError(
+            "WrongState",
+            "sending a migration needs guest memory with shared=on or hugepages=on",
+          );
+        }
+        throw notImplemented("sending a live migration");
+      }
+      default: {
+        const never: never = req;
+        throw new VmmError("BadRequest", `unknown request ${(never as { kind: string }).kind}`);
+      }
+    }
+  }
+
+  #ping(): VmmPingResponse {
+    return {
+      build_version: `dvmm ${DVMM_VERSION} (Deno ${Deno.version.deno})`,
+      version: DVMM_VERSION,
+      pid: Deno.pid,
+      features: ["kvm"],
+    };
+  }
+
+  async #vmmShutdown(code: number): Promise<void> {
+    if (this.#config) await this.#deleteVm();
+    this.#events.emit("vmm", "shutdown");
+    this.#exiting = true;
+    // Fail whatever is still queued so every request gets its reply.
+    for (const item of this.#queue.splice(0)) {
+      if (item.kind !== "guest-event") {
+        try {
+          item.reply({ ok: false, error: { kind: "ShuttingDown", messages: ["the VMM is shutting down"] } });
+        } catch { /* a dead client */ }
+      }
+    }
+    this.#resolveExit(code);
+  }
+
+  #create(config: VmConfig): void {
+    if (this.#config) throw new VmmError("WrongState", "the VM is already created");
+    this.#config = revalidate(config);
+    this.#state = "Created";
+    this.#events.emit("vm", "created");
+  }
+
+  async #startBackend(): Promise<void> {
+    const config = this.#config!;
+    let backend: VmBackend;
+    try {
+      backend = this.#factory(config);
+    } catch (e) {
+      throw new VmmError("Internal", ["failed to create the VM", errorText(e)]);
+    }
+    const generation = ++this.#generation;
+    backend.onGuestEvent((event) => {
+      this.#queue.push({ kind: "guest-event", event, generation });
+      this.#drain();
+    });
+    try {
+      await backend.boot();
+    } catch (e) {
+      try {
+        await backend.shutdown();
+      } catch (e2) {
+        this.#log.warn(`releasing a VM that failed to boot: ${errorText(e2)}`);
+      }
+      throw new VmmError("Internal", ["failed to boot the VM", errorText(e)]);
+    }
+    this.#backend = backend;
+    this.#state = "Running";
+  }
+
+  async #boot(): Promise<void> {
+    this.#requireCreated();
+    if (this.#isBooted()) throw new VmmError("WrongState", `the VM is already booted (state ${this.#state})`);
+    this.#events.emit("vm", "booting");
+    await this.#startBackend();
+    this.#events.emit("vm", "booted");
+  }
+
+  async #stopBackend(): Promise<void> {
+    const backend = this.#backend;
+    this.#backend = null;
+    this.#generation++;
+    this.#state = "Shutdown";
+    if (backend) await backend.shutdown();
+  }
+
+  async #shutdown(): Promise<void> {
+    this.#requireBooted("shut down");
+    await this.#stopBackend();
+    this.#events.emit("vm", "shutdown");
+  }
+
+  async #reboot(): Promise<void> {
+    this.#events.emit("vm", "rebooting");
+    try {
+      await this.#stopBackend();
+    } catch (e) {
+      throw new VmmError("Internal", ["failed to reboot the VM: releasing the old VM failed", errorText(e)]);
+    }
+    await this.#startBackend();
+    this.#events.emit("vm", "rebooted");
+  }
+
+  async #pause(): Promise<void> {
+    const backend = this.#requireBooted("pause");
+    if (this.#state === "Paused") throw new VmmError("WrongState", "the VM is already paused");
+    this.#events.emit("vm", "pausing");
+    await backend.pause();
+    this.#state = "Paused";
+    this.#events.emit("vm", "paused");
+  }
+
+  async #resume(): Promise<void> {
+    const backend = this.#requireBooted("resume");
+    if (this.#state !== "Paused") throw new VmmError("WrongState", "cannot resume: the VM is not paused");
+    this.#events.emit("vm", "resuming");
+    await backend.resume();
+    this.#state = "Running";
+    this.#events.emit("vm", "resumed");
+  }
+
+  async #deleteVm(): Promise<void> {
+    if (this.#isBooted()) {
+      await this.#stopBackend();
+      this.#events.emit("vm", "shutdown");
+    }
+    this.#config = null;
+    this.#state = "Created";
+    this.#events.emit("vm", "deleted");
+  }
+
+  async #delete(): Promise<void> {
+    if (!this.#config) return; // nothing to delete is not an error (as in Cloud Hypervisor)
+    await this.#deleteVm();
+  }
+
+  #info(): VmInfo {
+    const config = this.#requireCreated();
+    const info: VmInfo = { config, state: this.#state };
+    if (this.#isBooted()) {
+      info.memory_actual_size = this.#backend!.memoryActualSize();
+      info.device_tree = this.#backend!.deviceTree();
+    } else {
+      info.memory_actual_size = config.memory.size + (config.memory.hotplugged_size ?? 0);
+    }
+    return info;
+  }
+
+  // -------------------------------------------------------------------------------------------------
+  // Devices and resizing
+
+  async #addDevice(kind: HotplugKind, device: { id?: string }): Promise<PciDeviceInfo | undefined> {
+    const config = this.#requireCreated();
+    if (device.id !== undefined) {
+      const clash = deviceIds(config).find((d) => d.id === device.id);
+      if (clash) {
+        throw new VmmError(
+          "Conflict",
+          `a device with identifier '${device.id}' already exists (${clash.where})`,
+        );
+      }
+    }
+    const key = DEVICE_LISTS[kind];
+    if (kind === "vsock" && config.vsock) throw new VmmError("Conflict", "the VM already has a vsock device");
+    const next = structuredClone(config) as Record<string, unknown>;
+    if (kind === "vsock") next[key] = device;
+    else next[key] = [...((next[key] as unknown[] | undefined) ?? []), device];
+    const validated = revalidate(next as VmConfig);
+
+    if (!this.#isBooted()) {
+      // Cold plug: the device joins the configuration and is built at boot.
+      this.#config = validated;
+      return undefined;
+    }
+    const backend = this.#backend!;
+    if (!backend.addDevice) throw notImplemented(`hot-adding ${kind} devices`);
+    const info = await backend.addDevice(kind, device);
+    this.#config = validated;
+    return info;
+  }
+
+  async #removeDevice(id: string): Promise<void> {
+    const config = this.#requireCreated();
+    if (!deviceIds(config).some((d) => d.id === id)) {
+      throw new VmmError("NotFound", `no device with identifier '${id}'`);
+    }
+    const next = withoutDevice(config, id);
+    if (next === null) throw new VmmError("BadRequest", `device '${id}' cannot be removed`);
+    if (!this.#isBooted()) {
+      this.#config = next;
+      return;
+    }
+    const backend = this.#backend!;
+    if (!backend.removeDevice) throw notImplemented("hot-removing devices");
+    await backend.removeDevice(id);
+    this.#config = next;
+  }
+
+  async #resize(r: VmResize): Promise<void> {
+    const config = this.#requireCreated();
+    if (r.desired_vcpus !== undefined && r.desired_vcpus > config.cpus.max_vcpus) {
+      throw new VmmError(
+        "BadRequest",
+        `desired_vcpus (${r.desired_vcpus}) exceeds max_vcpus (${config.cpus.max_vcpus})`,
+      );
+    }
+    if (r.desired_balloon !== undefined && !config.balloon) {
+      throw new VmmError("BadRequest", "desired_balloon needs a balloon device in the VM configuration");
+    }
+    const next = structuredClone(config);
+    if (r.desired_vcpus !== undefined) next.cpus.boot_vcpus = r.desired_vcpus;
+    if (r.desired_ram !== undefined) next.memory.size = r.desired_ram;
+    if (r.desired_balloon !== undefined) next.balloon!.size = r.desired_balloon;
+    const validated = revalidate(next);
+    if (!this.#isBooted()) {
+      this.#config = validated;
+      return;
+    }
+    const backend = this.#backend!;
+    if (!backend.resize) throw notImplemented("resizing a running VM");
+    await backend.resize(r);
+    this.#config = validated;
+  }
+
+  #resizeZone(r: VmResizeZone): void {
+    const config = this.#requireCreated();
+    const zone = config.memory.zones?.find((z) => z.id === r.id);
+    if (!zone) throw new VmmError("NotFound", `no memory zone with identifier '${r.id}'`);
+    if (this.#isBooted()) throw notImplemented("resizing memory zones of a running VM");
+    const next = structuredClone(config);
+    next.memory.zones!.find((z) => z.id === r.id)!.size = r.desired_ram;
+    this.#config = revalidate(next);
+  }
+
+  #resizeDisk(r: VmResizeDisk): never {
+    const config = this.#requireCreated();
+    if (!config.disks?.some((d) => d.id === r.id)) {
+      throw new VmmError("NotFound", `no disk with identifier '${r.id}'`);
+    }
+    throw notImplemented("resizing disks");
+  }
+
+  #needsPaused(action: string, what: string): never {
+    this.#requireBooted(action);
+    if (this.#state !== "Paused") {
+      throw new VmmError("WrongState", `cannot ${action}: the VM must be paused first`);
+    }
+    throw notImplemented(what);
+  }
+
+  // -------------------------------------------------------------------------------------------------
+  // Guest-initiated events
+
+  async #handleGuestEvent(item: GuestEventItem): Promise<void> {
+    if (item.generation !== this.#generation || !this.#isBooted() || this.#exiting) {
+      this.#log.debug(`ignoring guest ${item.event} from a released VM`);
+      return;
+    }
+    try {
+      switch (item.event) {
+        case "poweroff":
+          // Cloud Hypervisor ends the VMM when the guest powers off, API socket or not.
+          this.#log.info("guest powered off");
+          await this.#vmmShutdown(0);
+          return;
+        case "crash":
+          // A triple fault resets an x86 machine; Cloud Hypervisor handles it as a reset as well.
+          this.#log.warn("guest triple fault: resetting the VM");
+          await this.#reboot();
+          return;
+        case "reboot":
+          this.#log.info("guest requested a reboot");
+          await this.#reboot();
+          return;
+      }
+    } catch (e) {
+      this.#log.error(`handling guest ${item.event} failed: ${errorText(e)}`);
+      if (item.event === "poweroff" && !this.#exiting) {
+        this.#exiting = true;
+        this.#resolveExit(1);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Helpers
+
+function notImplemented(what: string): VmmError {
+  return new VmmError("NotImplemented", `${what} is not implemented in dvmm yet`);
+}
+
+function errorText(e: unknown): string {
+  if (e instanceof VmmError) return e.messages.join(": ");
+  return e instanceof Error ? e.message : String(e);
+}
+
+function toErrorPayload(e: unknown): { kind: VmmErrorKind; messages: string[] } {
+  if (e instanceof VmmError) return { kind: e.kind, messages: e.messages };
+  if (e instanceof SchemaError) return { kind: "BadRequest", messages: [`invalid ${e.what}`, ...e.problems] };
+  return { kind: "Internal", messages: [errorText(e)] };
+}
+
+/** Check a whole configuration again (after a change made by the loop itself). */
+function revalidate(config: VmConfig): VmConfig {
+  try {
+    return parseWith(VmConfigSchema, config, "VmConfig");
+  } catch (e) {
+    if (e instanceof SchemaError) {
+      throw new VmmError("BadRequest", ["invalid VM configuration", ...e.problems]);
+    }
+    throw e;
+  }
+}
+
+/** The configuration without the device called `id`; null when that device is not removable. */
+function withoutDevice(config: VmConfig, id: string): VmConfig | null {
+  const next = structuredClone(config) as Record<string, unknown>;
+  for (const key of Object.values(DEVICE_LISTS)) {
+    const v = next[key];
+    if (Array.isArray(v)) {
+      const kept = v.filter((d: { id?: string }) => d.id !== id);
+      if (kept.length !== v.length) {
+        next[key] = kept;
+        return next as VmConfig;
+      }
+    } else if (v && typeof v === "object" && (v as { id?: string }).id === id) {
+      delete next[key];
+      return next as VmConfig;
+    }
+  }
+  return null;
+}

@@ -1,0 +1,171 @@
+/**
+ * The VM's platform devices as seen from every thread.
+ *
+ * The main thread creates the devices' shared state once ({@link createPlatform}); each vCPU worker
+ * rebuilds its own device objects over that state ({@link buildPlatformBuses}). Interrupts go through
+ * KVM_IRQ_LINE on the VM fd and output through raw fd writes, so both work from any thread.
+ */
+import { VmFd } from "../ffi/kvm.ts";
+import { check, cstr, EAGAIN, EINTR, shim } from "../ffi/shim.ts";
+import { O_APPEND, O_CREAT, O_TRUNC, O_WRONLY, POLLOUT } from "../ffi/kvm_constants.ts";
+import type { VmConfig } from "../api/schemas.ts";
+import { MmioBus, PioBus } from "../devices/bus.ts";
+import type { ByteSink, IrqLine, VmEventSink } from "../devices/shared.ts";
+import {
+  buildLegacyDevices,
+  createLegacyDescriptors,
+  type LegacyDescriptors,
+  type LegacyDevices,
+} from "../devices/legacy.ts";
+import { Layout, lowRamEnd } from "./layout.ts";
+import { VmEvent, type VmEvents } from "./vcpu_control.ts";
+
+/** Everything a thread needs to rebuild the platform: structured-cloneable. */
+export interface PlatformDescriptors {
+  vmFd: number;
+  vcpuMmapSize: number;
+  /** Raw fd the serial port writes to, or -1 to discard output. */
+  serialOutFd: number;
+  legacy: LegacyDescriptors;
+}
+
+/** Writes all of `bytes` to a raw fd, waiting when the fd is non-blocking and full. */
+export function writeAllFd(fd: number, bytes: Uint8Array): void {
+  const s = shim();
+  let off = 0;
+  while (off < bytes.length) {
+    const n = s.kvs_write_i32(fd, bytes.subarray(off), bytes.length - off);
+    if (n >= 0) off += n;
+    else if (n === -EAGAIN) s.kvs_poll1(fd, POLLOUT, 100);
+    else if (n !== -EINTR) return; // the reader went away: output is dropped, the guest keeps running
+  }
+}
+
+function fdSink(fd: number): ByteSink {
+  if (fd < 0) return { write() {} };
+  return { write: (b) => writeAllFd(fd, b) };
+}
+
+function irqLine(vm: VmFd, gsi: number): IrqLine {
+  return {
+    set: (level) => vm.irqLine(gsi, level ? 1 : 0),
+    pulse: () => {
+      vm.irqLine(gsi, 1);
+      vm.irqLine(gsi, 0);
+    },
+  };
+}
+
+function eventSink(events: VmEvents): VmEventSink {
+  return { request: (e) => events.raise(e === "poweroff" ? VmEvent.Poweroff : VmEvent.Reboot) };
+}
+
+function build(d: PlatformDescriptors, events: VmEvents, pio = new PioBus()): LegacyDevices {
+  const vm = VmFd.fromDescriptor({ fd: d.vmFd, vcpuMmapSize: d.vcpuMmapSize });
+  return buildLegacyDevices(d.legacy, {
+    serialIrq: irqLine(vm, d.legacy.serial.irq),
+    serialOut: fdSink(d.serialOutFd),
+    events: eventSink(events),
+    gedIrq: d.legacy.acpiPm ? irqLine(vm, d.legacy.acpiPm.gedGsi) : undefined,
+    kbdIrq: irqLine(vm, 1),
+    auxIrq: irqLine(vm, 12),
+  }, pio);
+}
+
+/** vCPU worker side: this thread's buses over the shared device state. */
+export function buildPlatformBuses(d: PlatformDescriptors, events: VmEvents): { pio: PioBus; mmio: MmioBus } {
+  const { pio } = build(d, events);
+  return { pio, mmio: new MmioBus() };
+}
+
+/** Main-thread handle on the platform devices. */
+export interface Platform {
+  readonly descriptors: PlatformDescriptors;
+  /** Whether the DSDT should describe a PCI host bridge (and an MCFG be written). */
+  readonly pciAcpi: boolean;
+  /** Host input for the serial port; returns the bytes accepted (the rest is for a later call). */
+  serialInput(bytes: Uint8Array): number;
+  powerButton(): void;
+  counters(): Record<string, Record<string, number>>;
+  deviceTree(): Record<string, unknown>;
+  close(): void;
+}
+
+function openOutput(path: string): number {
+  return check(shim().kvs_open(cstr(path), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND, 0o644), `open ${path}`);
+}
+
+/** Refuses configuration this VMM cannot honour yet, naming what is missing. */
+function checkSupported(cfg: VmConfig): void {
+  const missing = (what: string, option: string) => {
+    throw new Error(`${what} is not implemented in dvmm yet (${option})`);
+  };
+  if (cfg.disks?.length) missing("virtio-blk", "--disk / disks");
+  if (cfg.net?.length) missing("virtio-net", "--net / net");
+  if (cfg.rng && cfg.rng.src && cfg.rng.src !== "/dev/urandom") missing("virtio-rng", "--rng / rng");
+  if (cfg.fs?.length) missing("virtio-fs", "--fs / fs");
+  if (cfg.pmem?.length) missing("virtio-pmem", "--pmem / pmem");
+  if (cfg.vsock) missing("virtio-vsock", "--vsock / vsock");
+  if (cfg.devices?.length) missing("VFIO device passthrough", "--device / devices");
+  if (cfg.balloon) missing("virtio-balloon", "--balloon / balloon");
+  const console = cfg.console?.mode ?? "Off";
+  if (console !== "Off" && console !== "Null" && console !== "Tty") {
+    missing("virtio-console", `--console ${console.toLowerCase()}; use --console off and the serial port`);
+  }
+  const serial = cfg.serial?.mode ?? "Null";
+  if (serial === "Pty" || serial === "Socket") missing(`serial mode ${serial}`, "--serial");
+}
+
+/** Creates the platform devices' shared state for a VM (main thread). */
+export function createPlatform(cfg: VmConfig, vmFd: VmFd, events: VmEvents): Platform {
+  checkSupported(cfg);
+  const memSize = cfg.memory.size;
+  const low = lowRamEnd(memSize);
+  const legacy = createLegacyDescriptors({
+    lowMemBytes: low,
+    highMemBytes: memSize - low,
+    cpus: cfg.cpus.boot_vcpus,
+    acpiPm: Layout.acpiPm,
+  });
+  const mode = cfg.serial?.mode ?? "Null";
+  let serialOutFd = -1;
+  let ownFd = false;
+  if (mode === "Tty") serialOutFd = 1;
+  else if (mode === "File") {
+    if (!cfg.serial?.file) throw new Error("serial mode File needs a file path");
+    serialOutFd = openOutput(cfg.serial.file);
+    ownFd = true;
+  }
+  const descriptors: PlatformDescriptors = {
+    vmFd: vmFd.fd,
+    vcpuMmapSize: vmFd.descriptor().vcpuMmapSize,
+    serialOutFd,
+    legacy,
+  };
+  const host = build(descriptors, events);
+  // Output is batched per line by the UART; a partial line (a shell prompt) is flushed here.
+  const flusher = setInterval(() => host.serial.flush(), 20);
+  return {
+    descriptors,
+    pciAcpi: false,
+    serialInput: (bytes) => host.serial.enqueueInput(bytes),
+    powerButton: () => {
+      if (!host.acpiPm) throw new Error("the VM has no ACPI power button");
+      host.acpiPm.powerButton();
+    },
+    counters: () => ({}),
+    deviceTree: () => ({
+      __serial: {
+        id: "__serial",
+        resources: [{ PioAddressRange: { base: legacy.serial.base, size: 8 } }],
+        children: [],
+        pci_bdf: null,
+      },
+    }),
+    close: () => {
+      clearInterval(flusher);
+      host.serial.flush();
+      if (ownFd) shim().kvs_close(serialOutFd);
+    },
+  };
+}

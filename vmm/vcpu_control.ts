@@ -1,0 +1,90 @@
+/**
+ * The shared-memory protocol between the main thread and a vCPU worker.
+ *
+ * One small SharedArrayBuffer per vCPU carries the requested command, the worker's state and its
+ * pthread id (for the kick). The main thread asks by storing a command, setting `immediate_exit` in
+ * kvm_run and signalling the thread; the worker checks the command between KVM_RUN calls. No
+ * message is exchanged per exit.
+ */
+
+/** Command slots (Int32Array indices). */
+export const CTL_CMD = 0;
+export const CTL_STATE = 1;
+/** Int32 slot holding the number of KVM_RUN exits handled (diagnostics, counters). */
+export const CTL_EXITS = 2;
+/** Int32 slot set to 1 once the pthread id has been published. */
+export const CTL_READY = 3;
+const CTL_INT32S = 8;
+/** Int32 slot holding the worker thread's kernel tid. */
+const CTL_TID = 4;
+
+/** Commands the main thread gives a vCPU. */
+export const Cmd = { Run: 0, Pause: 1, Stop: 2 } as const;
+/** States a vCPU reports. */
+export const State = { Starting: 0, Running: 1, Paused: 2, Stopped: 3 } as const;
+
+/** Events any thread can raise for the whole VM (guest poweroff, reboot request, crash). */
+export const VmEvent = { None: 0, Poweroff: 1, Reboot: 2, Crash: 3 } as const;
+export type VmEventCode = typeof VmEvent[keyof typeof VmEvent];
+
+/** Views over one vCPU's control buffer; constructible in any thread from the buffer. */
+export class VcpuControl {
+  readonly i32: Int32Array;
+
+  constructor(readonly sab: SharedArrayBuffer = new SharedArrayBuffer(CTL_INT32S * 4)) {
+    this.i32 = new Int32Array(sab, 0, CTL_INT32S);
+  }
+
+  get command(): number {
+    return Atomics.load(this.i32, CTL_CMD);
+  }
+  setCommand(cmd: number): void {
+    Atomics.store(this.i32, CTL_CMD, cmd);
+    Atomics.notify(this.i32, CTL_CMD);
+  }
+  get state(): number {
+    return Atomics.load(this.i32, CTL_STATE);
+  }
+  setState(state: number): void {
+    Atomics.store(this.i32, CTL_STATE, state);
+    Atomics.notify(this.i32, CTL_STATE);
+  }
+  /** Worker side: publishes the kernel tid of the thread to kick. */
+  publishThread(tid: number): void {
+    Atomics.store(this.i32, CTL_TID, tid);
+    Atomics.store(this.i32, CTL_READY, 1);
+    Atomics.notify(this.i32, CTL_READY);
+  }
+  /** The worker's kernel tid, or null before it started. */
+  get thread(): number | null {
+    return Atomics.load(this.i32, CTL_READY) === 1 ? Atomics.load(this.i32, CTL_TID) : null;
+  }
+}
+
+/** A VM-wide event word: the first event raised wins; the main thread waits on it. */
+export class VmEvents {
+  readonly i32: Int32Array;
+  constructor(readonly sab: SharedArrayBuffer = new SharedArrayBuffer(8)) {
+    this.i32 = new Int32Array(sab);
+  }
+  /** Raises an event; returns false when another event was raised first. */
+  raise(e: VmEventCode): boolean {
+    const won = Atomics.compareExchange(this.i32, 0, VmEvent.None, e) === VmEvent.None;
+    Atomics.notify(this.i32, 0);
+    return won;
+  }
+  get current(): number {
+    return Atomics.load(this.i32, 0);
+  }
+  /** Main thread: resolves with the next event (non-blocking wait). */
+  async next(): Promise<number> {
+    while (this.current === VmEvent.None) {
+      const w = Atomics.waitAsync(this.i32, 0, VmEvent.None);
+      if (w.async) await w.value;
+    }
+    return this.current;
+  }
+  reset(): void {
+    Atomics.store(this.i32, 0, VmEvent.None);
+  }
+}

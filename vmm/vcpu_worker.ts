@@ -1,0 +1,143 @@
+/// <reference lib="deno.worker" />
+/**
+ * A vCPU thread: blocks in a synchronous KVM_RUN and dispatches PIO/MMIO exits to buses built in
+ * this worker over the devices' shared state. Commands come through the vCPU's control buffer (see
+ * vcpu_control.ts); the only messages posted are the start-up acknowledgement and the final exit.
+ */
+import {
+  KVM_EXIT_FAIL_ENTRY,
+  KVM_EXIT_HLT,
+  KVM_EXIT_INTERNAL_ERROR,
+  KVM_EXIT_INTR,
+  KVM_EXIT_IO,
+  KVM_EXIT_IO_OUT,
+  KVM_EXIT_MMIO,
+  KVM_EXIT_SHUTDOWN,
+  KVM_EXIT_SYSTEM_EVENT,
+  KVM_SYSTEM_EVENT_RESET,
+  KVM_SYSTEM_EVENT_SHUTDOWN,
+} from "../ffi/kvm_constants.ts";
+import { kickInit, threadId, type VcpuDescriptor, VcpuFd } from "../ffi/kvm.ts";
+import { Cmd, State, VcpuControl, VmEvent, VmEvents } from "./vcpu_control.ts";
+import { buildPlatformBuses, type PlatformDescriptors } from "./platform.ts";
+
+/** What the main thread sends a vCPU worker once, at start. */
+export interface VcpuWorkerInit {
+  vcpu: VcpuDescriptor;
+  control: SharedArrayBuffer;
+  events: SharedArrayBuffer;
+  platform: PlatformDescriptors;
+}
+
+/** The worker's last message. */
+export interface VcpuWorkerExit {
+  type: "exit";
+  id: number;
+  reason: string;
+  error?: string;
+}
+
+const EINTR = 4;
+const EAGAIN = 11;
+
+function runVcpu(init: VcpuWorkerInit): string {
+  kickInit();
+  const ctl = new VcpuControl(init.control);
+  const events = new VmEvents(init.events);
+  ctl.publishThread(threadId());
+  const vcpu = VcpuFd.fromDescriptor(init.vcpu);
+  const run = vcpu.kvmRun;
+  const { pio, mmio } = buildPlatformBuses(init.platform, events);
+  const page = run.data;
+  const dv = new DataView(page.buffer, page.byteOffset, page.byteLength);
+  const mmioData = run.mmioData;
+  // Views of mmio.data for each access size, made once: no allocation per exit.
+  const mmioViews: Uint8Array[] = [];
+  for (let n = 0; n <= 8; n++) mmioViews.push(mmioData.subarray(0, n));
+  ctl.setState(State.Running);
+
+  for (;;) {
+    run.immediateExit = 0;
+    const cmd = ctl.command;
+    if (cmd === Cmd.Stop) return "stopped";
+    if (cmd === Cmd.Pause) {
+      ctl.setState(State.Paused);
+      while (ctl.command === Cmd.Pause) Atomics.wait(ctl.i32, 0, Cmd.Pause);
+      ctl.setState(State.Running);
+      continue;
+    }
+    const r = vcpu.run();
+    if (r < 0) {
+      if (r === -EINTR || r === -EAGAIN) continue;
+      events.raise(VmEvent.Crash);
+      return `KVM_RUN failed: errno ${-r}`;
+    }
+    Atomics.add(ctl.i32, 2, 1);
+    switch (run.exitReason) {
+      case KVM_EXIT_IO: {
+        const port = run.ioPort;
+        const size = run.ioSize;
+        let off = run.ioDataOffset;
+        const count = run.ioCount;
+        const out = run.ioDirection === KVM_EXIT_IO_OUT;
+        for (let i = 0; i < count; i++, off += size) {
+          if (out) {
+            const v = size === 1 ? dv.getUint8(off) : size === 2 ? dv.getUint16(off, true) : dv.getUint32(off, true);
+            pio.write(port, size, v);
+          } else {
+            const v = pio.read(port, size);
+            if (size === 1) dv.setUint8(off, v);
+            else if (size === 2) dv.setUint16(off, v, true);
+            else dv.setUint32(off, v >>> 0, true);
+          }
+        }
+        break;
+      }
+      case KVM_EXIT_MMIO: {
+        const len = run.mmioLen;
+        const view = mmioViews[len] ?? mmioData;
+        if (run.mmioIsWrite) mmio.write(run.mmioPhysAddr, view);
+        else mmio.read(run.mmioPhysAddr, view);
+        break;
+      }
+      case KVM_EXIT_HLT:
+        // Only without an in-kernel irqchip; ours has one, so a halted vCPU never exits here.
+        break;
+      case KVM_EXIT_SHUTDOWN:
+        // Triple fault: the machine resets, as a PC does.
+        events.raise(VmEvent.Reboot);
+        return "shutdown (triple fault)";
+      case KVM_EXIT_SYSTEM_EVENT: {
+        const t = run.systemEventType;
+        if (t === KVM_SYSTEM_EVENT_SHUTDOWN) events.raise(VmEvent.Poweroff);
+        else if (t === KVM_SYSTEM_EVENT_RESET) events.raise(VmEvent.Reboot);
+        else events.raise(VmEvent.Crash);
+        return `system event ${t}`;
+      }
+      case KVM_EXIT_INTR:
+        break;
+      default:
+        events.raise(VmEvent.Crash);
+        return `unhandled exit reason ${run.exitReason}` +
+          (run.exitReason === KVM_EXIT_INTERNAL_ERROR ? ` (suberror ${run.internalSuberror})` : "") +
+          (run.exitReason === KVM_EXIT_FAIL_ENTRY ? ` (hardware reason 0x${run.failEntryReason.toString(16)})` : "");
+    }
+    // A device may have raised a VM event (poweroff/reboot register): stop this vCPU promptly.
+    if (events.current !== VmEvent.None) return "vm event";
+  }
+}
+
+self.onmessage = (ev: MessageEvent<VcpuWorkerInit>) => {
+  const init = ev.data;
+  let msg: VcpuWorkerExit;
+  try {
+    const reason = runVcpu(init);
+    msg = { type: "exit", id: init.vcpu.id, reason };
+  } catch (e) {
+    new VmEvents(init.events).raise(VmEvent.Crash);
+    msg = { type: "exit", id: init.vcpu.id, reason: "error", error: e instanceof Error ? e.stack ?? e.message : String(e) };
+  }
+  new VcpuControl(init.control).setState(State.Stopped);
+  self.postMessage(msg);
+  self.close();
+};

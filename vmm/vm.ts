@@ -1,0 +1,280 @@
+/**
+ * The VM: KVM objects, guest memory, the loaded payload, ACPI, devices and one Worker per vCPU.
+ *
+ * `Vm` implements the control loop's `VmBackend`. Guest-initiated events (poweroff, reboot, crash)
+ * arrive through the shared {@link VmEvents} word; the VM stops its vCPUs and reports the event once.
+ */
+import { type HostMapping, kickTid, Kvm, mapAnonymous, mapMemfd, unmap, type VcpuFd, type VmFd } from "../ffi/kvm.ts";
+import type { VmConfig } from "../api/schemas.ts";
+import type { GuestEvent, VmBackend } from "./control.ts";
+import { GuestMemory } from "./memory.ts";
+import { vcpuCpuid } from "./cpuid.ts";
+import { Cmd, State, VcpuControl, VmEvent, VmEvents } from "./vcpu_control.ts";
+import type { VcpuWorkerExit, VcpuWorkerInit } from "./vcpu_worker.ts";
+import { layout, ramRegions } from "./layout.ts";
+import { loadPayload } from "./loader/payload.ts";
+import { writeAcpiTables } from "./acpi/tables.ts";
+import { bspRegisters } from "./boot_cpu.ts";
+import { createPlatform, type Platform } from "./platform.ts";
+import { log } from "./log.ts";
+
+const MSR = {
+  IA32_SYSENTER_CS: 0x174,
+  IA32_SYSENTER_ESP: 0x175,
+  IA32_SYSENTER_EIP: 0x176,
+  STAR: 0xc0000081,
+  LSTAR: 0xc0000082,
+  CSTAR: 0xc0000083,
+  SYSCALL_MASK: 0xc0000084,
+  KERNEL_GS_BASE: 0xc0000102,
+  IA32_TSC: 0x10,
+  IA32_MISC_ENABLE: 0x1a0,
+  MTRR_DEF_TYPE: 0x2ff,
+} as const;
+
+const APIC_LVT_LINT0 = 0x350;
+const APIC_LVT_LINT1 = 0x360;
+const APIC_MODE_NMI = 0x4;
+const APIC_MODE_EXTINT = 0x7;
+
+interface VcpuThread {
+  fd: VcpuFd;
+  control: VcpuControl;
+  worker: Worker;
+  exited: Promise<VcpuWorkerExit>;
+}
+
+/** A running (or runnable) VM built from a VmConfig. */
+export class Vm implements VmBackend {
+  #kvm?: Kvm;
+  #vm?: VmFd;
+  #maps: HostMapping[] = [];
+  #mem?: GuestMemory;
+  #vcpus: VcpuThread[] = [];
+  #events = new VmEvents();
+  #platform?: Platform;
+  #listeners: ((e: GuestEvent) => void)[] = [];
+  #stopping = false;
+  #closed = false;
+
+  constructor(readonly config: VmConfig) {}
+
+  onGuestEvent(cb: (e: GuestEvent) => void): void {
+    this.#listeners.push(cb);
+  }
+
+  /** Guest memory (after boot). */
+  get memory(): GuestMemory | undefined {
+    return this.#mem;
+  }
+
+  memoryActualSize(): number {
+    return this.#mem?.size ?? this.config.memory.size;
+  }
+
+  async boot(): Promise<void> {
+    const cfg = this.config;
+    const boot = cfg.cpus.boot_vcpus;
+    const max = cfg.cpus.max_vcpus;
+    if (!cfg.payload?.kernel) throw new Error("no kernel in the VM config (payload.kernel)");
+    try {
+      const kvm = this.#kvm = Kvm.open();
+      const vm = this.#vm = kvm.createVm();
+      vm.setTssAddr(layout.tssAddr);
+      vm.createIrqchip();
+      vm.createPit2(0);
+
+      // Guest RAM.
+      const regions = ramRegions(cfg.memory.size);
+      const hostRegions = [];
+      let slot = 0;
+      for (const r of regions) {
+        const m = cfg.memory.shared
+          ? mapMemfd(r.size, `dvmm-ram-${slot}`, { hugepages: cfg.memory.hugepages })
+          : mapAnonymous(r.size, { hugepages: cfg.memory.hugepages });
+        this.#maps.push(m);
+        vm.setUserMemoryRegion({
+          slot,
+          flags: 0,
+          guestPhysAddr: BigInt(r.gpa),
+          memorySize: BigInt(r.size),
+          userspaceAddr: m.hostAddr,
+        });
+        hostRegions.push({ gpa: r.gpa, size: r.size, hostAddr: m.hostAddr });
+        slot++;
+      }
+      const mem = this.#mem = GuestMemory.fromHost(hostRegions);
+
+      // Payload, ACPI.
+      const entry = await loadPayload(mem, cfg.memory.size, {
+        kernel: cfg.payload.kernel,
+        initramfs: cfg.payload.initramfs ?? undefined,
+        cmdline: cfg.payload.cmdline ?? "",
+      });
+      this.#platform = createPlatform(cfg, vm, this.#events);
+      writeAcpiTables(mem, { vcpus: boot, maxVcpus: max, memSize: cfg.memory.size, pci: this.#platform.pciAcpi });
+
+      // vCPUs.
+      const supported = kvm.supportedCpuid();
+      const msrList = new Set(kvm.msrIndexList());
+      for (let id = 0; id < boot; id++) {
+        const fd = vm.createVcpu(id);
+        fd.setCpuid2(vcpuCpuid(supported, id, { cores: max }));
+        fd.setMsrs(([
+          { index: MSR.IA32_SYSENTER_CS, data: 0n },
+          { index: MSR.IA32_SYSENTER_ESP, data: 0n },
+          { index: MSR.IA32_SYSENTER_EIP, data: 0n },
+          { index: MSR.STAR, data: 0n },
+          { index: MSR.CSTAR, data: 0n },
+          { index: MSR.KERNEL_GS_BASE, data: 0n },
+          { index: MSR.SYSCALL_MASK, data: 0n },
+          { index: MSR.LSTAR, data: 0n },
+          { index: MSR.IA32_TSC, data: 0n },
+          { index: MSR.IA32_MISC_ENABLE, data: 1n },
+          { index: MSR.MTRR_DEF_TYPE, data: (1n << 11n) | 6n },
+        ]).filter((m) => msrList.has(m.index)));
+        fd.setFpu({ fcw: 0x37f, mxcsr: 0x1f80 });
+        const lapic = fd.getLapic();
+        const lv = new DataView(lapic.buffer, lapic.byteOffset, lapic.byteLength);
+        const setMode = (reg: number, mode: number) =>
+          lv.setUint32(reg, (lv.getUint32(reg, true) & ~0x700) | (mode << 8), true);
+        setMode(APIC_LVT_LINT0, APIC_MODE_EXTINT);
+        setMode(APIC_LVT_LINT1, APIC_MODE_NMI);
+        fd.setLapic(lapic);
+        if (id === 0) {
+          const { regs, sregs } = bspRegisters(mem, entry, fd.getSregs());
+          fd.setSregs(sregs);
+          fd.setRegs(regs);
+        }
+        this.#vcpus.push(this.#spawn(fd));
+      }
+      log.info(`booting: ${boot} vCPU(s), ${cfg.memory.size >> 20} MiB, kernel ${cfg.payload.kernel}`);
+      this.#watchEvents();
+      // Wait until every worker has published its thread, so pause/stop can kick it.
+      await Promise.all(this.#vcpus.map((v) => waitReady(v.control)));
+    } catch (e) {
+      await this.shutdown();
+      throw e;
+    }
+  }
+
+  #spawn(fd: VcpuFd): VcpuThread {
+    const control = new VcpuControl();
+    const worker = new Worker(new URL("./vcpu_worker.ts", import.meta.url).href, { type: "module" });
+    const exited = new Promise<VcpuWorkerExit>((resolve) => {
+      worker.onmessage = (ev: MessageEvent<VcpuWorkerExit>) => resolve(ev.data);
+      worker.onerror = (ev) => {
+        ev.preventDefault();
+        this.#events.raise(VmEvent.Crash);
+        resolve({ type: "exit", id: fd.id, reason: "error", error: ev.message });
+      };
+    });
+    exited.then((m) => {
+      if (m.error) log.error(`vCPU ${m.id}: ${m.error}`);
+      else log.debug(`vCPU ${m.id} exited: ${m.reason}`);
+    });
+    const init: VcpuWorkerInit = {
+      vcpu: fd.descriptor(),
+      control: control.sab,
+      events: this.#events.sab,
+      platform: this.#platform!.descriptors,
+    };
+    worker.postMessage(init);
+    return { fd, control, worker, exited };
+  }
+
+  async #watchEvents(): Promise<void> {
+    const code = await this.#events.next();
+    if (this.#stopping) return;
+    const ev: GuestEvent = code === VmEvent.Poweroff ? "poweroff" : code === VmEvent.Reboot ? "reboot" : "crash";
+    log.info(`guest event: ${ev}`);
+    await this.#stopVcpus();
+    for (const cb of this.#listeners) cb(ev);
+  }
+
+  #kickAll(): void {
+    for (const v of this.#vcpus) {
+      v.fd.kvmRun.immediateExit = 1;
+      const t = v.control.thread;
+      if (t !== null) kickTid(t);
+    }
+  }
+
+  async #stopVcpus(): Promise<void> {
+    for (const v of this.#vcpus) v.control.setCommand(Cmd.Stop);
+    this.#kickAll();
+    // A vCPU that has not entered KVM_RUN yet sees the command; one in it is kicked out.
+    await Promise.all(this.#vcpus.map((v) => v.exited));
+  }
+
+  async pause(): Promise<void> {
+    for (const v of this.#vcpus) v.control.setCommand(Cmd.Pause);
+    this.#kickAll();
+    await Promise.all(this.#vcpus.map((v) => waitState(v.control, State.Paused)));
+  }
+
+  async resume(): Promise<void> {
+    for (const v of this.#vcpus) v.control.setCommand(Cmd.Run);
+    await Promise.all(this.#vcpus.map((v) => waitState(v.control, State.Running)));
+  }
+
+  async powerButton(): Promise<void> {
+    if (!this.#platform) throw new Error("VM is not running");
+    this.#platform.powerButton();
+  }
+
+  nmi(): Promise<void> {
+    return Promise.reject(new Error("NMI injection is not implemented in dvmm yet"));
+  }
+
+  counters(): Record<string, Record<string, number>> {
+    return this.#platform?.counters() ?? {};
+  }
+
+  deviceTree(): Record<string, unknown> {
+    return this.#platform?.deviceTree() ?? {};
+  }
+
+  /** Serial input from the host (stdin). */
+  serialInput(bytes: Uint8Array): void {
+    this.#platform?.serialInput(bytes);
+  }
+
+  async shutdown(): Promise<void> {
+    if (this.#closed) return;
+    this.#stopping = true;
+    await this.#stopVcpus();
+    this.#closed = true;
+    this.#events.raise(VmEvent.Poweroff); // releases the event watcher
+    this.#platform?.close();
+    for (const v of this.#vcpus) v.fd.close();
+    this.#vcpus = [];
+    this.#vm?.close();
+    this.#kvm?.close();
+    for (const m of this.#maps) unmap(m);
+    this.#maps = [];
+    this.#mem = undefined;
+  }
+}
+
+async function waitState(ctl: VcpuControl, want: number): Promise<void> {
+  for (;;) {
+    const s = ctl.state;
+    if (s === want || s === State.Stopped) return;
+    const w = Atomics.waitAsync(ctl.i32, 1, s, 1000);
+    if (w.async) await w.value;
+  }
+}
+
+async function waitReady(ctl: VcpuControl): Promise<void> {
+  for (;;) {
+    if (ctl.thread !== null || ctl.state === State.Stopped) return;
+    const w = Atomics.waitAsync(ctl.i32, 3, 0, 1000);
+    if (w.async) await w.value;
+  }
+}
+
+/** The factory the control loop uses. */
+export function createVmBackend(config: VmConfig): VmBackend {
+  return new Vm(config);
+}
