@@ -23,14 +23,14 @@ const SLP_EN = 0x20;
 const WAK_STS = 0x80;
 
 // Int32 word indices.
-const LOCK = 0;
-const SLP_STS = 1;
-const GED = 2;
-const LEVEL = 3;
-const ST_POWEROFF = 4;
-const ST_RESET = 5;
-const ST_OTHER_SLEEP = 6;
-const WORDS = 8;
+const LOCK = 0; // SharedLock.WORDS slots
+const SLP_STS = 3;
+const GED = 4;
+const LEVEL = 5;
+const ST_POWEROFF = 6;
+const ST_RESET = 7;
+const ST_OTHER_SLEEP = 8;
+const WORDS = 10;
 
 const layout = new SabLayout();
 const OFF_WORDS = layout.words(WORDS);

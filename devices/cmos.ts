@@ -43,9 +43,9 @@ const REG_A_DEFAULT = 0x26; // divider 010 (32.768 kHz), rate 0110 (1024 Hz)
 const TIME_REGS = [0x00, 0x02, 0x04, 0x06, 0x07, 0x08, 0x09, 0x32];
 
 // Int32 word indices.
-const LOCK = 0;
-const INDEX = 1; // last value written to port 0x70 (index | NMI mask)
-const WORDS = 2;
+const LOCK = 0; // SharedLock.WORDS slots
+const INDEX = 3; // last value written to port 0x70 (index | NMI mask)
+const WORDS = 4;
 
 const layout = new SabLayout();
 const OFF_WORDS = layout.words(WORDS);

@@ -47,17 +47,17 @@ export const I8042_CTR = {
 const DATA = 0; // offsets within the two registered ports (0x60 and 0x64 are separate ranges)
 
 // Int32 word indices.
-const LOCK = 0;
-const PENDING = 1; // controller command waiting for its data byte, 0 = none
-const LASTCMD = 2; // 1 when the last write went to the command port (status bit 3)
-const OUTPORT = 3;
-const QH = 4;
-const QN = 5;
-const LAST = 6; // last byte read from the data port (re-read when empty)
-const LVL_KBD = 7;
-const LVL_AUX = 8;
-const ST_RESETS = 9;
-const Q0 = 10; // output queue entries: byte | AUX << 8 | TIMEOUT << 9
+const LOCK = 0; // SharedLock.WORDS slots
+const PENDING = 3; // controller command waiting for its data byte, 0 = none
+const LASTCMD = 4; // 1 when the last write went to the command port (status bit 3)
+const OUTPORT = 5;
+const QH = 6;
+const QN = 7;
+const LAST = 8; // last byte read from the data port (re-read when empty)
+const LVL_KBD = 9;
+const LVL_AUX = 10;
+const ST_RESETS = 11;
+const Q0 = 12; // output queue entries: byte | AUX << 8 | TIMEOUT << 9
 const QCAP = 8;
 const RAM0 = Q0 + QCAP; // 32 bytes of controller RAM, one per word; RAM[0] is the command byte
 const WORDS = RAM0 + 32;

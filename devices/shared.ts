@@ -47,49 +47,56 @@ const canWait: boolean = (() => {
   }
 })();
 
-const SPINS = 200;
-const UNLOCKED = 0;
-const LOCKED = 1;
-const CONTENDED = 2;
+const SPINS = 100;
+const NEXT = 0; // next ticket to hand out
+const SERVING = 1; // ticket now holding the lock
+const WAITERS = 2; // threads blocked in Atomics.wait
 
 /**
- * A mutex in one Int32 slot of a shared buffer: compare-and-swap fast path, a short spin, then
- * Atomics.wait (or pure spinning in a thread that may not block). Critical sections are expected to
- * last microseconds. Not re-entrant.
- *
- * States: 0 free, 1 held, 2 held with possible waiters (the unlocker then notifies).
+ * A fair (ticket) mutex in three Int32 slots of a shared buffer: take a ticket, spin briefly until it
+ * is served, then block in Atomics.wait (or keep spinning in a thread that may not block). Threads get
+ * the lock in arrival order, so a thread that touches a device rarely (the main thread feeding serial
+ * input) is never starved by vCPUs hammering it. Unlock notifies only when someone is blocked.
+ * Critical sections are expected to last microseconds. Not re-entrant.
  */
 export class SharedLock {
+  /** Int32 slots a lock occupies. */
+  static readonly WORDS = 3;
+
+  /** A lock over `i32[index .. index + 3)`, which must start zeroed. */
   constructor(readonly i32: Int32Array, readonly index: number) {}
 
   lock(): void {
     const a = this.i32;
-    const i = this.index;
-    let c = Atomics.compareExchange(a, i, UNLOCKED, LOCKED);
-    if (c === UNLOCKED) return;
-    for (let n = 0; n < SPINS; n++) {
-      if (Atomics.load(a, i) === UNLOCKED) {
-        c = Atomics.compareExchange(a, i, UNLOCKED, LOCKED);
-        if (c === UNLOCKED) return;
-      }
+    const serving = this.index + SERVING;
+    const ticket = Atomics.add(a, this.index + NEXT, 1);
+    if (Atomics.load(a, serving) === ticket) return;
+    for (let n = 0; n < SPINS; n++) if (Atomics.load(a, serving) === ticket) return;
+    const waiters = this.index + WAITERS;
+    Atomics.add(a, waiters, 1);
+    let s: number;
+    while ((s = Atomics.load(a, serving)) !== ticket) {
+      if (canWait) Atomics.wait(a, serving, s, 50);
     }
-    // Mark contended; whoever releases will wake one waiter.
-    c = Atomics.exchange(a, i, CONTENDED);
-    while (c !== UNLOCKED) {
-      if (canWait) Atomics.wait(a, i, CONTENDED, 10);
-      c = Atomics.exchange(a, i, CONTENDED);
-    }
+    Atomics.sub(a, waiters, 1);
   }
 
   /** Takes the lock if it is free; never waits. */
   tryLock(): boolean {
-    return Atomics.compareExchange(this.i32, this.index, UNLOCKED, LOCKED) === UNLOCKED;
+    const a = this.i32;
+    const s = Atomics.load(a, this.index + SERVING);
+    return Atomics.compareExchange(a, this.index + NEXT, s, (s + 1) | 0) === s;
   }
 
   unlock(): void {
     const a = this.i32;
-    const i = this.index;
-    if (Atomics.exchange(a, i, UNLOCKED) === CONTENDED) Atomics.notify(a, i, 1);
+    Atomics.add(a, this.index + SERVING, 1);
+    if (Atomics.load(a, this.index + WAITERS) !== 0) Atomics.notify(a, this.index + SERVING);
+  }
+
+  /** Whether some thread holds the lock (diagnostics). */
+  get locked(): boolean {
+    return Atomics.load(this.i32, this.index + NEXT) !== Atomics.load(this.i32, this.index + SERVING);
   }
 }
 

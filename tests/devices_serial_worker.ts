@@ -14,7 +14,7 @@ export interface SerialJob {
   /** Int32 [0] = set(true) calls, [1] = set(false) calls, [2] = last level, [3] = repeated levels. */
   irq: SharedArrayBuffer;
   /**
-   * Int32 [0] = 1 once the main thread has enqueued all input; [1] a lock standing for the guest
+   * Int32 [0] = 1 once the main thread has enqueued all input; [1..4) a lock standing for the guest
    * driver's port lock (a driver never runs "LSR says data, read RBR" on two CPUs at once).
    */
   flags: SharedArrayBuffer;
@@ -73,9 +73,9 @@ function runLock(job: LockJob): void {
   for (let i = 0; i < job.iterations; i++) {
     lock.lock();
     // A non-atomic read-modify-write: only correct under mutual exclusion.
-    const v = i32[1];
-    i32[2] = (i32[2] + 1) | 0;
-    i32[1] = v + 1;
+    const v = i32[4];
+    i32[5] = (i32[5] + 1) | 0;
+    i32[4] = v + 1;
     lock.unlock();
   }
 }
