@@ -15,7 +15,8 @@
  * | 7   | SCR                      | SCR                    |
  *
  * The transmitter is infinitely fast: THR is empty again as soon as it is written, so LSR always has
- * THRE and TEMT, and every THR write re-arms the THRE interrupt. Enabling ETBEI (a 0 → 1 edge in IER)
+ * THRE and TEMT, and every THR write re-arms the THRE interrupt (the IRQ line drops and rises again
+ * within the write, giving edge-triggered interrupt controllers an edge per byte). Enabling ETBEI (a 0 → 1 edge in IER)
  * while THR is empty raises THRE at once, which is what Linux's 8250 driver checks at start-up and
  * relies on for interrupt-driven transmission.
  *
@@ -387,7 +388,12 @@ export class Serial16550 {
 
   #transmit(v: number): void {
     const w = this.#w;
-    w[THRP] = 1; // the byte leaves at once; THR is empty again
+    // THR is full for an instant, then empty again: the THRE interrupt drops and comes back, so an
+    // edge-triggered input (the IOAPIC's ISA pins) sees a fresh edge for every byte, as with a real
+    // transmitter. Without it the line could stay high across the guest's handler and never retrigger.
+    w[THRP] = 0;
+    this.#updateIrq();
+    w[THRP] = 1; // the caller reports the line going up again
     if (w[MCR] & MCR_LOOP) {
       this.#pushRx(v);
       return;

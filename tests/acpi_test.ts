@@ -260,7 +260,9 @@ Deno.test("acpi: DSDT AML structure: \\_S5 then one \\_SB scope spanning the tab
   o += 1 + len;
   assert.equal(o, aml.length, "scope PkgLength ends at the table end");
   const text = new TextDecoder("latin1").decode(aml);
-  for (const n of ["ACPI0013", "_EVT", "GDAT", "COM1", "PCI0", "MBRD", "PWRB"]) assert.ok(text.includes(n), n);
+  for (const n of ["ACPI0013", "_EVT", "GDAT", "COM1", "PCI0", "MBRD", "PWRB"]) {
+    assert.ok(text.includes(n), n);
+  }
 });
 
 // ---- iasl cross-check ----
@@ -273,7 +275,9 @@ function hasIasl(): boolean {
   }
 }
 const iasl = hasIasl();
-if (!iasl) console.warn("acpi_test: iasl not found (apt-get install acpica-tools); disassembly check skipped");
+if (!iasl) {
+  console.warn("acpi_test: iasl not found (apt-get install acpica-tools); disassembly check skipped");
+}
 
 Deno.test({
   name: "acpi: iasl disassembles every table and recompiles the DSDT without errors or warnings",
@@ -302,7 +306,8 @@ Deno.test({
       for (const s of ["_S5", "PNP0501", "PNP0C0C", "ACPI0013", "PNP0A08", "Notify (\\_SB.PWRB, 0x80)"]) {
         assert.ok(dsl.includes(s), `DSDT disassembly lacks ${s}`);
       }
-      const c = await new Deno.Command("iasl", { args: ["-p", `${dir}/re`, `${dir}/dsdt.dsl`], cwd: dir }).output();
+      const c = await new Deno.Command("iasl", { args: ["-p", `${dir}/re`, `${dir}/dsdt.dsl`], cwd: dir })
+        .output();
       const ctext = new TextDecoder().decode(c.stdout) + new TextDecoder().decode(c.stderr);
       assert.ok(c.success, ctext);
       assert.match(ctext, /0 Errors, 0 Warnings/, ctext);

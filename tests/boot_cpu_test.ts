@@ -123,7 +123,11 @@ Deno.test("boot_cpu: PVH entry: 32-bit protected mode, paging off, EBX = start_i
   const mem = GuestMemory.fromBuffers(ramRegions(64 * MiB));
   const first = bspRegisters(mem, { kind: "linux64", rip: 0x1000200, rsi: 0x7000 }).sregs;
   const base = { ...first, apicBase: 0xfee00d00n, interruptBitmap: [0n, 0n, 0n, 0n] };
-  const { regs, sregs } = bspRegisters(mem, { kind: "pvh", rip: 0x1000850, rbx: Layout.pvhStartInfoAddr }, base);
+  const { regs, sregs } = bspRegisters(
+    mem,
+    { kind: "pvh", rip: 0x1000850, rbx: Layout.pvhStartInfoAddr },
+    base,
+  );
   assert.equal(regs.rip, 0x1000850n);
   assert.equal(regs.rbx, BigInt(Layout.pvhStartInfoAddr));
   assert.equal(regs.rflags, 2n);

@@ -1,7 +1,16 @@
 import assert from "node:assert/strict";
 import { GuestMemory } from "../vmm/memory.ts";
-import { e820, E820_RAM, E820_RESERVED, Layout, lowRamEnd, mmio64Window, ramEnd, ramRegions } from "../vmm/layout.ts";
-import { BP, CAN_USE_HEAP, LOADED_HIGH, loadBzImage, parseBzImage } from "../vmm/loader/bzimage.ts";
+import {
+  e820,
+  E820_RAM,
+  E820_RESERVED,
+  Layout,
+  lowRamEnd,
+  mmio64Window,
+  ramEnd,
+  ramRegions,
+} from "../vmm/layout.ts";
+import { BP, CAN_USE_HEAP, loadBzImage, LOADED_HIGH, parseBzImage } from "../vmm/loader/bzimage.ts";
 import { KernelLoadError } from "../vmm/loader/common.ts";
 import { HVM_START_MAGIC, loadPvhElf, parseElf, XEN_ELFNOTE_PHYS32_ENTRY } from "../vmm/loader/elf.ts";
 import {
@@ -18,7 +27,8 @@ const GiB = 1024 * MiB;
 /** The newest Debian kernel/initrd pair in /boot (the Makefile installs linux-image-cloud-amd64). */
 function findBoot(): { kernel: string; initrd?: string } | null {
   try {
-    const names = [...Deno.readDirSync("/boot")].map((e) => e.name).filter((n) => n.startsWith("vmlinuz-")).sort();
+    const names = [...Deno.readDirSync("/boot")].map((e) => e.name).filter((n) => n.startsWith("vmlinuz-"))
+      .sort();
     if (names.length === 0) return null;
     const k = names[names.length - 1];
     const initrd = "initrd.img-" + k.slice("vmlinuz-".length);
@@ -71,7 +81,9 @@ Deno.test("layout: RAM regions and E820 below and above the hole", () => {
     { addr: Layout.pciEcamStart, size: Layout.pciEcamSize, type: E820_RESERVED },
     { addr: 4 * GiB, size: 3 * GiB, type: E820_RAM },
   ]);
-  for (let i = 1; i < m.length; i++) assert.ok(m[i - 1].addr + m[i - 1].size <= m[i].addr, "sorted, disjoint");
+  for (let i = 1; i < m.length; i++) {
+    assert.ok(m[i - 1].addr + m[i - 1].size <= m[i].addr, "sorted, disjoint");
+  }
   // Fixed boot structures are in usable low RAM and do not overlap.
   const fixed: [number, number][] = [
     [Layout.gdtAddr, Layout.gdtEntries * 8],
@@ -202,7 +214,10 @@ Deno.test({
     assertLoadError(() => parseBzImage(no64), /XLF_KERNEL_64/);
     assertLoadError(() => parseBzImage(img.subarray(0, img.length >> 1)), /truncated/);
     const info = parseBzImage(img);
-    assertLoadError(() => loadBzImage(mem, img, { cmdline: "x".repeat(info.cmdlineSize + 1) }), /command line/);
+    assertLoadError(
+      () => loadBzImage(mem, img, { cmdline: "x".repeat(info.cmdlineSize + 1) }),
+      /command line/,
+    );
     assertLoadError(
       () => loadBzImage(mem, img, { initramfs: new Uint8Array(250 * MiB) }),
       /initramfs of \d+ bytes does not fit/,
@@ -383,7 +398,9 @@ Deno.test({
     const info = parseBzImage(real);
     const elf = makeElf(0x1000000, new Uint8Array(64).fill(0xcc));
     const gz = new Uint8Array(
-      await new Response(new Blob([elf as Uint8Array<ArrayBuffer>]).stream().pipeThrough(new CompressionStream("gzip"))).arrayBuffer(),
+      await new Response(
+        new Blob([elf as Uint8Array<ArrayBuffer>]).stream().pipeThrough(new CompressionStream("gzip")),
+      ).arrayBuffer(),
     );
     const mk = (payload: Uint8Array) => {
       const withSize = new Uint8Array(payload.length + 4);
@@ -409,9 +426,17 @@ Deno.test({
   ignore: noKernel,
   async fn() {
     const size = 512 * MiB;
-    const e1 = await loadPayload(memOf(size), size, { kernel: boot!.kernel, initramfs: boot!.initrd, cmdline: "quiet" });
+    const e1 = await loadPayload(memOf(size), size, {
+      kernel: boot!.kernel,
+      initramfs: boot!.initrd,
+      cmdline: "quiet",
+    });
     assert.equal(e1.kind, "linux64");
-    const e2 = await loadPayload(memOf(size), size, { kernel: boot!.kernel, cmdline: "quiet", protocol: "pvh" });
+    const e2 = await loadPayload(memOf(size), size, {
+      kernel: boot!.kernel,
+      cmdline: "quiet",
+      protocol: "pvh",
+    });
     assert.equal(e2.kind, "pvh");
     await assert.rejects(
       () => loadPayload(memOf(size), size, { kernel: "/nonexistent/vmlinuz" }),

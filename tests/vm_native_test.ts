@@ -56,6 +56,30 @@ Deno.test({ name: "a spinning guest can be paused, resumed and shut down from th
   await Deno.remove(g.dir, { recursive: true });
 });
 
+Deno.test({ name: "a guest that jumps to the reset vector (BIOS reboot path) resets the VM", ignore }, async () => {
+  // mov eax, 0xffff0 ; jmp eax — what Linux's BIOS reboot does (from real mode) when ACPI is reduced.
+  const g = await guestVm(new Uint8Array([0xb8, 0xf0, 0xff, 0x0f, 0x00, 0xff, 0xe0]));
+  await g.vm.boot();
+  assert.equal(await g.event, "reboot");
+  await g.vm.shutdown();
+  await Deno.remove(g.dir, { recursive: true });
+});
+
+Deno.test({ name: "writes to the ACPI reset register and the i8042 reset command reboot the VM", ignore }, async () => {
+  for (
+    const code of [
+      [0x66, 0xba, 0x02, 0x06, 0xb0, 0x01, 0xee, 0xf4, 0xeb, 0xfd], // mov dx,0x602; mov al,1; out dx,al
+      [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd], // mov al,0xfe; out 0x64,al
+    ]
+  ) {
+    const g = await guestVm(new Uint8Array(code));
+    await g.vm.boot();
+    assert.equal(await g.event, "reboot");
+    await g.vm.shutdown();
+    await Deno.remove(g.dir, { recursive: true });
+  }
+});
+
 Deno.test({ name: "a kernel that does not exist fails boot with a clear error and releases the VM", ignore }, async () => {
   const config = VmConfigSchema.parse({ payload: { kernel: "/nonexistent/vmlinuz" }, console: { mode: "Off" } });
   const vm = new Vm(config);

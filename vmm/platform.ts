@@ -19,6 +19,7 @@ import {
 } from "../devices/legacy.ts";
 import { Layout, lowRamEnd } from "./layout.ts";
 import { VmEvent, type VmEvents } from "./vcpu_control.ts";
+import { buildPciBuses, createPci, type PciDescriptors, type PciHost, wantsPci } from "./pci_platform.ts";
 
 /** Everything a thread needs to rebuild the platform: structured-cloneable. */
 export interface PlatformDescriptors {
@@ -27,6 +28,8 @@ export interface PlatformDescriptors {
   /** Raw fd the serial port writes to, or -1 to discard output. */
   serialOutFd: number;
   legacy: LegacyDescriptors;
+  /** PCI segment with virtio devices, or null when the VM has none. */
+  pci: PciDescriptors | null;
 }
 
 /** Writes all of `bytes` to a raw fd, waiting when the fd is non-blocking and full. */
@@ -60,8 +63,12 @@ function eventSink(events: VmEvents): VmEventSink {
   return { request: (e) => events.raise(e === "poweroff" ? VmEvent.Poweroff : VmEvent.Reboot) };
 }
 
+function vmOf(d: PlatformDescriptors): VmFd {
+  return VmFd.fromDescriptor({ fd: d.vmFd, vcpuMmapSize: d.vcpuMmapSize });
+}
+
 function build(d: PlatformDescriptors, events: VmEvents, pio = new PioBus()): LegacyDevices {
-  const vm = VmFd.fromDescriptor({ fd: d.vmFd, vcpuMmapSize: d.vcpuMmapSize });
+  const vm = vmOf(d);
   return buildLegacyDevices(d.legacy, {
     serialIrq: irqLine(vm, d.legacy.serial.irq),
     serialOut: fdSink(d.serialOutFd),
@@ -75,7 +82,9 @@ function build(d: PlatformDescriptors, events: VmEvents, pio = new PioBus()): Le
 /** vCPU worker side: this thread's buses over the shared device state. */
 export function buildPlatformBuses(d: PlatformDescriptors, events: VmEvents): { pio: PioBus; mmio: MmioBus } {
   const { pio } = build(d, events);
-  return { pio, mmio: new MmioBus() };
+  const mmio = new MmioBus();
+  if (d.pci) buildPciBuses(d.pci, vmOf(d), pio, mmio);
+  return { pio, mmio };
 }
 
 /** Main-thread handle on the platform devices. */
@@ -88,7 +97,8 @@ export interface Platform {
   powerButton(): void;
   counters(): Record<string, Record<string, number>>;
   deviceTree(): Record<string, unknown>;
-  close(): void;
+  /** Stops the device workers and releases fds (after the vCPUs have stopped). */
+  close(): Promise<void>;
 }
 
 function openOutput(path: string): number {
@@ -100,9 +110,8 @@ function checkSupported(cfg: VmConfig): void {
   const missing = (what: string, option: string) => {
     throw new Error(`${what} is not implemented in dvmm yet (${option})`);
   };
-  if (cfg.disks?.length) missing("virtio-blk", "--disk / disks");
+  if (cfg.disks?.some((d) => d.vhost_user)) missing("vhost-user-blk", "--disk vhost_user=on");
   if (cfg.net?.length) missing("virtio-net", "--net / net");
-  if (cfg.rng && cfg.rng.src && cfg.rng.src !== "/dev/urandom") missing("virtio-rng", "--rng / rng");
   if (cfg.fs?.length) missing("virtio-fs", "--fs / fs");
   if (cfg.pmem?.length) missing("virtio-pmem", "--pmem / pmem");
   if (cfg.vsock) missing("virtio-vsock", "--vsock / vsock");
@@ -116,8 +125,16 @@ function checkSupported(cfg: VmConfig): void {
   if (serial === "Pty" || serial === "Socket") missing(`serial mode ${serial}`, "--serial");
 }
 
-/** Creates the platform devices' shared state for a VM (main thread). */
-export function createPlatform(cfg: VmConfig, vmFd: VmFd, events: VmEvents): Platform {
+/**
+ * Creates the platform devices' shared state for a VM (main thread). `ram` (guest RAM as host
+ * mappings) is needed when the VM has virtio devices: their workers access guest memory directly.
+ */
+export function createPlatform(
+  cfg: VmConfig,
+  vmFd: VmFd,
+  events: VmEvents,
+  ram: { gpa: number; size: number; hostAddr: bigint }[] = [],
+): Platform {
   checkSupported(cfg);
   const memSize = cfg.memory.size;
   const low = lowRamEnd(memSize);
@@ -141,20 +158,32 @@ export function createPlatform(cfg: VmConfig, vmFd: VmFd, events: VmEvents): Pla
     vcpuMmapSize: vmFd.descriptor().vcpuMmapSize,
     serialOutFd,
     legacy,
+    pci: null,
   };
   const host = build(descriptors, events);
+  let pci: PciHost | null = null;
+  if (wantsPci(cfg)) {
+    try {
+      pci = createPci(cfg, vmFd, ram, host.pio, new MmioBus());
+    } catch (e) {
+      if (ownFd) shim().kvs_close(serialOutFd);
+      throw e;
+    }
+    descriptors.pci = pci.descriptors;
+  }
   // Output is batched per line by the UART; a partial line (a shell prompt) is flushed here.
   const flusher = setInterval(() => host.serial.flush(), 20);
   return {
     descriptors,
-    pciAcpi: false,
+    pciAcpi: pci !== null,
     serialInput: (bytes) => host.serial.enqueueInput(bytes),
     powerButton: () => {
       if (!host.acpiPm) throw new Error("the VM has no ACPI power button");
       host.acpiPm.powerButton();
     },
-    counters: () => ({}),
+    counters: () => pci?.counters() ?? {},
     deviceTree: () => ({
+      ...pci?.deviceTree(),
       __serial: {
         id: "__serial",
         resources: [{ PioAddressRange: { base: legacy.serial.base, size: 8 } }],
@@ -162,7 +191,8 @@ export function createPlatform(cfg: VmConfig, vmFd: VmFd, events: VmEvents): Pla
         pci_bdf: null,
       },
     }),
-    close: () => {
+    close: async () => {
+      await pci?.close();
       clearInterval(flusher);
       host.serial.flush();
       if (ownFd) shim().kvs_close(serialOutFd);

@@ -18,7 +18,7 @@ import {
   KVM_SYSTEM_EVENT_SHUTDOWN,
 } from "../ffi/kvm_constants.ts";
 import { kickInit, threadId, type VcpuDescriptor, VcpuFd } from "../ffi/kvm.ts";
-import { Cmd, State, VcpuControl, VmEvent, VmEvents } from "./vcpu_control.ts";
+import { Cmd, CTL_EXITS, State, VcpuControl, VmEvent, VmEvents } from "./vcpu_control.ts";
 import { buildPlatformBuses, type PlatformDescriptors } from "./platform.ts";
 
 /** What the main thread sends a vCPU worker once, at start. */
@@ -72,7 +72,7 @@ function runVcpu(init: VcpuWorkerInit): string {
       events.raise(VmEvent.Crash);
       return `KVM_RUN failed: errno ${-r}`;
     }
-    Atomics.add(ctl.i32, 2, 1);
+    Atomics.add(ctl.i32, CTL_EXITS, 1);
     switch (run.exitReason) {
       case KVM_EXIT_IO: {
         const port = run.ioPort;
@@ -132,7 +132,11 @@ self.onmessage = (ev: MessageEvent<VcpuWorkerInit>) => {
   let msg: VcpuWorkerExit;
   try {
     const reason = runVcpu(init);
-    msg = { type: "exit", id: init.vcpu.id, reason };
+    // Where the vCPU stood when it stopped: the first thing to look at when a guest hangs.
+    const vcpu = VcpuFd.fromDescriptor(init.vcpu);
+    const rip = vcpu.getRegs().rip;
+    const exits = Atomics.load(new VcpuControl(init.control).i32, CTL_EXITS);
+    msg = { type: "exit", id: init.vcpu.id, reason: `${reason} at rip 0x${rip.toString(16)} after ${exits} exits` };
   } catch (e) {
     new VmEvents(init.events).raise(VmEvent.Crash);
     msg = { type: "exit", id: init.vcpu.id, reason: "error", error: e instanceof Error ? e.stack ?? e.message : String(e) };

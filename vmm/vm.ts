@@ -4,7 +4,16 @@
  * `Vm` implements the control loop's `VmBackend`. Guest-initiated events (poweroff, reboot, crash)
  * arrive through the shared {@link VmEvents} word; the VM stops its vCPUs and reports the event once.
  */
-import { type HostMapping, kickTid, Kvm, mapAnonymous, mapMemfd, unmap, type VcpuFd, type VmFd } from "../ffi/kvm.ts";
+import {
+  type HostMapping,
+  kickTid,
+  Kvm,
+  mapAnonymous,
+  mapMemfd,
+  unmap,
+  type VcpuFd,
+  type VmFd,
+} from "../ffi/kvm.ts";
 import type { VmConfig } from "../api/schemas.ts";
 import type { GuestEvent, VmBackend } from "./control.ts";
 import { GuestMemory } from "./memory.ts";
@@ -15,6 +24,7 @@ import { layout, ramRegions } from "./layout.ts";
 import { loadPayload } from "./loader/payload.ts";
 import { writeAcpiTables } from "./acpi/tables.ts";
 import { bspRegisters } from "./boot_cpu.ts";
+import { writeResetVector } from "./reset_vector.ts";
 import { createPlatform, type Platform } from "./platform.ts";
 import { log } from "./log.ts";
 
@@ -111,8 +121,14 @@ export class Vm implements VmBackend {
         initramfs: cfg.payload.initramfs ?? undefined,
         cmdline: cfg.payload.cmdline ?? "",
       });
-      this.#platform = createPlatform(cfg, vm, this.#events);
-      writeAcpiTables(mem, { vcpus: boot, maxVcpus: max, memSize: cfg.memory.size, pci: this.#platform.pciAcpi });
+      this.#platform = createPlatform(cfg, vm, this.#events, hostRegions);
+      writeResetVector(mem);
+      writeAcpiTables(mem, {
+        vcpus: boot,
+        maxVcpus: max,
+        memSize: cfg.memory.size,
+        pci: this.#platform.pciAcpi,
+      });
 
       // vCPUs.
       const supported = kvm.supportedCpuid();
@@ -120,7 +136,7 @@ export class Vm implements VmBackend {
       for (let id = 0; id < boot; id++) {
         const fd = vm.createVcpu(id);
         fd.setCpuid2(vcpuCpuid(supported, id, { cores: max }));
-        fd.setMsrs(([
+        fd.setMsrs([
           { index: MSR.IA32_SYSENTER_CS, data: 0n },
           { index: MSR.IA32_SYSENTER_ESP, data: 0n },
           { index: MSR.IA32_SYSENTER_EIP, data: 0n },
@@ -132,7 +148,7 @@ export class Vm implements VmBackend {
           { index: MSR.IA32_TSC, data: 0n },
           { index: MSR.IA32_MISC_ENABLE, data: 1n },
           { index: MSR.MTRR_DEF_TYPE, data: (1n << 11n) | 6n },
-        ]).filter((m) => msrList.has(m.index)));
+        ].filter((m) => msrList.has(m.index)));
         fd.setFpu({ fcw: 0x37f, mxcsr: 0x1f80 });
         const lapic = fd.getLapic();
         const lv = new DataView(lapic.buffer, lapic.byteOffset, lapic.byteLength);
@@ -186,7 +202,11 @@ export class Vm implements VmBackend {
   async #watchEvents(): Promise<void> {
     const code = await this.#events.next();
     if (this.#stopping) return;
-    const ev: GuestEvent = code === VmEvent.Poweroff ? "poweroff" : code === VmEvent.Reboot ? "reboot" : "crash";
+    const ev: GuestEvent = code === VmEvent.Poweroff
+      ? "poweroff"
+      : code === VmEvent.Reboot
+      ? "reboot"
+      : "crash";
     log.info(`guest event: ${ev}`);
     await this.#stopVcpus();
     for (const cb of this.#listeners) cb(ev);
@@ -218,9 +238,14 @@ export class Vm implements VmBackend {
     await Promise.all(this.#vcpus.map((v) => waitState(v.control, State.Running)));
   }
 
-  async powerButton(): Promise<void> {
-    if (!this.#platform) throw new Error("VM is not running");
-    this.#platform.powerButton();
+  powerButton(): Promise<void> {
+    try {
+      if (!this.#platform) throw new Error("VM is not running");
+      this.#platform.powerButton();
+      return Promise.resolve();
+    } catch (e) {
+      return Promise.reject(e);
+    }
   }
 
   nmi(): Promise<void> {
@@ -246,7 +271,11 @@ export class Vm implements VmBackend {
     await this.#stopVcpus();
     this.#closed = true;
     this.#events.raise(VmEvent.Poweroff); // releases the event watcher
-    this.#platform?.close();
+    try {
+      await this.#platform?.close();
+    } catch (e) {
+      log.error(`closing the platform: ${(e as Error).message}`);
+    }
     for (const v of this.#vcpus) v.fd.close();
     this.#vcpus = [];
     this.#vm?.close();

@@ -18,5 +18,7 @@ if (fd < 0) {
 const api = Number(lib.symbols.kvs_ioctl_val(fd, KVM_GET_API_VERSION, 0n));
 lib.symbols.kvs_close(fd);
 lib.close();
-console.log(`FFI-PROBE: ${api === 12 ? "OK" : "FAIL"} shim=${path} kvs_open=${fd} KVM_GET_API_VERSION=${api}`);
+console.log(
+  `FFI-PROBE: ${api === 12 ? "OK" : "FAIL"} shim=${path} kvs_open=${fd} KVM_GET_API_VERSION=${api}`,
+);
 Deno.exit(api === 12 ? 0 : 1);

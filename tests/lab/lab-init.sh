@@ -48,9 +48,11 @@ for d in /dev/vd?; do
 	umount /lab/run
 done
 [ -f /lab/run/env ] || fault "run disk not found"
-# env defines LAB_ROOT (host path of the checkout), LAB_ADDS, LAB_EPOCH and exported DVMM_* variables.
+# env defines LAB_ROOT (host path of the checkout), LAB_ADDS and exported DVMM_* variables.
 . /lab/run/env
-[ -n "$LAB_EPOCH" ] && date -s "@$LAB_EPOCH" >/dev/null
+# Wall clock: host time at QEMU start (lab.epoch=) + time since the lab kernel started.
+epoch=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^lab\.epoch=//p')
+[ -n "$epoch" ] && date -s "@$(awk -v e="$epoch" '{ printf "%d", e + $1 + 0.5 }' /proc/uptime)" >/dev/null
 
 # The checkout at its host path (so Deno's caches keyed by file path hit) and at /dvmm.
 mkdir -p "$LAB_ROOT" && mount --bind /lab/run/repo "$LAB_ROOT" || fault "bind $LAB_ROOT"

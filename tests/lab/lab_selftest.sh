@@ -55,7 +55,7 @@ guest() {
 	local name=$1 append=$2 t
 	shift 2
 	t=$EPOCHREALTIME
-	timeout 120 qemu-system-x86_64 -accel kvm -M microvm -cpu host -m 256 -smp 1 \
+	timeout 120 qemu-system-x86_64 -accel kvm -M microvm,rtc=on -cpu host -m 256 -smp 1 \
 		-nodefaults -no-user-config -display none -monitor none -serial stdio -no-reboot \
 		-kernel /lab/vmlinuz -initrd /lab/initramfs.gz -append "console=ttyS0 $append" "$@" \
 		>"/tmp/guest-$name.log" 2>&1
@@ -80,7 +80,6 @@ expect() { # name marker...
 guest run "quiet $(guest-arg 'echo GUEST-RAN-$((6*7)); exit 3')" </dev/null
 expect run "DVMM-GUEST: userspace up" "GUEST-RAN-42" "DVMM-GUEST: run exit=3" "DVMM-GUEST: poweroff"
 echo "time: inner QEMU -accel kvm, default guest boot to poweroff (quiet): ${GTIME}s"
-up=$(grep -o '^\[ *[0-9.]*\] ' /tmp/guest-run.txt | tail -n1)
 
 guest loud "$(guest-arg 'true')" </dev/null
 expect loud "DVMM-GUEST: userspace up" "DVMM-GUEST: run exit=0"
@@ -97,7 +96,12 @@ guest script "quiet dvmm.script=/dev/vda" \
 expect script "FROM-DISK-2" "DVMM-GUEST: run exit=5" "DVMM-GUEST: poweroff"
 
 # No script: a shell on the console; feed it commands through the serial port.
-(sleep 8; echo 'echo SHELL-$((2+3)); poweroff -f') | guest shell quiet
+feed() { # wait for the shell, then type into the guest console
+	for _ in $(seq 900); do grep -q 'DVMM-GUEST: ready' /tmp/guest-shell.log 2>/dev/null && break; sleep 0.2; done
+	sleep 2
+	echo 'echo SHELL-$((2+3)); poweroff -f'
+}
+guest shell quiet < <(feed)
 expect shell "DVMM-GUEST: ready" "SHELL-5"
 
 echo "lab: $((fails)) failure(s)"

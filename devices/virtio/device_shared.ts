@@ -1,0 +1,106 @@
+/**
+ * What every thread knows about one virtio-pci device: its structured-cloneable descriptor and the
+ * control block shared by the vCPU workers (register accesses), the device worker (queue processing)
+ * and the main thread (lifecycle).
+ *
+ * Control block (Int32 words of `control`):
+ *   [0..3)  the device lock (devices/shared.ts SharedLock): held around every transport access, by
+ *           vCPU workers for BAR/config accesses and by the device worker around each processing pass,
+ *           so a driver reset (status 0, written under the lock) never overlaps queue processing.
+ *   [3]     epoch: bumped under the lock on every activation (DRIVER_OK) and every reset. The device
+ *           worker rebuilds (or drops) its queues when the epoch it last saw differs.
+ *   [4]     stop: set by the main thread at shutdown (then the control eventfd is signalled).
+ *   [5]     worker state: 0 starting, 1 running, 2 exited.
+ *   f64 [4] (byte 24): guest-physical base at which the queue ioeventfds are registered, -1 if none.
+ */
+import { shim } from "../../ffi/shim.ts";
+import { SharedLock } from "../shared.ts";
+import { type VirtioDeviceSpec, VirtioPciDevice, type VirtioPciShared } from "./pci_transport.ts";
+
+export const CTL_EPOCH = 3;
+export const CTL_STOP = 4;
+export const CTL_WORKER_STATE = 5;
+const CTL_IOEVENT_BASE_F64 = 3; // Float64 index (byte offset 24)
+export const CONTROL_BYTES = 32;
+
+export type VirtioKind = "rng" | "blk";
+
+/** Structured-cloneable description of one virtio-pci device (made once, on the main thread). */
+export interface VirtioDeviceDescriptor {
+  /** Device id as the API names it ("_disk0", "_rng", or the user's id). */
+  id: string;
+  kind: VirtioKind;
+  /** PCI slot on bus 0 (function 0). */
+  slot: number;
+  spec: VirtioDeviceSpec;
+  shared: VirtioPciShared;
+  control: SharedArrayBuffer;
+  /** eventfds (non-blocking): one per queue (ioeventfd), one per MSI-X vector (irqfd), one control. */
+  queueFds: number[];
+  irqFds: number[];
+  controlFd: number;
+  /** First GSI of this device's MSI-X vectors (vector v uses gsiBase + v). */
+  gsiBase: number;
+  /** blk: the image, opened by the main thread (kvs_open), and its size. */
+  blk?: { fd: number; size: number; readonly: boolean; serial: string };
+  /** rng: entropy source path. */
+  rng?: { src: string };
+  /** Counters (Float64Array over this buffer): blk read_bytes, write_bytes, read_ops, write_ops. */
+  counters: SharedArrayBuffer;
+}
+
+/** A thread's view of a device: the transport over the shared state, its lock and control words. */
+export class VirtioDeviceHandle {
+  readonly transport: VirtioPciDevice;
+  readonly lock: SharedLock;
+  readonly ctl: Int32Array;
+  readonly #f64: Float64Array;
+  readonly #buf = new BigUint64Array(1);
+  readonly #bytes = new Uint8Array(this.#buf.buffer);
+
+  constructor(readonly desc: VirtioDeviceDescriptor, transport?: VirtioPciDevice) {
+    this.transport = transport ?? new VirtioPciDevice(desc.spec, desc.shared);
+    this.ctl = new Int32Array(desc.control);
+    this.#f64 = new Float64Array(desc.control);
+    this.lock = new SharedLock(this.ctl, 0);
+  }
+
+  get epoch(): number {
+    return Atomics.load(this.ctl, CTL_EPOCH);
+  }
+
+  get stopRequested(): boolean {
+    return Atomics.load(this.ctl, CTL_STOP) !== 0;
+  }
+
+  get ioeventBase(): number {
+    return this.#f64[CTL_IOEVENT_BASE_F64];
+  }
+  set ioeventBase(v: number) {
+    this.#f64[CTL_IOEVENT_BASE_F64] = v;
+  }
+
+  /** Adds 1 to an eventfd; never throws (a full counter already means "signalled"). */
+  signal(fd: number): void {
+    this.#buf[0] = 1n;
+    shim().kvs_write_i32(fd, this.#bytes, 8);
+  }
+
+  /** Wakes the device worker to look at the epoch / stop flag. */
+  kickWorker(): void {
+    this.signal(this.desc.controlFd);
+  }
+
+  /** Called under the lock by whoever activated or reset the device. */
+  bumpEpoch(): void {
+    Atomics.add(this.ctl, CTL_EPOCH, 1);
+    this.kickWorker();
+  }
+}
+
+/** A fresh control block (no ioeventfds registered). */
+export function newControlBlock(): SharedArrayBuffer {
+  const sab = new SharedArrayBuffer(CONTROL_BYTES);
+  new Float64Array(sab)[CTL_IOEVENT_BASE_F64] = -1;
+  return sab;
+}

@@ -1,0 +1,62 @@
+/**
+ * Helpers for tests that run in the KVM lab (tests/lab/run): availability, running a command, and
+ * splitting the output of scripts that print "=== CASE name" / "=== END name exit=N" sections.
+ */
+
+const root = new URL("../../", import.meta.url).pathname;
+
+/** Exit code tests/lab/run uses for a lab fault (the lab VM itself failed): never a pass. */
+export const LAB_FAULT = 125;
+
+/** Why the lab cannot run here, or null when it can (QEMU and the lab scripts are present). */
+export function labUnavailable(): string | null {
+  if (Deno.env.get("DVMM_SKIP_LAB") === "1") return "DVMM_SKIP_LAB=1";
+  try {
+    Deno.statSync(`${root}tests/lab/run`);
+  } catch {
+    return "tests/lab/run is missing";
+  }
+  return null;
+}
+
+export interface LabResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs COMMAND inside the lab and returns its output; throws on a lab fault. */
+export async function runInLab(
+  command: string,
+  opts: { smp?: number; mem?: number; add?: string[]; timeout?: number } = {},
+): Promise<LabResult> {
+  const args = ["--smp", String(opts.smp ?? 2), "--timeout", String(opts.timeout ?? 900)];
+  if (opts.mem) args.push("--mem", String(opts.mem));
+  for (const a of opts.add ?? []) args.push("--add", a);
+  const out = await new Deno.Command(`${root}tests/lab/run`, {
+    args: [...args, "--", command],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const res = {
+    code: out.code,
+    stdout: new TextDecoder().decode(out.stdout),
+    stderr: new TextDecoder().decode(out.stderr),
+  };
+  if (res.code === LAB_FAULT) throw new Error(`LAB FAULT (not a test result):\n${res.stderr.slice(-4000)}`);
+  return res;
+}
+
+/** One "=== CASE name" … "=== END name exit=N" section of a lab script's output. */
+export interface LabCase {
+  output: string;
+  exit: number;
+}
+
+/** Splits output into its cases by name. */
+export function labCases(stdout: string): Map<string, LabCase> {
+  const cases = new Map<string, LabCase>();
+  const re = /^=== CASE (\S+)\n([\s\S]*?)^=== END \1 exit=(\d+)$/gm;
+  for (const m of stdout.matchAll(re)) cases.set(m[1], { output: m[2], exit: Number(m[3]) });
+  return cases;
+}

@@ -1,0 +1,542 @@
+/**
+ * PCI segment 0 with virtio-pci devices, wired to KVM.
+ *
+ * - Main thread ({@link createPci}): builds the bus and the devices' shared state, places BARs, makes
+ *   the eventfds (one per queue for KVM ioeventfds, one per MSI-X vector for KVM irqfds, one control
+ *   eventfd per device), installs the default irqchip GSI routes, opens disk images, and starts one
+ *   device worker per device (devices/virtio/worker.ts).
+ * - Every thread that dispatches exits ({@link buildPciBuses}): rebuilds the bus and devices over the
+ *   shared state and registers config access (0xCF8 mechanism #1, ECAM) and BAR dispatch (over the
+ *   whole 32- and 64-bit PCI windows, looking up where each BAR decodes at access time, so a BAR the
+ *   guest moved in one vCPU thread is found by all) on that thread's buses.
+ *
+ * Locking: the bus lock covers the CONFIG_ADDRESS register and orders config accesses; each device's
+ * lock (in its control block) covers its transport state. Order: bus lock, then device lock, then the
+ * GSI routing lock. Device workers take only their device lock.
+ *
+ * GSIs: 0..23 are the irqchip pins; each device gets `msixVectors` consecutive GSIs from 24. A vector's
+ * MSI route is (re)installed when the guest unmasks it with a new address/data; KVM_SET_GSI_ROUTING
+ * replaces the whole table, so the table is always rebuilt from the shared routing state.
+ */
+import { EventFd, type IrqRoutingEntry, type VmFd } from "../ffi/kvm.ts";
+import { shim } from "../ffi/shim.ts";
+import { EFD_NONBLOCK, KVM_CAP_IOEVENTFD_ANY_LENGTH } from "../ffi/kvm_constants.ts";
+import type { DiskConfig, VmConfig } from "../api/schemas.ts";
+import type { MmioBus, PioBus } from "../devices/bus.ts";
+import { PCI_CONFIG_ADDRESS_PORT, PciBus, type Window } from "../devices/pci/bus.ts";
+import type { MsixVector } from "../devices/pci/msix.ts";
+import { SharedLock } from "../devices/shared.ts";
+import {
+  BAR_INDEX,
+  BAR_SIZE,
+  NOTIFY_MULTIPLIER,
+  NOTIFY_OFFSET,
+  VirtioPciDevice,
+} from "../devices/virtio/pci_transport.ts";
+import { VIRTIO_ID } from "../devices/virtio/constants.ts";
+import { BLK_COUNTERS, blkConfigSpace, BlkCounters, blkFeatures } from "../devices/virtio/blk.ts";
+import { rngFeatures } from "../devices/virtio/rng.ts";
+import { openDiskImage } from "../devices/virtio/device_blk.ts";
+import {
+  CTL_STOP,
+  newControlBlock,
+  type VirtioDeviceDescriptor,
+  VirtioDeviceHandle,
+} from "../devices/virtio/device_shared.ts";
+import type { DeviceWorkerExit, DeviceWorkerInit } from "../devices/virtio/worker.ts";
+import { Layout, mmio64Window } from "./layout.ts";
+import { log } from "./log.ts";
+
+const IRQCHIP_PIC_MASTER = 0;
+const IRQCHIP_PIC_SLAVE = 1;
+const IRQCHIP_IOAPIC = 2;
+const FIRST_MSI_GSI = 24;
+/** KVM's default GSI count on x86 (KVM_MAX_IRQ_ROUTES is far larger; this bounds our table). */
+const MAX_MSI_GSIS = 1024;
+
+/** Structured-cloneable description of the PCI segment. */
+export interface PciDescriptors {
+  busState: SharedArrayBuffer;
+  hostBridgeState: SharedArrayBuffer | ArrayBuffer;
+  /** Bus lock (3 words) at Int32 index 0. */
+  busLock: SharedArrayBuffer;
+  /** GSI routing state: lock (3 words), then per MSI GSI: valid, addressLo, addressHi, data. */
+  routing: SharedArrayBuffer;
+  mmio32: Window;
+  mmio64: Window;
+  /** Access length for queue-notify ioeventfds: 0 (any, when KVM supports it) or 2 (iowrite16). */
+  ioeventLen: number;
+  devices: VirtioDeviceDescriptor[];
+}
+
+const R_LOCK = 0;
+const R_ENTRIES = 4; // Int32 index of the first MSI entry
+const R_STRIDE = 4;
+
+/** The default irqchip routes KVM installs: PIC pins for GSIs 0..15 (not the cascade, 2), IOAPIC 0..23. */
+export function irqchipRoutes(): IrqRoutingEntry[] {
+  const out: IrqRoutingEntry[] = [];
+  for (let gsi = 0; gsi < 16; gsi++) {
+    if (gsi === 2) continue;
+    out.push({
+      gsi,
+      type: "irqchip",
+      irqchip: gsi < 8 ? IRQCHIP_PIC_MASTER : IRQCHIP_PIC_SLAVE,
+      pin: gsi % 8,
+    });
+  }
+  for (let pin = 0; pin < Layout.ioapicPins; pin++) {
+    out.push({ gsi: pin, type: "irqchip", irqchip: IRQCHIP_IOAPIC, pin });
+  }
+  return out;
+}
+
+/** The VM's GSI routing table over shared state: any thread may update one MSI route. */
+class GsiRouting {
+  readonly #i32: Int32Array;
+  readonly #lock: SharedLock;
+  constructor(readonly vm: VmFd, sab: SharedArrayBuffer) {
+    this.#i32 = new Int32Array(sab);
+    this.#lock = new SharedLock(this.#i32, R_LOCK);
+  }
+
+  static stateSize(gsis: number): number {
+    return 4 * (R_ENTRIES + R_STRIDE * gsis);
+  }
+
+  #table(): IrqRoutingEntry[] {
+    const t = irqchipRoutes();
+    const a = this.#i32;
+    const n = (a.length - R_ENTRIES) / R_STRIDE;
+    for (let i = 0; i < n; i++) {
+      const o = R_ENTRIES + R_STRIDE * i;
+      if (!a[o]) continue;
+      t.push({
+        gsi: FIRST_MSI_GSI + i,
+        type: "msi",
+        addressLo: a[o + 1] >>> 0,
+        addressHi: a[o + 2] >>> 0,
+        data: a[o + 3] >>> 0,
+      });
+    }
+    return t;
+  }
+
+  /** Installs the table as it stands (boot). */
+  install(): void {
+    this.#lock.lock();
+    try {
+      this.vm.setGsiRouting(this.#table());
+    } finally {
+      this.#lock.unlock();
+    }
+  }
+
+  /** A vector changed: when it is deliverable with a new message, route its GSI to that message. */
+  update(gsi: number, v: MsixVector): void {
+    if (v.masked) return; // the old route stays; the device does not signal a masked vector
+    const o = R_ENTRIES + R_STRIDE * (gsi - FIRST_MSI_GSI);
+    const a = this.#i32;
+    this.#lock.lock();
+    try {
+      if (
+        a[o] === 1 && a[o + 1] === (v.addressLo | 0) && a[o + 2] === (v.addressHi | 0) &&
+        a[o + 3] === (v.data | 0)
+      ) {
+        return;
+      }
+      a[o] = 1;
+      a[o + 1] = v.addressLo | 0;
+      a[o + 2] = v.addressHi | 0;
+      a[o + 3] = v.data | 0;
+      this.vm.setGsiRouting(this.#table());
+    } finally {
+      this.#lock.unlock();
+    }
+  }
+}
+
+/** One thread's PCI objects. */
+export interface PciThread {
+  bus: PciBus;
+  devices: VirtioDeviceHandle[];
+}
+
+/** Finds the device whose BAR 0 decodes `addr` (or null). Reads shared config state; no lock needed. */
+function barLookup(devs: VirtioDeviceHandle[], addr: number): VirtioDeviceHandle | null {
+  for (let i = 0; i < devs.length; i++) {
+    const base = devs[i].transport.config.barDecodeAddress(BAR_INDEX);
+    if (base >= 0 && addr >= base && addr < base + BAR_SIZE) return devs[i];
+  }
+  return null;
+}
+
+/**
+ * Builds the bus and devices over the shared state and registers them on this thread's buses.
+ * `primary` is the main thread's first build: it allocates BARs.
+ */
+export function buildPciBuses(
+  d: PciDescriptors,
+  vm: VmFd,
+  pio: PioBus,
+  mmio: MmioBus,
+  primary = false,
+): PciThread {
+  const params = { mmio32: d.mmio32, state: d.busState };
+  const bus = new PciBus(params);
+  bus.add(0, PciBus.hostBridge(params, d.hostBridgeState as SharedArrayBuffer), primary);
+  const busLock = new SharedLock(new Int32Array(d.busLock), 0);
+  const routing = new GsiRouting(vm, d.routing);
+  const devices: VirtioDeviceHandle[] = [];
+  const bySlot: (VirtioDeviceHandle | undefined)[] = new Array(32);
+  for (const desc of d.devices) {
+    const h = new VirtioDeviceHandle(desc);
+    const t = h.transport;
+    t.onActivate = () => h.bumpEpoch();
+    t.onReset = () => h.bumpEpoch();
+    t.onNotify = (q) => {
+      if (q < desc.queueFds.length) h.signal(desc.queueFds[q]);
+    };
+    t.msix.onVectorChange = (v, vec) => routing.update(desc.gsiBase + v, vec);
+    t.msix.onDeliverPending = (v) => h.signal(desc.irqFds[v]);
+    bus.add(desc.slot, t, primary);
+    devices.push(h);
+    bySlot[desc.slot] = h;
+  }
+  // Runs inside a config write (bus + device locks held): move the queue ioeventfds with BAR 0.
+  bus.onBarChange = (addr, _fn, bar, _old, now) => {
+    const h = bySlot[addr.device];
+    if (!h || bar !== BAR_INDEX) return;
+    moveIoeventfds(vm, h, d.ioeventLen, now);
+  };
+
+  const devLockFor = (slot: number): SharedLock | null => bySlot[slot]?.lock ?? null;
+  const ones = (size: number) => size >= 4 ? 0xffffffff : (1 << (8 * size)) - 1;
+  pio.register(PCI_CONFIG_ADDRESS_PORT, 8, {
+    pioRead(offset, size) {
+      busLock.lock();
+      let dl: SharedLock | null = null;
+      try {
+        if (offset >= 4) {
+          const a = bus.pioRead(0, 4);
+          if (((a >>> 16) & 0xff) === 0 && ((a >>> 8) & 7) === 0) dl = devLockFor((a >>> 11) & 0x1f);
+        }
+        dl?.lock();
+        return bus.pioRead(offset, size);
+      } catch {
+        return ones(size);
+      } finally {
+        dl?.unlock();
+        busLock.unlock();
+      }
+    },
+    pioWrite(offset, size, value) {
+      busLock.lock();
+      let dl: SharedLock | null = null;
+      try {
+        if (offset >= 4) {
+          const a = bus.pioRead(0, 4);
+          if (((a >>> 16) & 0xff) === 0 && ((a >>> 8) & 7) === 0) dl = devLockFor((a >>> 11) & 0x1f);
+        }
+        dl?.lock();
+        bus.pioWrite(offset, size, value);
+      } finally {
+        dl?.unlock();
+        busLock.unlock();
+      }
+    },
+  }, "pci-config-io");
+  const ecamLock = (offset: number) =>
+    (offset >>> 20) === 0 && ((offset >>> 12) & 7) === 0 ? devLockFor((offset >>> 15) & 0x1f) : null;
+  mmio.register(Layout.pciEcamStart, Layout.pciEcamSize, {
+    mmioRead(offset, data) {
+      busLock.lock();
+      const dl = ecamLock(offset);
+      dl?.lock();
+      try {
+        bus.mmioRead(offset, data);
+      } finally {
+        dl?.unlock();
+        busLock.unlock();
+      }
+    },
+    mmioWrite(offset, data) {
+      busLock.lock();
+      const dl = ecamLock(offset);
+      dl?.lock();
+      try {
+        bus.mmioWrite(offset, data);
+      } finally {
+        dl?.unlock();
+        busLock.unlock();
+      }
+    },
+  }, "pci-ecam");
+  const barWindow = (base: number) => ({
+    mmioRead(offset: number, data: Uint8Array) {
+      const addr = base + offset;
+      const h = barLookup(devices, addr);
+      if (h === null) {
+        data.fill(0xff);
+        return;
+      }
+      h.lock.lock();
+      try {
+        const b = h.transport.config.barDecodeAddress(BAR_INDEX);
+        if (b >= 0 && addr >= b && addr + data.length <= b + BAR_SIZE) h.transport.mmioRead(addr - b, data);
+        else data.fill(0xff);
+      } finally {
+        h.lock.unlock();
+      }
+    },
+    mmioWrite(offset: number, data: Uint8Array) {
+      const addr = base + offset;
+      const h = barLookup(devices, addr);
+      if (h === null) return;
+      h.lock.lock();
+      try {
+        const b = h.transport.config.barDecodeAddress(BAR_INDEX);
+        if (b >= 0 && addr >= b && addr + data.length <= b + BAR_SIZE) h.transport.mmioWrite(addr - b, data);
+      } finally {
+        h.lock.unlock();
+      }
+    },
+  });
+  mmio.register(d.mmio32.base, d.mmio32.size, barWindow(d.mmio32.base), "pci-mmio32");
+  mmio.register(d.mmio64.base, d.mmio64.size, barWindow(d.mmio64.base), "pci-mmio64");
+  return { bus, devices };
+}
+
+/** Re-registers a device's queue-notify ioeventfds at BAR base `now` (-1: not decoded, remove them). */
+function moveIoeventfds(vm: VmFd, h: VirtioDeviceHandle, len: number, now: number): void {
+  const old = h.ioeventBase;
+  if (old === now) return;
+  const fds = h.desc.queueFds;
+  const at = (base: number, q: number) => base + NOTIFY_OFFSET + NOTIFY_MULTIPLIER * q;
+  if (old >= 0) {
+    for (let q = 0; q < fds.length; q++) {
+      try {
+        vm.ioeventfd({ addr: at(old, q), len, eventfd: fds[q], deassign: true });
+      } catch (e) {
+        log.warn(`${h.desc.id}: ioeventfd deassign: ${(e as Error).message}`);
+      }
+    }
+    h.ioeventBase = -1;
+  }
+  if (now >= 0) {
+    try {
+      for (let q = 0; q < fds.length; q++) vm.ioeventfd({ addr: at(now, q), len, eventfd: fds[q] });
+      h.ioeventBase = now;
+    } catch (e) {
+      // Notifies then exit to userspace and reach the worker through onNotify.
+      log.warn(`${h.desc.id}: ioeventfd: ${(e as Error).message}`);
+    }
+  }
+}
+
+/** Main-thread handle on the PCI segment. */
+export interface PciHost {
+  readonly descriptors: PciDescriptors;
+  counters(): Record<string, Record<string, number>>;
+  deviceTree(): Record<string, unknown>;
+  close(): Promise<void>;
+}
+
+function bdf(slot: number): string {
+  return `0000:00:${slot.toString(16).padStart(2, "0")}.0`;
+}
+
+/** The virtio devices the config asks for, in Cloud Hypervisor's order (disks, then rng). */
+export function wantsPci(cfg: VmConfig): boolean {
+  return (cfg.disks?.length ?? 0) > 0 || !!cfg.rng?.src;
+}
+
+/**
+ * Creates the PCI segment and its devices (main thread), and starts the device workers.
+ * `ram` is guest RAM as host mappings (the workers map it by address).
+ */
+export function createPci(
+  cfg: VmConfig,
+  vm: VmFd,
+  ram: { gpa: number; size: number; hostAddr: bigint }[],
+  pio: PioBus,
+  mmio: MmioBus,
+): PciHost {
+  const m64 = mmio64Window(cfg.memory.size);
+  const mmio32: Window = { base: Layout.mmio32Start, size: Layout.mmio32Size };
+  const owned: number[] = [];
+  const devices: VirtioDeviceDescriptor[] = [];
+  let nextGsi = FIRST_MSI_GSI;
+  let slot = 1;
+  try {
+    const addDevice = (
+      id: string,
+      kind: "rng" | "blk",
+      spec: VirtioDeviceDescriptor["spec"],
+      extra: Partial<VirtioDeviceDescriptor>,
+      counters: SharedArrayBuffer,
+    ) => {
+      const t = new VirtioPciDevice(spec);
+      const vectors = t.msix.vectors;
+      const mk = () => {
+        const e = EventFd.create(EFD_NONBLOCK);
+        owned.push(e.fd);
+        return e.fd;
+      };
+      const queueFds = Array.from({ length: spec.numQueues }, mk);
+      const irqFds = Array.from({ length: vectors }, mk);
+      const controlFd = mk();
+      if (nextGsi + vectors > FIRST_MSI_GSI + MAX_MSI_GSIS) throw new Error("too many MSI-X vectors");
+      const desc: VirtioDeviceDescriptor = {
+        id,
+        kind,
+        slot: slot++,
+        spec,
+        shared: t.shared,
+        control: newControlBlock(),
+        queueFds,
+        irqFds,
+        controlFd,
+        gsiBase: nextGsi,
+        counters,
+        ...extra,
+      };
+      irqFds.forEach((fd, v) => vm.irqfd(fd, desc.gsiBase + v));
+      nextGsi += vectors;
+      devices.push(desc);
+    };
+
+    (cfg.disks ?? []).forEach((disk: DiskConfig, i: number) => {
+      if (disk.vhost_user) {
+        throw new Error("vhost-user disks are not implemented in dvmm yet (--disk vhost_user)");
+      }
+      if (!disk.path) throw new Error(`disk ${i} has no path`);
+      const id = disk.id ?? `_disk${i}`;
+      const { fd, size } = openDiskImage(disk.path, { readonly: disk.readonly, direct: disk.direct });
+      owned.push(fd);
+      const opts = { numQueues: disk.num_queues };
+      const serial = disk.serial ?? disk.path.split("/").pop()!.slice(0, 20);
+      addDevice(
+        id,
+        "blk",
+        {
+          type: VIRTIO_ID.BLOCK,
+          features: blkFeatures({ readonly: disk.readonly }, opts),
+          numQueues: disk.num_queues,
+          maxQueueSize: disk.queue_size,
+          config: blkConfigSpace({ size }, opts),
+        },
+        { blk: { fd, size, readonly: disk.readonly, serial } },
+        new SharedArrayBuffer(8 * BLK_COUNTERS.length),
+      );
+    });
+    if (cfg.rng?.src) {
+      // Fail at boot, not in the worker, when the source cannot be opened.
+      Deno.openSync(cfg.rng.src, { read: true }).close();
+      addDevice(
+        cfg.rng.id ?? "_rng",
+        "rng",
+        {
+          type: VIRTIO_ID.RNG,
+          features: rngFeatures(),
+          numQueues: 1,
+          maxQueueSize: 256,
+          config: new Uint8Array(0),
+        },
+        { rng: { src: cfg.rng.src } },
+        new SharedArrayBuffer(16),
+      );
+    }
+  } catch (e) {
+    for (const fd of owned) shim().kvs_close(fd);
+    throw e;
+  }
+
+  const gsis = nextGsi - FIRST_MSI_GSI;
+  const descriptors: PciDescriptors = {
+    busState: new SharedArrayBuffer(8),
+    hostBridgeState: new SharedArrayBuffer(0), // replaced below by the primary build's state
+    busLock: new SharedArrayBuffer(4 * SharedLock.WORDS),
+    routing: new SharedArrayBuffer(GsiRouting.stateSize(Math.max(gsis, 1))),
+    mmio32,
+    mmio64: { base: m64.start, size: m64.size },
+    ioeventLen: vm.checkExtension(KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0 ? 0 : 2,
+    devices,
+  };
+  // The primary build creates the host bridge state; later builds reuse it.
+  const hb = PciBus.hostBridge({ mmio32 });
+  descriptors.hostBridgeState = hb.config.state;
+  const primary = buildPciBuses(descriptors, vm, pio, mmio, true);
+  new GsiRouting(vm, descriptors.routing).install();
+
+  // Device workers.
+  const workers = devices.map((desc) => {
+    const w = new Worker(new URL("../devices/virtio/worker.ts", import.meta.url).href, { type: "module" });
+    const exited = new Promise<void>((resolve) => {
+      w.onmessage = (ev: MessageEvent<DeviceWorkerExit>) => {
+        if (ev.data.error) log.error(`virtio device ${ev.data.id}: ${ev.data.error}`);
+        else log.debug(`virtio device ${ev.data.id} worker exited`);
+        resolve();
+      };
+      w.onerror = (ev) => {
+        ev.preventDefault();
+        log.error(`virtio device ${desc.id}: ${ev.message}`);
+        resolve();
+      };
+    });
+    const init: DeviceWorkerInit = { device: desc, ram };
+    w.postMessage(init);
+    return { w, exited };
+  });
+
+  let closed = false;
+  return {
+    descriptors,
+    counters: () => {
+      const out: Record<string, Record<string, number>> = {};
+      for (const desc of devices) {
+        if (desc.kind === "blk") out[desc.id] = new BlkCounters(desc.counters).snapshot();
+      }
+      return out;
+    },
+    deviceTree: () => {
+      const out: Record<string, unknown> = {};
+      for (const h of primary.devices) {
+        const desc = h.desc;
+        const pciId = `_virtio-pci-${desc.id}`;
+        const base = h.transport.config.barAddress(BAR_INDEX);
+        out[desc.id] = { id: desc.id, resources: [], parent: pciId, children: [], pci_bdf: null };
+        out[pciId] = {
+          id: pciId,
+          resources: [{
+            PciBar: { index: BAR_INDEX, base, size: BAR_SIZE, type: "Mmio64", prefetchable: false },
+          }],
+          parent: null,
+          children: [desc.id],
+          pci_bdf: bdf(desc.slot),
+        };
+      }
+      return out;
+    },
+    close: async () => {
+      if (closed) return;
+      closed = true;
+      for (const h of primary.devices) {
+        Atomics.store(h.ctl, CTL_STOP, 1);
+        h.kickWorker();
+      }
+      const timeout = new Promise<"timeout">((r) => {
+        const t = setTimeout(() => r("timeout"), 3000);
+        Deno.unrefTimer(t);
+      });
+      const r = await Promise.race([Promise.all(workers.map((x) => x.exited)), timeout]);
+      if (r === "timeout") {
+        log.warn("virtio device workers did not stop in time; terminating them");
+        for (const x of workers) x.w.terminate();
+      } else {
+        for (const x of workers) x.w.terminate();
+        for (const fd of owned) shim().kvs_close(fd);
+      }
+    },
+  };
+}
