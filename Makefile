@@ -13,7 +13,9 @@ CFLAGS := -O2 -g -Wall -Wextra -Werror -fPIC -std=gnu11
 SHIM := $(BUILD)/libkvmshim.so
 TS_SOURCES := $(shell find ffi vmm devices api -name '*.ts' 2>/dev/null) main.ts
 
-.PHONY: all deno test demo dist clean fmt lint check lab
+.PHONY: all deno test test-deps demo dist clean fmt lint check
+
+include tests/lab/lab.mk
 
 all: $(BUILD)/dvmm
 
@@ -35,7 +37,7 @@ $(SHIM): libkvmshim/kvmshim.c libkvmshim/kvmshim.h
 # (DENO_DIR) is filled here so the first run (and the lab, which carries the cache) compiles nothing.
 $(BUILD)/dvmm: $(SHIM) $(TS_SOURCES) deno.json | deno
 	mkdir -p $(BUILD)
-	$(DENO) cache main.ts
+	$(DENO) cache main.ts vmm/vcpu_worker.ts devices/virtio/worker.ts
 	printf '%s\n' '#!/bin/sh' \
 	  'here=$$(cd "$$(dirname "$$0")/.." && pwd)' \
 	  ': "$${DENO_DIR:=$$here/build/deno_dir}"; export DENO_DIR' \
@@ -54,8 +56,42 @@ fmt: | deno
 lint: | deno
 	$(DENO) lint
 
-test: all
+# Tools the tests use besides the lab's (the lab scripts install theirs): curl for the seed's curl
+# examples, iasl to disassemble the ACPI tables, the Debian cloud kernel for the loader tests.
+test-deps:
+	@want=""; \
+	command -v curl >/dev/null || want="$$want curl"; \
+	command -v iasl >/dev/null || want="$$want acpica-tools"; \
+	ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || want="$$want linux-image-cloud-amd64"; \
+	if [ -n "$$want" ]; then \
+	  echo "installing$$want (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$want; \
+	fi
+
+test: all test-deps lab-images
 	tests/run
+
+# Boots the default guest (Debian cloud kernel + busybox initramfs) to a shell line and powers it off:
+# directly when this host's KVM runs stock kernels (VT-x/AMD-V), otherwise inside the KVM lab.
+DEMO_SCRIPT := echo; echo "Hello from a dvmm guest: $$(uname -sr), $$(nproc) vCPUs, $$(grep MemTotal /proc/meminfo)"; echo "guest$$ ls /"; ls /; echo "guest$$ poweroff"
+DEMO_ARGS = --cpus boot=2 --memory size=512M --serial tty --console off
+demo: all lab-images
+	@if grep -qw -e vmx -e svm /proc/cpuinfo && [ ! -d /sys/module/kvm_pvm ] && [ -w /dev/kvm ]; then \
+	  echo "== dvmm: booting the default guest on this host's KVM"; \
+	  build/dvmm --kernel build/lab/guest/vmlinuz --initramfs build/lab/guest/initramfs.gz \
+	    --cmdline "console=ttyS0 panic=-1 $$(tests/lab/guest-arg '$(DEMO_SCRIPT)')" $(DEMO_ARGS); \
+	else \
+	  echo "== this host's KVM cannot run a stock kernel (no vmx/svm, or PVM): booting in the KVM lab"; \
+	  $(LAB) --timeout 600 -- 'dvmm --kernel /lab/vmlinuz --initramfs /lab/initramfs.gz \
+	    --cmdline "console=ttyS0 panic=-1 $$(guest-arg '"'"'$(DEMO_SCRIPT)'"'"')" $(DEMO_ARGS); echo "== dvmm exited with status $$?"'; \
+	fi
+
+# One self-contained binary (shim embedded). Needs Deno's denort, which this network cannot download:
+# point DENORT_BIN at a denort binary where it can be had.
+dist: all
+	@[ -n "$${DENORT_BIN:-}" ] || { echo "make dist needs DENORT_BIN=/path/to/denort (deno compile's runtime)"; exit 1; }
+	DENORT_BIN=$(DENORT_BIN) $(DENO) compile --allow-all --no-prompt --include $(SHIM) \
+	  --include vmm/vcpu_worker.ts --include devices/virtio/worker.ts -o $(BUILD)/dvmm-dist main.ts
 
 clean:
 	rm -rf $(BUILD)

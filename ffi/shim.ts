@@ -42,6 +42,7 @@ const SYMBOLS = {
   kvs_epoll_ctl: { parameters: ["i32", "i32", "i32", "u32", "u64"], result: "i64" },
   kvs_epoll_wait: { parameters: ["i32", "buffer", "i32", "i32"], result: "i64" },
   kvs_poll1: { parameters: ["i32", "i32", "i32"], result: "i64" },
+  kvs_socket: { parameters: ["i32", "i32", "i32"], result: "i64" },
   kvs_kick_init: { parameters: [], result: "i64" },
   kvs_kick_signal: { parameters: [], result: "i32" },
   kvs_thread_self: { parameters: [], result: "u64" },
@@ -62,6 +63,9 @@ const SYMBOLS = {
   kvs_write_addr: { name: "kvs_write", parameters: ["i32", "u64", "u64"], result: "i64" },
   kvs_pread_addr: { name: "kvs_pread", parameters: ["i32", "u64", "u64", "i64"], result: "i64" },
   kvs_pwrite_addr: { name: "kvs_pwrite", parameters: ["i32", "u64", "u64", "i64"], result: "i64" },
+  /** readv/writev with an int result (virtio-net frames: no BigInt per call). */
+  kvs_readv_i32: { name: "kvs_readv", parameters: ["i32", "buffer", "i32"], result: "i32" },
+  kvs_writev_i32: { name: "kvs_writev", parameters: ["i32", "buffer", "i32"], result: "i32" },
   /** read/write with an int result (hot paths: eventfd signalling, serial output). */
   kvs_read_i32: { name: "kvs_read", parameters: ["i32", "buffer", "u64"], result: "i32" },
   kvs_write_i32: { name: "kvs_write", parameters: ["i32", "buffer", "u64"], result: "i32" },

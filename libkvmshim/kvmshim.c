@@ -11,6 +11,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -74,6 +75,10 @@ int64_t kvs_poll1(int32_t fd, int32_t events, int32_t timeout_ms) {
   int n = poll(&p, 1, timeout_ms);
   if (n < 0) return -(int64_t)errno;
   return n == 0 ? 0 : p.revents;
+}
+
+int64_t kvs_socket(int32_t domain, int32_t type, int32_t protocol) {
+  RET(socket(domain, type | SOCK_CLOEXEC, protocol));
 }
 
 static void kick_handler(int sig) { (void)sig; }

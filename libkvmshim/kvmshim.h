@@ -32,6 +32,8 @@ int64_t kvs_epoll_ctl(int32_t epfd, int32_t op, int32_t fd, uint32_t events, uin
 /* Waits for events; stores each event's data word in out[i]. Returns the count (0 on timeout). */
 int64_t kvs_epoll_wait(int32_t epfd, uint64_t *out, int32_t max, int32_t timeout_ms);
 int64_t kvs_poll1(int32_t fd, int32_t events, int32_t timeout_ms);
+/* socket(2) with SOCK_CLOEXEC added (e.g. an AF_INET datagram socket for interface ioctls). */
+int64_t kvs_socket(int32_t domain, int32_t type, int32_t protocol);
 
 /* vCPU kick: a no-op SIGRTMIN+1 handler without SA_RESTART, so a thread blocked in KVM_RUN returns EINTR. */
 int64_t kvs_kick_init(void);

@@ -26,62 +26,83 @@ async function guestVm(code: Uint8Array, vcpus = 1) {
   return { vm, event, dir, output: () => Deno.readTextFile(`${dir}/serial.out`) };
 }
 
-Deno.test({ name: "guest prints on the serial port and powers off through the ACPI sleep register", ignore }, async () => {
-  const g = await guestVm(printAndPoweroffCode("hello from a PVH guest\n"));
-  await g.vm.boot();
-  assert.equal(await g.event, "poweroff");
-  await g.vm.shutdown();
-  assert.equal(await g.output(), "hello from a PVH guest\n");
-  await Deno.remove(g.dir, { recursive: true });
-});
+Deno.test(
+  { name: "guest prints on the serial port and powers off through the ACPI sleep register", ignore },
+  async () => {
+    const g = await guestVm(printAndPoweroffCode("hello from a PVH guest\n"));
+    await g.vm.boot();
+    assert.equal(await g.event, "poweroff");
+    await g.vm.shutdown();
+    assert.equal(await g.output(), "hello from a PVH guest\n");
+    await Deno.remove(g.dir, { recursive: true });
+  },
+);
 
-Deno.test({ name: "a 2-vCPU VM boots on the BSP while the AP waits for SIPI, and shuts down", ignore }, async () => {
-  const g = await guestVm(printAndPoweroffCode("two cpus\n"), 2);
-  await g.vm.boot();
-  assert.equal(await g.event, "poweroff");
-  await g.vm.shutdown();
-  assert.equal(await g.output(), "two cpus\n");
-  await Deno.remove(g.dir, { recursive: true });
-});
+Deno.test(
+  { name: "a 2-vCPU VM boots on the BSP while the AP waits for SIPI, and shuts down", ignore },
+  async () => {
+    const g = await guestVm(printAndPoweroffCode("two cpus\n"), 2);
+    await g.vm.boot();
+    assert.equal(await g.event, "poweroff");
+    await g.vm.shutdown();
+    assert.equal(await g.output(), "two cpus\n");
+    await Deno.remove(g.dir, { recursive: true });
+  },
+);
 
-Deno.test({ name: "a spinning guest can be paused, resumed and shut down from the host", ignore }, async () => {
-  // jmp $ : the vCPU never exits on its own, so pause and shutdown must kick it out of KVM_RUN.
-  const g = await guestVm(new Uint8Array([0xeb, 0xfe]), 2);
-  await g.vm.boot();
-  await g.vm.pause();
-  await g.vm.resume();
-  await g.vm.pause();
-  await g.vm.shutdown();
-  await g.vm.shutdown(); // idempotent
-  await Deno.remove(g.dir, { recursive: true });
-});
+Deno.test(
+  { name: "a spinning guest can be paused, resumed and shut down from the host", ignore },
+  async () => {
+    // jmp $ : the vCPU never exits on its own, so pause and shutdown must kick it out of KVM_RUN.
+    const g = await guestVm(new Uint8Array([0xeb, 0xfe]), 2);
+    await g.vm.boot();
+    await g.vm.pause();
+    await g.vm.resume();
+    await g.vm.pause();
+    await g.vm.shutdown();
+    await g.vm.shutdown(); // idempotent
+    await Deno.remove(g.dir, { recursive: true });
+  },
+);
 
-Deno.test({ name: "a guest that jumps to the reset vector (BIOS reboot path) resets the VM", ignore }, async () => {
-  // mov eax, 0xffff0 ; jmp eax — what Linux's BIOS reboot does (from real mode) when ACPI is reduced.
-  const g = await guestVm(new Uint8Array([0xb8, 0xf0, 0xff, 0x0f, 0x00, 0xff, 0xe0]));
-  await g.vm.boot();
-  assert.equal(await g.event, "reboot");
-  await g.vm.shutdown();
-  await Deno.remove(g.dir, { recursive: true });
-});
-
-Deno.test({ name: "writes to the ACPI reset register and the i8042 reset command reboot the VM", ignore }, async () => {
-  for (
-    const code of [
-      [0x66, 0xba, 0x02, 0x06, 0xb0, 0x01, 0xee, 0xf4, 0xeb, 0xfd], // mov dx,0x602; mov al,1; out dx,al
-      [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd], // mov al,0xfe; out 0x64,al
-    ]
-  ) {
-    const g = await guestVm(new Uint8Array(code));
+Deno.test(
+  { name: "a guest that jumps to the reset vector (BIOS reboot path) resets the VM", ignore },
+  async () => {
+    // mov eax, 0xffff0 ; jmp eax — what Linux's BIOS reboot does (from real mode) when ACPI is reduced.
+    const g = await guestVm(new Uint8Array([0xb8, 0xf0, 0xff, 0x0f, 0x00, 0xff, 0xe0]));
     await g.vm.boot();
     assert.equal(await g.event, "reboot");
     await g.vm.shutdown();
     await Deno.remove(g.dir, { recursive: true });
-  }
-});
+  },
+);
 
-Deno.test({ name: "a kernel that does not exist fails boot with a clear error and releases the VM", ignore }, async () => {
-  const config = VmConfigSchema.parse({ payload: { kernel: "/nonexistent/vmlinuz" }, console: { mode: "Off" } });
-  const vm = new Vm(config);
-  await assert.rejects(vm.boot(), /cannot read kernel \/nonexistent\/vmlinuz/);
-});
+Deno.test(
+  { name: "writes to the ACPI reset register and the i8042 reset command reboot the VM", ignore },
+  async () => {
+    for (
+      const code of [
+        [0x66, 0xba, 0x02, 0x06, 0xb0, 0x01, 0xee, 0xf4, 0xeb, 0xfd], // mov dx,0x602; mov al,1; out dx,al
+        [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd], // mov al,0xfe; out 0x64,al
+      ]
+    ) {
+      const g = await guestVm(new Uint8Array(code));
+      await g.vm.boot();
+      assert.equal(await g.event, "reboot");
+      await g.vm.shutdown();
+      await Deno.remove(g.dir, { recursive: true });
+    }
+  },
+);
+
+Deno.test(
+  { name: "a kernel that does not exist fails boot with a clear error and releases the VM", ignore },
+  async () => {
+    const config = VmConfigSchema.parse({
+      payload: { kernel: "/nonexistent/vmlinuz" },
+      console: { mode: "Off" },
+    });
+    const vm = new Vm(config);
+    await assert.rejects(vm.boot(), /cannot read kernel \/nonexistent\/vmlinuz/);
+  },
+);

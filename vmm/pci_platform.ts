@@ -19,9 +19,16 @@
  * replaces the whole table, so the table is always rebuilt from the shared routing state.
  */
 import { EventFd, type IrqRoutingEntry, type VmFd } from "../ffi/kvm.ts";
-import { shim } from "../ffi/shim.ts";
-import { EFD_NONBLOCK, KVM_CAP_IOEVENTFD_ANY_LENGTH } from "../ffi/kvm_constants.ts";
-import type { DiskConfig, VmConfig } from "../api/schemas.ts";
+import { check, cstr, shim } from "../ffi/shim.ts";
+import {
+  EFD_NONBLOCK,
+  KVM_CAP_IOEVENTFD_ANY_LENGTH,
+  O_APPEND,
+  O_CREAT,
+  O_TRUNC,
+  O_WRONLY,
+} from "../ffi/kvm_constants.ts";
+import type { DiskConfig, NetConfig, VmConfig } from "../api/schemas.ts";
 import type { MmioBus, PioBus } from "../devices/bus.ts";
 import { PCI_CONFIG_ADDRESS_PORT, PciBus, type Window } from "../devices/pci/bus.ts";
 import type { MsixVector } from "../devices/pci/msix.ts";
@@ -37,6 +44,14 @@ import { VIRTIO_ID } from "../devices/virtio/constants.ts";
 import { BLK_COUNTERS, blkConfigSpace, BlkCounters, blkFeatures } from "../devices/virtio/blk.ts";
 import { rngFeatures } from "../devices/virtio/rng.ts";
 import { openDiskImage } from "../devices/virtio/device_blk.ts";
+import { NET_COUNTERS, netConfigSpace, NetCounters, netFeatures } from "../devices/virtio/net.ts";
+import { formatMac, openTap, parseMac, randomMac } from "../devices/virtio/tap.ts";
+import {
+  consoleConfigSpace,
+  ConsoleCounters,
+  consoleFeatures,
+  ConsoleInput,
+} from "../devices/virtio/console.ts";
 import {
   CTL_STOP,
   newControlBlock,
@@ -339,6 +354,8 @@ export interface PciHost {
   readonly descriptors: PciDescriptors;
   counters(): Record<string, Record<string, number>>;
   deviceTree(): Record<string, unknown>;
+  /** Host input for the virtio console; returns the bytes accepted, or -1 when there is no console. */
+  consoleInput(bytes: Uint8Array): number;
   close(): Promise<void>;
 }
 
@@ -346,9 +363,28 @@ function bdf(slot: number): string {
   return `0000:00:${slot.toString(16).padStart(2, "0")}.0`;
 }
 
-/** The virtio devices the config asks for, in Cloud Hypervisor's order (disks, then rng). */
+/** Whether the config asks for a virtio-console (every console mode but Off). */
+function wantsConsole(cfg: VmConfig): boolean {
+  return (cfg.console?.mode ?? "Off") !== "Off";
+}
+
+/** The virtio devices the config asks for, in Cloud Hypervisor's order (console, disks, net, rng). */
 export function wantsPci(cfg: VmConfig): boolean {
-  return (cfg.disks?.length ?? 0) > 0 || !!cfg.rng?.src;
+  return wantsConsole(cfg) || (cfg.disks?.length ?? 0) > 0 || (cfg.net?.length ?? 0) > 0 || !!cfg.rng?.src;
+}
+
+/** Refuses the parts of a --net this VMM does not implement, naming them. */
+function checkNet(n: NetConfig, i: number): void {
+  const what = `net ${n.id ?? i}`;
+  if (n.vhost_user) throw new Error(`${what}: vhost-user-net is not implemented in dvmm yet (vhost_user=on)`);
+  if (n.num_queues > 2) {
+    throw new Error(
+      `${what}: num_queues=${n.num_queues}: multi-queue virtio-net is not implemented in dvmm yet`,
+    );
+  }
+  if ((n.fds?.length ?? 0) > 1) throw new Error(`${what}: one tap fd per device (no multi-queue)`);
+  if (n.fds?.length && n.tap) throw new Error(`${what}: give either tap= or fd=, not both`);
+  if (n.mtu !== undefined) throw new Error(`${what}: mtu is not implemented in dvmm yet`);
 }
 
 /**
@@ -366,12 +402,13 @@ export function createPci(
   const mmio32: Window = { base: Layout.mmio32Start, size: Layout.mmio32Size };
   const owned: number[] = [];
   const devices: VirtioDeviceDescriptor[] = [];
+  let consoleIn: ConsoleInput | null = null;
   let nextGsi = FIRST_MSI_GSI;
   let slot = 1;
   try {
     const addDevice = (
       id: string,
-      kind: "rng" | "blk",
+      kind: VirtioDeviceDescriptor["kind"],
       spec: VirtioDeviceDescriptor["spec"],
       extra: Partial<VirtioDeviceDescriptor>,
       counters: SharedArrayBuffer,
@@ -406,6 +443,36 @@ export function createPci(
       devices.push(desc);
     };
 
+    if (wantsConsole(cfg)) {
+      const c = cfg.console!;
+      let outFd = -1;
+      if (c.mode === "Tty") outFd = 1;
+      else if (c.mode === "File") {
+        if (!c.file) throw new Error("console mode File needs a file path");
+        outFd = check(
+          shim().kvs_open(cstr(c.file), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND, 0o644),
+          `open ${c.file}`,
+        );
+        owned.push(outFd);
+      } else if (c.mode !== "Null") {
+        throw new Error(`virtio-console mode ${c.mode} is not implemented in dvmm yet (--console)`);
+      }
+      consoleIn = new ConsoleInput(ConsoleInput.create());
+      addDevice(
+        c.id ?? "_console",
+        "console",
+        {
+          type: VIRTIO_ID.CONSOLE,
+          features: consoleFeatures(),
+          numQueues: 2,
+          maxQueueSize: 256,
+          config: consoleConfigSpace(),
+        },
+        { console: { outFd, input: consoleIn.buffer } },
+        new SharedArrayBuffer(16),
+      );
+    }
+
     (cfg.disks ?? []).forEach((disk: DiskConfig, i: number) => {
       if (disk.vhost_user) {
         throw new Error("vhost-user disks are not implemented in dvmm yet (--disk vhost_user)");
@@ -428,6 +495,28 @@ export function createPci(
         },
         { blk: { fd, size, readonly: disk.readonly, serial } },
         new SharedArrayBuffer(8 * BLK_COUNTERS.length),
+      );
+    });
+    (cfg.net ?? []).forEach((n: NetConfig, i: number) => {
+      checkNet(n, i);
+      const tap = openTap({ name: n.tap, fd: n.fds?.[0], ip: n.ip, mask: n.mask, hostMac: n.host_mac });
+      if (n.fds?.[0] === undefined) owned.push(tap.fd);
+      const mac = n.mac ? parseMac(n.mac) : randomMac();
+      const offloads = { csum: n.offload_csum, tso: n.offload_csum && n.offload_tso };
+      const id = n.id ?? `_net${i}`;
+      log.debug(`${id}: tap ${tap.name}, guest MAC ${formatMac(mac)}`);
+      addDevice(
+        id,
+        "net",
+        {
+          type: VIRTIO_ID.NET,
+          features: netFeatures(offloads),
+          numQueues: 2,
+          maxQueueSize: n.queue_size,
+          config: netConfigSpace(mac, 1),
+        },
+        { net: { tapFd: tap.fd, tap: tap.name } },
+        new SharedArrayBuffer(8 * NET_COUNTERS.length),
       );
     });
     if (cfg.rng?.src) {
@@ -496,6 +585,8 @@ export function createPci(
       const out: Record<string, Record<string, number>> = {};
       for (const desc of devices) {
         if (desc.kind === "blk") out[desc.id] = new BlkCounters(desc.counters).snapshot();
+        else if (desc.kind === "net") out[desc.id] = new NetCounters(desc.counters).snapshot();
+        else if (desc.kind === "console") out[desc.id] = new ConsoleCounters(desc.counters).snapshot();
       }
       return out;
     },
@@ -517,6 +608,13 @@ export function createPci(
         };
       }
       return out;
+    },
+    consoleInput: (bytes) => {
+      if (consoleIn === null) return -1;
+      const n = consoleIn.push(bytes);
+      const h = primary.devices.find((x) => x.desc.kind === "console");
+      if (n > 0 && h) h.signal(h.desc.queueFds[0]);
+      return n;
     },
     close: async () => {
       if (closed) return;

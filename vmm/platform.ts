@@ -111,15 +111,17 @@ function checkSupported(cfg: VmConfig): void {
     throw new Error(`${what} is not implemented in dvmm yet (${option})`);
   };
   if (cfg.disks?.some((d) => d.vhost_user)) missing("vhost-user-blk", "--disk vhost_user=on");
-  if (cfg.net?.length) missing("virtio-net", "--net / net");
   if (cfg.fs?.length) missing("virtio-fs", "--fs / fs");
   if (cfg.pmem?.length) missing("virtio-pmem", "--pmem / pmem");
   if (cfg.vsock) missing("virtio-vsock", "--vsock / vsock");
   if (cfg.devices?.length) missing("VFIO device passthrough", "--device / devices");
   if (cfg.balloon) missing("virtio-balloon", "--balloon / balloon");
   const console = cfg.console?.mode ?? "Off";
-  if (console !== "Off" && console !== "Null" && console !== "Tty") {
-    missing("virtio-console", `--console ${console.toLowerCase()}; use --console off and the serial port`);
+  if (console === "Pty" || console === "Socket") {
+    missing(
+      `virtio-console mode ${console}`,
+      `--console ${console.toLowerCase()}; use tty, file=PATH or off`,
+    );
   }
   const serial = cfg.serial?.mode ?? "Null";
   if (serial === "Pty" || serial === "Socket") missing(`serial mode ${serial}`, "--serial");
@@ -176,7 +178,11 @@ export function createPlatform(
   return {
     descriptors,
     pciAcpi: pci !== null,
-    serialInput: (bytes) => host.serial.enqueueInput(bytes),
+    // stdin goes to the serial port when it uses the terminal, else to a terminal virtio-console.
+    serialInput: (bytes) =>
+      mode !== "Tty" && cfg.console?.mode === "Tty" && pci !== null
+        ? Math.max(0, pci.consoleInput(bytes))
+        : host.serial.enqueueInput(bytes),
     powerButton: () => {
       if (!host.acpiPm) throw new Error("the VM has no ACPI power button");
       host.acpiPm.powerButton();

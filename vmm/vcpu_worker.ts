@@ -82,7 +82,11 @@ function runVcpu(init: VcpuWorkerInit): string {
         const out = run.ioDirection === KVM_EXIT_IO_OUT;
         for (let i = 0; i < count; i++, off += size) {
           if (out) {
-            const v = size === 1 ? dv.getUint8(off) : size === 2 ? dv.getUint16(off, true) : dv.getUint32(off, true);
+            const v = size === 1
+              ? dv.getUint8(off)
+              : size === 2
+              ? dv.getUint16(off, true)
+              : dv.getUint32(off, true);
             pio.write(port, size, v);
           } else {
             const v = pio.read(port, size);
@@ -120,7 +124,9 @@ function runVcpu(init: VcpuWorkerInit): string {
         events.raise(VmEvent.Crash);
         return `unhandled exit reason ${run.exitReason}` +
           (run.exitReason === KVM_EXIT_INTERNAL_ERROR ? ` (suberror ${run.internalSuberror})` : "") +
-          (run.exitReason === KVM_EXIT_FAIL_ENTRY ? ` (hardware reason 0x${run.failEntryReason.toString(16)})` : "");
+          (run.exitReason === KVM_EXIT_FAIL_ENTRY
+            ? ` (hardware reason 0x${run.failEntryReason.toString(16)})`
+            : "");
     }
     // A device may have raised a VM event (poweroff/reboot register): stop this vCPU promptly.
     if (events.current !== VmEvent.None) return "vm event";
@@ -136,10 +142,19 @@ self.onmessage = (ev: MessageEvent<VcpuWorkerInit>) => {
     const vcpu = VcpuFd.fromDescriptor(init.vcpu);
     const rip = vcpu.getRegs().rip;
     const exits = Atomics.load(new VcpuControl(init.control).i32, CTL_EXITS);
-    msg = { type: "exit", id: init.vcpu.id, reason: `${reason} at rip 0x${rip.toString(16)} after ${exits} exits` };
+    msg = {
+      type: "exit",
+      id: init.vcpu.id,
+      reason: `${reason} at rip 0x${rip.toString(16)} after ${exits} exits`,
+    };
   } catch (e) {
     new VmEvents(init.events).raise(VmEvent.Crash);
-    msg = { type: "exit", id: init.vcpu.id, reason: "error", error: e instanceof Error ? e.stack ?? e.message : String(e) };
+    msg = {
+      type: "exit",
+      id: init.vcpu.id,
+      reason: "error",
+      error: e instanceof Error ? e.stack ?? e.message : String(e),
+    };
   }
   new VcpuControl(init.control).setState(State.Stopped);
   self.postMessage(msg);

@@ -114,3 +114,27 @@ export const BLK_ID_BYTES = 20;
 /** virtio-blk always counts in 512-byte sectors, whatever blk_size says. */
 export const SECTOR_SHIFT = 9;
 export const SECTOR_SIZE = 512;
+
+/** virtio-net feature bits. */
+export const NET_F = {
+  CSUM: 0,
+  GUEST_CSUM: 1,
+  CTRL_GUEST_OFFLOADS: 2,
+  MTU: 3,
+  MAC: 5,
+  GUEST_TSO4: 7,
+  GUEST_TSO6: 8,
+  GUEST_ECN: 9,
+  GUEST_UFO: 10,
+  HOST_TSO4: 11,
+  HOST_TSO6: 12,
+  HOST_ECN: 13,
+  HOST_UFO: 14,
+  MRG_RXBUF: 15,
+  STATUS: 16,
+  CTRL_VQ: 17,
+  MQ: 22,
+} as const;
+
+/** virtio-console feature bits. */
+export const CONSOLE_F = { SIZE: 0, MULTIPORT: 1, EMERG_WRITE: 2 } as const;

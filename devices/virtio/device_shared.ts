@@ -23,7 +23,7 @@ export const CTL_WORKER_STATE = 5;
 const CTL_IOEVENT_BASE_F64 = 3; // Float64 index (byte offset 24)
 export const CONTROL_BYTES = 32;
 
-export type VirtioKind = "rng" | "blk";
+export type VirtioKind = "rng" | "blk" | "net" | "console";
 
 /** Structured-cloneable description of one virtio-pci device (made once, on the main thread). */
 export interface VirtioDeviceDescriptor {
@@ -45,7 +45,14 @@ export interface VirtioDeviceDescriptor {
   blk?: { fd: number; size: number; readonly: boolean; serial: string };
   /** rng: entropy source path. */
   rng?: { src: string };
-  /** Counters (Float64Array over this buffer): blk read_bytes, write_bytes, read_ops, write_ops. */
+  /** net: the tap fd (non-blocking, vnet header 12; owned by the main thread) and its name. */
+  net?: { tapFd: number; tap: string };
+  /** console: output fd (-1: discard; not owned by the worker) and the input ring (ConsoleInput). */
+  console?: { outFd: number; input: SharedArrayBuffer };
+  /**
+   * Counters (Float64Array over this buffer): blk read_bytes, write_bytes, read_ops, write_ops; net
+   * rx_bytes, rx_frames, tx_bytes, tx_frames.
+   */
   counters: SharedArrayBuffer;
 }
 

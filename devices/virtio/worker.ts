@@ -2,21 +2,25 @@
 /**
  * A virtio device worker: one per device. Blocks in epoll_wait on the queue eventfds (registered as
  * KVM ioeventfds, so guest notifies never exit to userspace) plus the device's control eventfd, and
- * processes the queues with the device model (RngDevice / BlkDevice), signalling MSI-X vectors through
- * their irqfds.
+ * processes the queues with the device model (RngDevice / BlkDevice / NetDevice / ConsoleDevice),
+ * signalling MSI-X vectors through their irqfds. A device may add one host fd to the epoll set (the
+ * tap of virtio-net): its readiness is served like a notify of one queue.
  *
  * Commands never come by postMessage: activation and reset bump the epoch in the device's shared
  * control block (done by a vCPU worker inside the guest's register write, under the device lock) and
  * kick the control eventfd; shutdown sets the stop word. Each processing pass holds the device lock,
  * and checks the epoch first, so once a reset has been written no further chain is touched.
  */
-import { check, EINTR, shim } from "../../ffi/shim.ts";
-import { EPOLL_CTL_ADD, EPOLLIN } from "../../ffi/kvm_constants.ts";
+import { check, EAGAIN, EINTR, shim } from "../../ffi/shim.ts";
+import { EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLLIN, POLLOUT } from "../../ffi/kvm_constants.ts";
 import { GuestMemory } from "../../vmm/memory.ts";
 import { SplitQueue } from "./queue.ts";
 import { BlkCounters, BlkDevice } from "./blk.ts";
 import { FileEntropySource, RngCounters, RngDevice } from "./rng.ts";
 import { ShimFileDisk } from "./device_blk.ts";
+import { NetCounters } from "./net.ts";
+import { NetService } from "./device_net.ts";
+import { type ByteSink, CONSOLE_RX_QUEUE, ConsoleCounters, ConsoleDevice, ConsoleInput } from "./console.ts";
 import { CTL_WORKER_STATE, type VirtioDeviceDescriptor, VirtioDeviceHandle } from "./device_shared.ts";
 
 /** The one message a device worker receives, at start. */
@@ -33,9 +37,61 @@ export interface DeviceWorkerExit {
 }
 
 const CONTROL_TAG = 0xffff;
+const HOST_FD_TAG = 0xfffe;
 
+/** How a device serves its queues. */
 interface Processor {
-  processQueue(q: SplitQueue): boolean;
+  /** Serves queue `index` after a notify; returns true when the driver should be interrupted. */
+  service(q: SplitQueue, index: number): boolean;
+  /** A host fd polled for input (readiness marks queue `hostQueue` as notified); polling starts off. */
+  hostFd?: number;
+  hostQueue?: number;
+  /** DRIVER_OK (with the negotiated features) / reset or a broken queue. */
+  activate?(features: bigint): void;
+  deactivate?(): void;
+  close?(): void;
+}
+
+/** Devices whose work is all in the queue: serve until the driver added nothing more meanwhile. */
+function drainingProcessor(processQueue: (q: SplitQueue) => boolean, close?: () => void): Processor {
+  return {
+    service(q) {
+      let irq = false;
+      do {
+        if (processQueue(q)) irq = true;
+        if (q.broken !== null) break;
+      } while (q.enableNotification());
+      return irq;
+    },
+    close,
+  };
+}
+
+/** Writes all of `bytes` to a raw fd (waiting while a non-blocking fd is full); drops them on error. */
+function fdSink(fd: number): ByteSink {
+  if (fd < 0) return { write() {} };
+  const s = shim();
+  return {
+    write(bytes) {
+      let off = 0;
+      while (off < bytes.length) {
+        const n = s.kvs_write_i32(fd, off === 0 ? bytes : bytes.subarray(off), bytes.length - off);
+        if (n > 0) off += n;
+        else if (n === -EAGAIN) s.kvs_poll1(fd, POLLOUT, 100);
+        else if (n !== -EINTR) return;
+      }
+    },
+  };
+}
+
+function consoleProcessor(d: VirtioDeviceDescriptor): Processor {
+  const c = d.console!;
+  const dev = new ConsoleDevice(fdSink(c.outFd), new ConsoleInput(c.input), new ConsoleCounters(d.counters));
+  const tx = drainingProcessor((q) => dev.processTx(q));
+  return {
+    // RX is served once per notify: input may be waiting for buffers, or buffers for input.
+    service: (q, i) => i === CONSOLE_RX_QUEUE ? dev.processRx(q) : tx.service(q, i),
+  };
 }
 
 function run(init: DeviceWorkerInit): void {
@@ -44,23 +100,45 @@ function run(init: DeviceWorkerInit): void {
   Atomics.store(h.ctl, CTL_WORKER_STATE, 1);
   const dev = h.transport;
   const mem = GuestMemory.fromHost(init.ram);
-  let proc: Processor;
-  let closeProc = () => {};
-  if (d.kind === "blk") {
-    const b = d.blk!;
-    proc = new BlkDevice(new ShimFileDisk(b.fd, b.size, b.readonly, b.serial), new BlkCounters(d.counters));
-  } else {
-    const src = new FileEntropySource(d.rng?.src ?? "/dev/urandom");
-    closeProc = () => src.close();
-    proc = new RngDevice(src, new RngCounters(d.counters));
-  }
-
   const s = shim();
   const epfd = check(s.kvs_epoll_create(), "epoll_create");
+  let proc: Processor;
+  if (d.kind === "blk") {
+    const b = d.blk!;
+    const blk = new BlkDevice(
+      new ShimFileDisk(b.fd, b.size, b.readonly, b.serial),
+      new BlkCounters(d.counters),
+    );
+    proc = drainingProcessor((q) => blk.processQueue(q));
+  } else if (d.kind === "net") {
+    const tapFd = d.net!.tapFd;
+    let polling = false;
+    proc = new NetService(tapFd, new NetCounters(d.counters), {
+      setPolling(on) {
+        if (on === polling) return;
+        polling = on;
+        s.kvs_epoll_ctl(epfd, EPOLL_CTL_MOD, tapFd, on ? EPOLLIN : 0, HOST_FD_TAG);
+      },
+      warn: (m) => console.warn(`dvmm: virtio-net ${d.id} (${d.net!.tap}): ${m}`),
+    });
+    proc.hostFd = tapFd;
+    proc.hostQueue = 0;
+  } else if (d.kind === "console") {
+    proc = consoleProcessor(d);
+  } else {
+    const src = new FileEntropySource(d.rng?.src ?? "/dev/urandom");
+    const rng = new RngDevice(src, new RngCounters(d.counters));
+    proc = drainingProcessor((q) => rng.processQueue(q), () => src.close());
+  }
+
   check(s.kvs_epoll_ctl(epfd, EPOLL_CTL_ADD, d.controlFd, EPOLLIN, CONTROL_TAG), "epoll_ctl control");
   d.queueFds.forEach((fd, i) =>
     check(s.kvs_epoll_ctl(epfd, EPOLL_CTL_ADD, fd, EPOLLIN, i), "epoll_ctl queue")
   );
+  const hostQueue = proc.hostQueue ?? -1;
+  if (proc.hostFd !== undefined) {
+    check(s.kvs_epoll_ctl(epfd, EPOLL_CTL_ADD, proc.hostFd, 0, HOST_FD_TAG), "epoll_ctl host fd");
+  }
   const out = new BigUint64Array(16);
   const outBytes = new Uint8Array(out.buffer);
   const drain = new Uint8Array(8);
@@ -84,7 +162,9 @@ function run(init: DeviceWorkerInit): void {
       for (let i = 0; i < n; i++) {
         const tag = Number(out[i]);
         if (tag === CONTROL_TAG) s.kvs_read_i32(d.controlFd, drain, 8);
-        else if (tag < d.queueFds.length) {
+        else if (tag === HOST_FD_TAG) {
+          if (hostQueue >= 0) notified[hostQueue] = 1;
+        } else if (tag < d.queueFds.length) {
           s.kvs_read_i32(d.queueFds[tag], drain, 8);
           notified[tag] = 1;
         }
@@ -96,6 +176,7 @@ function run(init: DeviceWorkerInit): void {
         if (now !== epoch) {
           epoch = now;
           queues = [];
+          proc.deactivate?.();
           if (dev.activated) {
             const a = dev.activation();
             try {
@@ -103,6 +184,7 @@ function run(init: DeviceWorkerInit): void {
                 queues[qa.index] = new SplitQueue(mem, qa, { eventIdx: a.eventIdx, indirect: a.indirect });
               }
               notified.fill(1); // buffers may have been made available before DRIVER_OK
+              proc.activate?.(a.features);
             } catch {
               queues = [];
               fail();
@@ -114,13 +196,10 @@ function run(init: DeviceWorkerInit): void {
           notified[i] = 0;
           const q = queues[i];
           if (!q) continue;
-          let irq = false;
-          do {
-            if (proc.processQueue(q)) irq = true;
-            if (q.broken !== null) break;
-          } while (q.enableNotification());
+          const irq = proc.service(q, i);
           if (q.broken !== null) {
             queues[i] = null;
+            if (i === hostQueue) proc.deactivate?.();
             fail();
           }
           if (irq) signalVector(dev.queueInterrupt(i));
@@ -131,7 +210,7 @@ function run(init: DeviceWorkerInit): void {
     }
   } finally {
     s.kvs_close(epfd);
-    closeProc();
+    proc.close?.();
   }
 }
 

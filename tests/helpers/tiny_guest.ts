@@ -12,18 +12,33 @@
  */
 export function printAndPoweroffCode(message: string, loadAddr = 0x100000): Uint8Array {
   const head = [
-    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
-    0xbe, 0, 0, 0, 0, // mov esi, imm32 (patched)
+    0x66,
+    0xba,
+    0xf8,
+    0x03, // mov dx, 0x3f8
+    0xbe,
+    0,
+    0,
+    0,
+    0, // mov esi, imm32 (patched)
     0xac, // lodsb
-    0x84, 0xc0, // test al, al
-    0x74, 0x03, // jz +3
+    0x84,
+    0xc0, // test al, al
+    0x74,
+    0x03, // jz +3
     0xee, // out dx, al
-    0xeb, 0xf8, // jmp -8
-    0x66, 0xba, 0x00, 0x06, // mov dx, 0x600
-    0xb0, 0x34, // mov al, 0x34
+    0xeb,
+    0xf8, // jmp -8
+    0x66,
+    0xba,
+    0x00,
+    0x06, // mov dx, 0x600
+    0xb0,
+    0x34, // mov al, 0x34
     0xee, // out dx, al
     0xf4, // hlt
-    0xeb, 0xfd, // jmp -3
+    0xeb,
+    0xfd, // jmp -3
   ];
   const msg = new TextEncoder().encode(message + "\0");
   const code = new Uint8Array(head.length + msg.length);
@@ -50,7 +65,15 @@ export function pvhElf(code: Uint8Array, loadAddr = 0x100000): Uint8Array {
   v.setUint16(52, 64, true); // e_ehsize
   v.setUint16(54, 56, true); // e_phentsize
   v.setUint16(56, 2, true); // e_phnum
-  const ph = (i: number, type: number, flags: number, off: number, addr: number, size: number, align: number) => {
+  const ph = (
+    i: number,
+    type: number,
+    flags: number,
+    off: number,
+    addr: number,
+    size: number,
+    align: number,
+  ) => {
     const b = phoff + i * 56;
     v.setUint32(b, type, true);
     v.setUint32(b + 4, flags, true);

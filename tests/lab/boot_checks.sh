@@ -30,7 +30,8 @@ case_end smp2 $?
 
 # 2. Serial input: a shell on ttyS0 reads a line from dvmm's stdin, runs it, exits -> poweroff.
 case_begin serial-input
-rm -f $T/in $T/out
+rm -f $T/in
+: >$T/out
 mkfifo $T/in
 timeout 300 dvmm --kernel $KERNEL --initramfs $INITRD --cmdline "console=ttyS0 quiet panic=-1" \
 	--cpus boot=1 --memory size=256M --serial tty --console off <$T/in >$T/out 2>&1 &
@@ -49,20 +50,21 @@ case_end serial-input $rc
 # 3. Guest reboot: the first boot runs `reboot -f`; dvmm must boot the guest again. After the second
 # boot is seen the VMM is stopped with SIGTERM.
 case_begin reboot
-rm -f $T/out
+: >$T/reboot.out # exists before the poll below reads it (the job's redirection runs in the child)
 timeout 300 dvmm --kernel $KERNEL --initramfs $INITRD \
 	--cmdline "console=ttyS0 quiet panic=-1 dvmm.then=reboot $(guest-arg 'echo boot-done')" \
-	--cpus boot=2 --memory size=256M --serial tty --console off </dev/null >$T/out 2>&1 &
+	--cpus boot=2 --memory size=256M --serial tty --console off </dev/null >$T/reboot.out 2>&1 &
 pid=$!
 i=0
-while [ "$(grep -c 'DVMM-GUEST: userspace up' $T/out)" -lt 2 ] && [ $i -lt 480 ] && kill -0 $pid 2>/dev/null; do
+while [ "$(grep -c 'DVMM-GUEST: userspace up' $T/reboot.out 2>/dev/null || true)" -lt 2 ] && [ $i -lt 480 ] && kill -0 $pid 2>/dev/null; do
 	sleep 0.5
 	i=$((i + 1))
 done
 kill -TERM $pid 2>/dev/null
 wait $pid
 rc=$?
-cat $T/out
+echo "(waited $i half-seconds)"
+cat $T/reboot.out
 case_end reboot $rc
 
 # 4. PVH: the ELF vmlinux from the bzImage's payload, entered through its Xen PVH note.

@@ -35,6 +35,7 @@ ensure_packages() {
 	command -v flock >/dev/null || want+=(util-linux)
 	command -v gzip >/dev/null || want+=(gzip)
 	command -v xz >/dev/null || want+=(xz-utils)
+	command -v curl >/dev/null || want+=(curl)
 	if [[ -z ${LAB_KERNEL:-} ]] && ! compgen -G '/boot/vmlinuz-*-cloud-amd64' >/dev/null; then
 		want+=(linux-image-cloud-amd64)
 	fi
@@ -175,7 +176,7 @@ base_tree() { # minimal skeleton with /dev/console (the kernel opens it before /
 
 extra_bins() { # host binaries copied into the lab rootfs when present (plus $LAB_EXTRA_BINS)
 	local b
-	for b in qemu-img bash ip strace ${LAB_EXTRA_BINS:-}; do command -v "$b" 2>/dev/null || true; done
+	for b in qemu-img bash ip strace curl ${LAB_EXTRA_BINS:-}; do command -v "$b" 2>/dev/null || true; done
 }
 
 # ---------------------------------------------------------------------------------------------------

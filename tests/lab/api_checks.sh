@@ -1,0 +1,69 @@
+#!/bin/sh
+# Runs inside the KVM lab: drives a real guest through dvmm's REST API with curl, the way Cloud
+# Hypervisor's users do. Prints "=== CASE name" / "=== END name exit=N" sections plus one line per
+# request: "HTTP <method> <endpoint> <status>" and the JSON body when there is one.
+S=/tmp/dvmm-api.sock
+T=/tmp/api-checks
+mkdir -p $T
+rm -f $S $T/serial.out
+
+api() { # api METHOD ENDPOINT [JSON]
+	if [ -n "${3:-}" ]; then
+		code=$(curl -s -o $T/body -w '%{http_code}' --unix-socket $S -X "$1" -H 'Content-Type: application/json' \
+			-d "$3" "http://localhost/api/v1/$2")
+	else
+		code=$(curl -s -o $T/body -w '%{http_code}' --unix-socket $S -X "$1" "http://localhost/api/v1/$2")
+	fi
+	echo "HTTP $1 $2 $code"
+	[ -s $T/body ] && { cat $T/body; echo; }
+	return 0
+}
+
+wait_for() { # wait_for FILE PATTERN SECONDS
+	i=0
+	while ! grep -q "$2" "$1" 2>/dev/null; do
+		i=$((i + 1))
+		[ $i -gt $(($3 * 2)) ] && return 1
+		sleep 0.5
+	done
+}
+
+echo "=== CASE api"
+dvmm --api-socket path=$S >$T/dvmm.out 2>&1 &
+pid=$!
+i=0
+while [ ! -S $S ] && [ $i -lt 240 ]; do sleep 0.5; i=$((i + 1)); done
+ls -l $S | cut -c1-10
+
+api GET vmm.ping
+api GET vm.info
+SCRIPT=$(guest-arg 'echo guest-running; sleep 600')
+CONFIG='{"cpus":{"boot_vcpus":2,"max_vcpus":2},"memory":{"size":268435456},
+ "payload":{"kernel":"/lab/vmlinuz","initramfs":"/lab/initramfs.gz","cmdline":"console=ttyS0 quiet panic=-1 '"$SCRIPT"'"},
+ "serial":{"mode":"File","file":"'$T/serial.out'"},"console":{"mode":"Off"}}'
+api PUT vm.create "$CONFIG"
+api PUT vm.create "$CONFIG"
+api GET vm.info
+api PUT vm.boot
+if wait_for $T/serial.out guest-running 240; then echo "guest is running"; fi
+api GET vm.info
+api PUT vm.pause
+api GET vm.info
+api PUT vm.pause
+api PUT vm.resume
+api GET vm.counters
+api PUT vm.shutdown
+api GET vm.info
+api PUT vm.delete
+api GET vm.info
+api PUT vm.create "$CONFIG"
+api GET vm.info
+api PUT vmm.shutdown
+wait $pid
+rc=$?
+[ -S $S ] && echo "socket still there" || echo "socket removed"
+echo "--- serial"
+cat $T/serial.out
+echo "--- dvmm"
+cat $T/dvmm.out
+echo "=== END api exit=$rc"

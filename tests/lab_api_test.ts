@@ -1,0 +1,77 @@
+/**
+ * The REST API driving a real guest in the KVM lab, over the UNIX socket with curl:
+ * ping → create → boot → info → pause/resume → counters → shutdown → delete → create again →
+ * vmm.shutdown, with the status codes of the API document (tests/lab/api_checks.sh).
+ */
+import assert from "node:assert/strict";
+import { labCases, labUnavailable, runInLab } from "./helpers/lab.ts";
+
+const why = labUnavailable();
+
+interface Exchange {
+  method: string;
+  endpoint: string;
+  status: number;
+  body: string;
+}
+
+function exchanges(output: string): Exchange[] {
+  const out: Exchange[] = [];
+  for (const line of output.split("\n")) {
+    const m = line.match(/^HTTP (\S+) (\S+) (\d+)$/);
+    if (m) out.push({ method: m[1], endpoint: m[2], status: Number(m[3]), body: "" });
+    else if (out.length && line.startsWith("{")) out[out.length - 1].body = line;
+  }
+  return out;
+}
+
+Deno.test({
+  name: "lab: the REST API creates, boots, pauses, shuts down and deletes a real guest",
+  ignore: why !== null,
+}, async () => {
+  const res = await runInLab("sh /dvmm/tests/lab/api_checks.sh", { timeout: 900 });
+  const c = labCases(res.stdout).get("api");
+  assert.ok(c, `api case did not complete:\n${res.stdout.slice(-5000)}\n${res.stderr.slice(-3000)}`);
+  const ex = exchanges(c.output);
+  const context = `\n--- lab output ---\n${c.output.slice(-6000)}`;
+  const expect: [string, string, number, string?][] = [
+    ["GET", "vmm.ping", 200],
+    ["GET", "vm.info", 404],
+    ["PUT", "vm.create", 204],
+    ["PUT", "vm.create", 405], // a VM exists already
+    ["GET", "vm.info", 200, "Created"],
+    ["PUT", "vm.boot", 204],
+    ["GET", "vm.info", 200, "Running"],
+    ["PUT", "vm.pause", 204],
+    ["GET", "vm.info", 200, "Paused"],
+    ["PUT", "vm.pause", 405], // already paused
+    ["PUT", "vm.resume", 204],
+    ["GET", "vm.counters", 200],
+    ["PUT", "vm.shutdown", 204],
+    ["GET", "vm.info", 200, "Shutdown"],
+    ["PUT", "vm.delete", 204],
+    ["GET", "vm.info", 404],
+    ["PUT", "vm.create", 204],
+    ["GET", "vm.info", 200, "Created"],
+    ["PUT", "vmm.shutdown", 204],
+  ];
+  assert.equal(ex.length, expect.length, `requests made: ${ex.map((e) => e.endpoint).join(", ")}${context}`);
+  expect.forEach(([method, endpoint, status, state], i) => {
+    const e = ex[i];
+    assert.equal(
+      `${e.method} ${e.endpoint} ${e.status}`,
+      `${method} ${endpoint} ${status}`,
+      `request ${i}${context}`,
+    );
+    if (state) assert.equal(JSON.parse(e.body).state, state, `vm.info state at request ${i}${context}`);
+  });
+  const ping = JSON.parse(ex[0].body);
+  assert.ok(typeof ping.version === "string" && typeof ping.pid === "number", ex[0].body);
+  const info = JSON.parse(ex[6].body);
+  assert.equal(info.config.cpus.boot_vcpus, 2);
+  assert.equal(info.config.memory.size, 268435456);
+  assert.match(c.output, /^srw-------/m, "socket mode 0600");
+  assert.match(c.output, /^guest is running$/m, "the guest ran its script");
+  assert.match(c.output, /^socket removed$/m);
+  assert.equal(c.exit, 0, `vmm.shutdown makes dvmm exit 0${context}`);
+});
