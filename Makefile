@@ -15,9 +15,9 @@ TS_SOURCES := $(shell find ffi vmm devices api -name '*.ts' 2>/dev/null) main.ts
 
 .PHONY: all deno test test-deps demo dist clean fmt lint check
 
-include tests/lab/lab.mk
-
 all: $(BUILD)/dvmm
+
+include tests/lab/lab.mk
 
 $(TOOLS)/deno:
 	@command -v npm >/dev/null || { echo "installing npm (apt-get)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; }

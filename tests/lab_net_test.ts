@@ -81,6 +81,7 @@ Deno.test({
   const all = out + "\n--- stderr ---\n" + res.stderr;
   const line = (key: string) => out.match(new RegExp(`^${key} ?(.*)$`, "m"))?.[1];
   const section = (s: string) => out.split(`=== ${s}\n`)[1]?.split("\n=== ")[0] ?? "";
+  if (Deno.env.get("DVMM_LAB_VERBOSE") === "1") console.log(out);
 
   await t.step("the guest sees virtio-console and virtio-net on PCI", () => {
     assert.match(out, /^pci 0000:00:01\.0 0x1af4 0x1043$/m, all.slice(-6000));

@@ -499,7 +499,11 @@ export function createPci(
     });
     (cfg.net ?? []).forEach((n: NetConfig, i: number) => {
       checkNet(n, i);
-      const tap = openTap({ name: n.tap, fd: n.fds?.[0], ip: n.ip, mask: n.mask, hostMac: n.host_mac });
+      // A tap handed over as an fd is already set up by whoever opened it: only its vnet header and
+      // non-blocking mode are ours to set. A tap dvmm opens by name gets the host address.
+      const tap = n.fds?.length
+        ? openTap({ fd: n.fds[0] })
+        : openTap({ name: n.tap, ip: n.ip, mask: n.mask, hostMac: n.host_mac });
       if (n.fds?.[0] === undefined) owned.push(tap.fd);
       const mac = n.mac ? parseMac(n.mac) : randomMac();
       const offloads = { csum: n.offload_csum, tso: n.offload_csum && n.offload_tso };

@@ -10,6 +10,8 @@
 #   build/lab/guest/vmlinuz      the default dvmm test guest kernel (same kernel)
 #   build/lab/guest/initramfs.gz the default guest initramfs (busybox + virtio modules + guest-init.sh)
 set -euo pipefail
+# System tools (mke2fs, mknod, modprobe) live in sbin, which a non-login PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
