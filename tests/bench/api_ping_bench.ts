@@ -1,16 +1,19 @@
 /**
  * vmm.ping over the API socket of a real `dvmm --api-socket` process (idle, no VM).
  *
- *   deno run -A tests/bench/api_ping_bench.ts [--clients 1,4,16] [--requests 2000]
+ *   deno run -A tests/bench/api_ping_bench.ts [--clients 1,4,16] [--requests 2000] [--busy]
  *
  * prints latency p50/p99 and throughput for N concurrent clients, both with one connection per
  * request (as curl and `dvmm remote` do) and with kept-alive connections (fetch over the socket).
- * Under `deno bench` it registers a single-request benchmark instead.
+ * With --busy the server first creates and boots a real 2-vCPU guest (through the API) that spins in a
+ * loop, so both host cores are taken by vCPU threads while the API answers. Under `deno bench` it
+ * registers a single-request benchmark instead.
  */
 import { parseArgs } from "node:util";
 import { apiRequest } from "../../api/client.ts";
 import { startApiServer } from "../../api/server.ts";
 import { ControlLoop } from "../../vmm/control.ts";
+import { pvhElf } from "../helpers/tiny_guest.ts";
 
 const MAIN = new URL("../../main.ts", import.meta.url).pathname;
 
@@ -36,6 +39,75 @@ async function startDvmm(): Promise<{ socket: string; stop: () => Promise<void> 
       await Deno.remove(dir, { recursive: true }).catch(() => {});
     },
   };
+}
+
+/**
+ * 32-bit guest code that keeps both vCPUs busy: it writes a real-mode `jmp $` at 0x8000, starts the AP
+ * there with INIT + SIPI through the local APIC's ICR, then spins itself.
+ */
+const BUSY_SMP_GUEST = new Uint8Array([
+  0x66,
+  0xc7,
+  0x05,
+  0x00,
+  0x80,
+  0x00,
+  0x00,
+  0xeb,
+  0xfe, // mov word [0x8000], 0xfeeb (jmp $)
+  0xc7,
+  0x05,
+  0x10,
+  0x03,
+  0xe0,
+  0xfe,
+  0x00,
+  0x00,
+  0x00,
+  0x01, // ICR high: destination APIC id 1
+  0xc7,
+  0x05,
+  0x00,
+  0x03,
+  0xe0,
+  0xfe,
+  0x00,
+  0x45,
+  0x00,
+  0x00, // ICR low: INIT
+  0xc7,
+  0x05,
+  0x00,
+  0x03,
+  0xe0,
+  0xfe,
+  0x08,
+  0x46,
+  0x00,
+  0x00, // ICR low: SIPI, vector 0x08 -> 0x8000
+  0xeb,
+  0xfe, // jmp $
+]);
+
+/** Creates and boots, through the API, a 2-vCPU guest whose vCPUs both spin until shut down. */
+async function bootBusyGuest(socket: string): Promise<void> {
+  const kernel = await Deno.makeTempFile({ prefix: "dvmm-busy-", suffix: ".elf" });
+  await Deno.writeFile(kernel, pvhElf(BUSY_SMP_GUEST));
+  const config = {
+    cpus: { boot_vcpus: 2, max_vcpus: 2 },
+    memory: { size: 64 << 20 },
+    payload: { kernel },
+    serial: { mode: "Null" },
+    console: { mode: "Off" },
+  };
+  for (
+    const [path, body] of [["/api/v1/vm.create", JSON.stringify(config)], ["/api/v1/vm.boot", undefined]]
+  ) {
+    const res = await apiRequest(socket, "PUT", path!, body);
+    if (res.status !== 204) throw new Error(`${path}: ${res.status} ${res.body}`);
+  }
+  // Let the AP start before measuring.
+  await new Promise((r) => setTimeout(r, 500));
 }
 
 function pct(sorted: number[], p: number): number {
@@ -64,11 +136,13 @@ if (import.meta.main) {
     options: {
       clients: { type: "string", default: "1,4,16" },
       requests: { type: "string", default: "2000" },
+      busy: { type: "boolean", default: false },
     },
   });
   const total = Number(values.requests);
   const { socket, stop } = await startDvmm();
   try {
+    if (values.busy) await bootBusyGuest(socket);
     // Warm up both paths.
     for (let i = 0; i < 100; i++) await apiRequest(socket, "GET", "/api/v1/vmm.ping");
     console.log("mode          clients  p50 ms  p99 ms  req/s");
