@@ -5,16 +5,7 @@
  * zero; the VMM fills them so the guest's view agrees with the ACPI MADT.
  */
 
-/** One CPUID leaf/subleaf as KVM_GET_SUPPORTED_CPUID / KVM_SET_CPUID2 carry it. */
-export interface CpuidEntry {
-  function: number;
-  index: number;
-  flags: number;
-  eax: number;
-  ebx: number;
-  ecx: number;
-  edx: number;
-}
+import type { CpuidEntry } from "../ffi/structs.ts";
 
 /** Topology of the VM: one socket, `cores` cores, one thread per core. */
 export interface CpuTopology {

@@ -124,7 +124,7 @@ export function openTap(o: TapOptions): Tap {
   } else {
     fd = check(s.kvs_open(cstr("/dev/net/tun"), O_RDWR, 0), "open /dev/net/tun");
     owned = true;
-    name = o.name ?? "";
+    name = o.name || "vmtap%d"; // like Cloud Hypervisor: the kernel picks the number
   }
   try {
     if (owned) {
