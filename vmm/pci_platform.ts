@@ -207,8 +207,16 @@ export function buildPciBuses(
   for (const desc of d.devices) {
     const h = new VirtioDeviceHandle(desc);
     const t = h.transport;
-    t.onActivate = () => h.bumpEpoch();
-    t.onReset = () => h.bumpEpoch();
+    // Queue-notify ioeventfds exist only while the driver is live: registering one waits for an SRCU
+    // grace period in KVM, and Linux toggles BAR decode around every BAR it sizes during enumeration.
+    t.onActivate = () => {
+      h.bumpEpoch();
+      moveIoeventfds(vm, h, d.ioeventLen, t.config.barDecodeAddress(BAR_INDEX));
+    };
+    t.onReset = () => {
+      h.bumpEpoch();
+      moveIoeventfds(vm, h, d.ioeventLen, -1);
+    };
     t.onNotify = (q) => {
       if (q < desc.queueFds.length) h.signal(desc.queueFds[q]);
     };
@@ -218,10 +226,10 @@ export function buildPciBuses(
     devices.push(h);
     bySlot[desc.slot] = h;
   }
-  // Runs inside a config write (bus + device locks held): move the queue ioeventfds with BAR 0.
+  // Runs inside a config write (bus + device locks held): a live device's ioeventfds follow BAR 0.
   bus.onBarChange = (addr, _fn, bar, _old, now) => {
     const h = bySlot[addr.device];
-    if (!h || bar !== BAR_INDEX) return;
+    if (!h || bar !== BAR_INDEX || !h.transport.activated) return;
     moveIoeventfds(vm, h, d.ioeventLen, now);
   };
 
