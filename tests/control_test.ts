@@ -126,9 +126,19 @@ Deno.test("control: guest reboot re-creates the VM; stale events are ignored", a
   made[0].guest("poweroff"); // from the released backend: ignored
   await settle();
   assert.equal(loop.state, "Running");
-  made[1].guest("crash"); // triple fault: reset, as on hardware
+  made[1].guest("reboot"); // a triple fault arrives as a reboot too
   await settle();
   assert.equal(made.length, 3);
+});
+
+Deno.test("control: a VM crash ends the VMM with status 1 instead of rebooting", async () => {
+  const { loop, made } = setup();
+  await loop.request("vm.create", config());
+  await loop.request("vm.boot");
+  made[0].guest("crash");
+  assert.equal(await loop.exited, 1);
+  assert.equal(made.length, 1, "no new VM was built");
+  assert.deepEqual(made[0].calls, ["boot", "shutdown"]);
 });
 
 Deno.test("control: guest poweroff shuts the VMM down with status 0", async () => {

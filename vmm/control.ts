@@ -71,7 +71,10 @@ export interface VmBackend {
   /** As Cloud Hypervisor's DeviceNode map. */
   deviceTree(): Record<string, unknown>;
   memoryActualSize(): number;
-  /** Called once per guest-initiated event (guest poweroff / reboot / triple fault). */
+  /**
+   * Called once per guest-initiated event: "poweroff", "reboot" (reset register, keyboard controller,
+   * triple fault) or "crash" (the VMM cannot go on running the guest).
+   */
   onGuestEvent(cb: (e: GuestEvent) => void): void;
   /** Optional: hot-add a device to the running VM. Absent → the API answers "not implemented". */
   addDevice?(kind: HotplugKind, config: unknown): Promise<PciDeviceInfo>;
@@ -631,9 +634,11 @@ export class ControlLoop {
           await this.#vmmShutdown(0);
           return;
         case "crash":
-          // A triple fault resets an x86 machine; Cloud Hypervisor handles it as a reset as well.
-          this.#log.warn("guest triple fault: resetting the VM");
-          await this.#reboot();
+          // The VMM could not go on running the guest (an exit it cannot handle, a failed KVM_RUN, a
+          // fault in a vCPU thread). Rebooting would repeat a deterministic failure forever: like
+          // Cloud Hypervisor, end the VMM with an error. (A triple fault arrives as "reboot".)
+          this.#log.error("the VM crashed: shutting the VMM down");
+          await this.#vmmShutdown(1);
           return;
         case "reboot":
           this.#log.info("guest requested a reboot");
