@@ -19,6 +19,8 @@ import {
   VIRTQ_DESC_F_WRITE as W,
 } from "../devices/virtio/constants.ts";
 import { FakeDriverQueue } from "./virtio_driver.ts";
+import { openDiskImage, ShimFileDisk } from "../devices/virtio/device_blk.ts";
+import { shim } from "../ffi/shim.ts";
 
 const HDR = 0x4000, DATA = 0x10000, STATUS = 0x6000;
 
@@ -186,6 +188,58 @@ Deno.test("blk: file-backed disk", () => {
     assert.equal(r.run(BLK_T.OUT, 0, 512, false).status, BLK_S.IOERR);
     assert.equal(r.run(BLK_T.GET_ID, 0, 20, true).status, BLK_S.OK);
     ro.close();
+  } finally {
+    Deno.removeSync(path);
+  }
+});
+
+Deno.test("blk: a request spread over several buffers is one preadv / pwritev on a shim-backed image", () => {
+  const path = Deno.makeTempFileSync({ suffix: ".img" });
+  try {
+    const init = new Uint8Array(16 * 512);
+    for (let i = 0; i < init.length; i++) init[i] = (i * 13 + 5) & 0xff;
+    Deno.writeFileSync(path, init);
+    const { fd, size } = openDiskImage(path);
+    // Counts the per-buffer fallback calls: the vectored path must make none.
+    class CountingDisk extends ShimFileDisk {
+      perBuffer = 0;
+      override readAt(b: Uint8Array, o: number): number {
+        this.perBuffer++;
+        return super.readAt(b, o);
+      }
+      override writeAt(b: Uint8Array, o: number): number {
+        this.perBuffer++;
+        return super.writeAt(b, o);
+      }
+    }
+    const disk = new CountingDisk(fd, size, false, "vec");
+    const { mem, drv, q, dev } = setup(disk);
+    const segs: [number, number][] = [[DATA, 512], [DATA + 0x2000, 1024], [DATA + 0x5000, 512]];
+    const request = (type: number, sector: number, writable: boolean) => {
+      mem.writeU32(HDR, type);
+      mem.writeU64(HDR + 8, sector);
+      drv.setDesc(0, HDR, 16, NEXT, 1);
+      segs.forEach(([gpa, len], i) => drv.setDesc(i + 1, gpa, len, NEXT | (writable ? W : 0), i + 2));
+      drv.setDesc(segs.length + 1, STATUS, 1, W);
+      drv.publish(0);
+      dev.processQueue(q);
+      return mem.readU8(STATUS);
+    };
+    assert.equal(request(BLK_T.IN, 2, true), BLK_S.OK);
+    let off = 2 * 512;
+    for (const [gpa, len] of segs) {
+      assert.deepEqual(mem.read(gpa, len), init.slice(off, off + len));
+      off += len;
+    }
+    segs.forEach(([gpa, len], i) => mem.fill(gpa, len, 0xa0 + i));
+    assert.equal(request(BLK_T.OUT, 8, false), BLK_S.OK);
+    assert.equal(disk.perBuffer, 0, "no per-buffer fallback");
+    shim().kvs_close(fd);
+    const after = Deno.readFileSync(path);
+    assert.ok(after.subarray(8 * 512, 9 * 512).every((b) => b === 0xa0));
+    assert.ok(after.subarray(9 * 512, 11 * 512).every((b) => b === 0xa1));
+    assert.ok(after.subarray(11 * 512, 12 * 512).every((b) => b === 0xa2));
+    assert.deepEqual(after.subarray(0, 8 * 512), init.subarray(0, 8 * 512));
   } finally {
     Deno.removeSync(path);
   }

@@ -17,6 +17,13 @@ export interface Disk {
   readAt(buf: Uint8Array, off: number): number;
   /** Writes buf at offset off; returns bytes written. */
   writeAt(buf: Uint8Array, off: number): number;
+  /**
+   * Optional vectored forms: one request for a whole descriptor chain (one preadv/pwritev). They return
+   * the bytes moved, or -1 when they cannot take the request; the device then falls back to one call
+   * per buffer.
+   */
+  readvAt?(bufs: readonly Uint8Array[], off: number): number;
+  writevAt?(bufs: readonly Uint8Array[], off: number): number;
   /** Makes previous writes durable. */
   flush(): void;
   /** Size in bytes. */
@@ -164,6 +171,8 @@ export class BlkDevice {
   readonly #hdrView = new DataView(this.#hdr.buffer);
   readonly #id = new Uint8Array(BLK_ID_BYTES);
   readonly #result: BlkResult = { status: 0, usedLen: 0 };
+  /** The current request's data buffers (reused: no allocation per request beyond the views). */
+  readonly #iov: Uint8Array[] = [];
 
   constructor(readonly disk: Disk, counters?: BlkCounters) {
     this.counters = counters ?? new BlkCounters();
@@ -241,17 +250,35 @@ export class BlkDevice {
       sector + len / SECTOR_SIZE <= this.capacity;
   }
 
+  /** Moves the chain's data buffers (in #iov, `total` bytes) to or from the disk at `off`. */
+  #transfer(write: boolean, off: number, total: number): boolean {
+    const d = this.disk;
+    const iov = this.#iov;
+    // One vectored request for the whole chain; with O_DIRECT each call is a block request.
+    if (iov.length > 1) {
+      const n = write ? d.writevAt?.(iov, off) : d.readvAt?.(iov, off);
+      if (n === total) return true;
+    }
+    for (let i = 0; i < iov.length; i++) {
+      const view = iov[i];
+      if ((write ? d.writeAt(view, off) : d.readAt(view, off)) !== view.length) return false;
+      off += view.length;
+    }
+    return true;
+  }
+
   #read(chain: DescriptorChain, sector: number, len: number): number {
     if (!this.#inBounds(sector, len)) return BLK_S.IOERR;
-    let off = sector * SECTOR_SIZE;
+    const iov = this.#iov;
+    iov.length = 0;
     let left = len;
     for (let i = 0; i < chain.writableCount && left > 0; i++) {
       let view = chain.writable(i);
       if (view.length > left) view = view.subarray(0, left);
-      if (this.disk.readAt(view, off) !== view.length) return BLK_S.IOERR;
-      off += view.length;
+      iov.push(view);
       left -= view.length;
     }
+    if (!this.#transfer(false, sector * SECTOR_SIZE, len)) return BLK_S.IOERR;
     const v = this.counters.values;
     v[0] += len;
     v[2]++;
@@ -262,7 +289,8 @@ export class BlkDevice {
     if (this.disk.readonly) return BLK_S.IOERR;
     const len = chain.readableBytes - 16;
     if (!this.#inBounds(sector, len)) return BLK_S.IOERR;
-    let off = sector * SECTOR_SIZE;
+    const iov = this.#iov;
+    iov.length = 0;
     let skip = 16;
     for (let i = 0; i < chain.readableCount; i++) {
       let view = chain.readable(i);
@@ -274,9 +302,9 @@ export class BlkDevice {
         view = view.subarray(skip);
         skip = 0;
       }
-      if (this.disk.writeAt(view, off) !== view.length) return BLK_S.IOERR;
-      off += view.length;
+      iov.push(view);
     }
+    if (!this.#transfer(true, sector * SECTOR_SIZE, len)) return BLK_S.IOERR;
     const v = this.counters.values;
     v[1] += len;
     v[3]++;

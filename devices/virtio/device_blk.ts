@@ -3,7 +3,7 @@
  * bad path fails the boot), the device worker reads and writes it with pread/pwrite straight into the
  * guest-memory views the queue hands out (no copy), and flushes with fdatasync.
  */
-import { check, cstr, EINTR, OsError, shim } from "../../ffi/shim.ts";
+import { addressOf, check, cstr, EINTR, OsError, shim } from "../../ffi/shim.ts";
 import { O_CLOEXEC, O_DIRECT, O_RDONLY, O_RDWR } from "../../ffi/kvm_constants.ts";
 import type { Disk } from "./blk.ts";
 
@@ -12,6 +12,9 @@ export interface DiskOpenOptions {
   /** O_DIRECT: guest buffers must then be suitably aligned (misaligned requests fail with IOERR). */
   direct?: boolean;
 }
+
+/** Most buffers one preadv/pwritev takes (Linux's UIO_MAXIOV). */
+const IOV_MAX = 1024;
 
 /** Opens an image; returns its fd and size in bytes (block devices included). */
 export function openDiskImage(path: string, o: DiskOpenOptions = {}): { fd: number; size: number } {
@@ -65,6 +68,36 @@ export class ShimFileDisk implements Disk {
       done += n;
     }
     return done;
+  }
+
+  /** struct iovec[IOV_MAX]: base address and length per buffer, reused for every request. */
+  readonly #iovec = new BigUint64Array(2 * IOV_MAX);
+
+  #vectored(write: boolean, bufs: readonly Uint8Array[], off: number): number {
+    if (bufs.length > IOV_MAX) return -1;
+    const iov = this.#iovec;
+    for (let i = 0; i < bufs.length; i++) {
+      iov[2 * i] = addressOf(bufs[i] as Uint8Array<ArrayBuffer>); // guest RAM views: never shared buffers
+      iov[2 * i + 1] = BigInt(bufs[i].length);
+    }
+    const s = shim();
+    for (;;) {
+      const n = Number(
+        write ? s.kvs_pwritev(this.fd, iov, bufs.length, off) : s.kvs_preadv(this.fd, iov, bufs.length, off),
+      );
+      if (n === -EINTR) continue;
+      if (n < 0) throw new OsError(-n, write ? "disk pwritev" : "disk preadv");
+      return n; // a short transfer makes the device redo the request buffer by buffer
+    }
+  }
+
+  readvAt(bufs: readonly Uint8Array[], off: number): number {
+    return this.#vectored(false, bufs, off);
+  }
+
+  writevAt(bufs: readonly Uint8Array[], off: number): number {
+    if (this.readonly) throw new Error("read-only disk");
+    return this.#vectored(true, bufs, off);
   }
 
   flush(): void {
