@@ -61,6 +61,8 @@ export class Vm implements VmBackend {
   #maps: HostMapping[] = [];
   #mem?: GuestMemory;
   #vcpus: VcpuThread[] = [];
+  /** Workers started for vCPUs that have not been handed one yet. */
+  #idle: Worker[] = [];
   #events = new VmEvents();
   #platform?: Platform;
   #listeners: ((e: GuestEvent) => void)[] = [];
@@ -87,6 +89,10 @@ export class Vm implements VmBackend {
     const boot = cfg.cpus.boot_vcpus;
     const max = cfg.cpus.max_vcpus;
     if (!cfg.payload?.kernel) throw new Error("no kernel in the VM config (payload.kernel)");
+    // vCPU threads first: a Worker needs its own V8 isolate and module graph, which costs more than
+    // the rest of the set-up when the host is slow (the lab runs this ~20x slower than hardware), so
+    // they load while this thread maps RAM and loads the kernel. Each gets its vCPU later.
+    this.#idle = Array.from({ length: boot }, () => newVcpuWorker());
     try {
       const kvm = this.#kvm = Kvm.open();
       const vm = this.#vm = kvm.createVm();
@@ -174,7 +180,7 @@ export class Vm implements VmBackend {
           fd.setSregs(sregs);
           fd.setRegs(regs);
         }
-        this.#vcpus.push(this.#spawn(fd));
+        this.#vcpus.push(this.#start(fd, this.#idle.shift()!));
       }
       phase("vCPUs set up, workers spawned");
       log.info(`booting: ${boot} vCPU(s), ${cfg.memory.size >> 20} MiB, kernel ${cfg.payload.kernel}`);
@@ -188,9 +194,9 @@ export class Vm implements VmBackend {
     }
   }
 
-  #spawn(fd: VcpuFd): VcpuThread {
+  /** Hands vCPU `fd` to a started worker. */
+  #start(fd: VcpuFd, worker: Worker): VcpuThread {
     const control = new VcpuControl();
-    const worker = new Worker(new URL("./vcpu_worker.ts", import.meta.url).href, { type: "module" });
     const exited = new Promise<VcpuWorkerExit>((resolve) => {
       worker.onmessage = (ev: MessageEvent<VcpuWorkerExit>) => resolve(ev.data);
       worker.onerror = (ev) => {
@@ -283,6 +289,8 @@ export class Vm implements VmBackend {
     if (this.#closed) return;
     this.#stopping = true;
     await this.#stopVcpus();
+    for (const w of this.#idle) w.terminate();
+    this.#idle = [];
     this.#closed = true;
     this.#events.raise(VmEvent.Poweroff); // releases the event watcher
     try {
@@ -298,6 +306,10 @@ export class Vm implements VmBackend {
     this.#maps = [];
     this.#mem = undefined;
   }
+}
+
+function newVcpuWorker(): Worker {
+  return new Worker(new URL("./vcpu_worker.ts", import.meta.url).href, { type: "module" });
 }
 
 async function waitState(ctl: VcpuControl, want: number): Promise<void> {
