@@ -106,3 +106,24 @@ Deno.test(
     await assert.rejects(vm.boot(), /cannot read kernel \/nonexistent\/vmlinuz/);
   },
 );
+
+Deno.test(
+  { name: "options dvmm has not built yet fail the boot with a message naming them", ignore },
+  async () => {
+    const dir = await Deno.makeTempDir({ prefix: "dvmm-vm-test-" });
+    await Deno.writeFile(`${dir}/guest.elf`, pvhElf(printAndPoweroffCode("x\n")));
+    const base = { payload: { kernel: `${dir}/guest.elf` }, console: { mode: "Off" } };
+    for (
+      const [extra, what] of [
+        [{ watchdog: true }, /virtio watchdog is not implemented in dvmm yet/],
+        [{ pvpanic: true }, /pvpanic device is not implemented/],
+        [{ numa: [{ guest_numa_id: 0 }] }, /guest NUMA nodes is not implemented/],
+        [{ memory: { size: 64 << 20, hotplug_size: 128 << 20 } }, /memory hotplug is not implemented/],
+      ] as [Record<string, unknown>, RegExp][]
+    ) {
+      const vm = new Vm(VmConfigSchema.parse({ ...base, ...extra }));
+      await assert.rejects(vm.boot(), what);
+    }
+    await Deno.remove(dir, { recursive: true });
+  },
+);

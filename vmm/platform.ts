@@ -116,6 +116,23 @@ function checkSupported(cfg: VmConfig): void {
   if (cfg.vsock) missing("virtio-vsock", "--vsock / vsock");
   if (cfg.devices?.length) missing("VFIO device passthrough", "--device / devices");
   if (cfg.balloon) missing("virtio-balloon", "--balloon / balloon");
+  if (cfg.generic_vhost_user?.length) missing("generic vhost-user devices", "generic_vhost_user");
+  if (cfg.user_devices?.length) missing("vfio-user devices", "--user-device / user_devices");
+  if (cfg.vdpa?.length) missing("vDPA devices", "--vdpa / vdpa");
+  if (cfg.numa?.length) missing("guest NUMA nodes", "--numa / numa");
+  if (cfg.tpm) missing("a TPM", "--tpm / tpm");
+  if (cfg.iommu) missing("a virtual IOMMU", "iommu");
+  if (cfg.watchdog) missing("the virtio watchdog", "--watchdog / watchdog");
+  if (cfg.pvpanic) missing("the pvpanic device", "--pvpanic / pvpanic");
+  if (cfg.rate_limit_groups?.length) missing("rate-limit groups", "rate_limit_groups");
+  if ((cfg.pci_segments?.length ?? 0) > 0) missing("PCI segments other than 0", "pci_segments");
+  if (cfg.landlock_enable) missing("Landlock sandboxing", "--landlock / landlock_enable");
+  if (cfg.debug_console && cfg.debug_console.mode !== "Off") {
+    missing("the debug console (port 0xe9)", "--debug-console / debug_console");
+  }
+  if (cfg.memory.zones?.length) missing("memory zones", "--memory-zone / memory.zones");
+  if (cfg.memory.hotplug_size) missing("memory hotplug", "--memory hotplug_size=");
+  if (cfg.payload.firmware) missing("booting firmware", "--firmware / payload.firmware");
   const console = cfg.console?.mode ?? "Off";
   if (console === "Pty" || console === "Socket") {
     missing(
