@@ -8,6 +8,7 @@
 import type { z } from "zod";
 import type { ControlLoop, RequestKind, VmmErrorKind, VmmRequest, VmmResponse } from "../vmm/control.ts";
 import { type Logger, logger } from "../vmm/log.ts";
+import { serveOnFd } from "./fd_listener.ts";
 import {
   DeviceConfigSchema,
   DiskConfigSchema,
@@ -245,6 +246,7 @@ export function parseApiSocketOption(value: string): ApiSocketSpec {
 }
 
 export interface ApiServer {
+  /** The socket path, or `fd=N` for an inherited socket. */
   readonly path: string;
   /** Stop accepting, finish the replies under way, and remove the socket file. */
   close(): Promise<void>;
@@ -285,9 +287,8 @@ export async function startApiServer(
   log: Logger = logger("api"),
 ): Promise<ApiServer> {
   if ("fd" in spec) {
-    throw new Error(
-      `--api-socket fd=${spec.fd}: Deno cannot listen on an inherited file descriptor; use path=PATH instead`,
-    );
+    const fdServer = await serveOnFd(spec.fd, createHandler(loop, log), log);
+    return { path: `fd=${spec.fd}`, close: () => fdServer.close() };
   }
   const path = spec.path;
   await claimSocketPath(path);

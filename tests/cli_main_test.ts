@@ -49,7 +49,7 @@ Deno.test("cli: bad options exit non-zero with a message naming the option", asy
     [["--cpus", "boot=2"], /--kernel \(or --firmware\) is required/],
     [[], /nothing to do/],
     [["--api-socket", "fd=x"], /--api-socket: fd must be a file descriptor number/],
-    [["--api-socket", "fd=3"], /cannot listen on an inherited file descriptor/],
+    [["--api-socket", "fd=97"], /--api-socket fd=97: not an open, listening socket/],
     [["--api-socket", "/tmp/x.sock", "extra"], /unexpected argument 'extra'/],
   ];
   for (const [args, re] of cases) {
