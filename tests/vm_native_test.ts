@@ -78,12 +78,13 @@ Deno.test(
 );
 
 Deno.test(
-  { name: "writes to the ACPI reset register and the i8042 reset command reboot the VM", ignore },
+  { name: "writes to the ACPI reset register, the i8042 reset command and 0xCF9 reboot the VM", ignore },
   async () => {
     for (
       const code of [
         [0x66, 0xba, 0x02, 0x06, 0xb0, 0x01, 0xee, 0xf4, 0xeb, 0xfd], // mov dx,0x602; mov al,1; out dx,al
         [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd], // mov al,0xfe; out 0x64,al
+        [0x66, 0xba, 0xf9, 0x0c, 0xb0, 0x06, 0xee, 0xf4, 0xeb, 0xfd], // mov dx,0xcf9; mov al,6; out dx,al
       ]
     ) {
       const g = await guestVm(new Uint8Array(code));

@@ -83,7 +83,13 @@ function build(d: PlatformDescriptors, events: VmEvents, pio = new PioBus()): Le
 export function buildPlatformBuses(d: PlatformDescriptors, events: VmEvents): { pio: PioBus; mmio: MmioBus } {
   const { pio } = build(d, events);
   const mmio = new MmioBus();
-  if (d.pci) buildPciBuses(d.pci, vmOf(d), pio, mmio);
+  if (d.pci) {
+    const { bus } = buildPciBuses(d.pci, vmOf(d), pio, mmio);
+    // 0xCF9, the PC's reset control register: bit 2 (RST_CPU) resets the machine (Linux's reboot=pci).
+    bus.onResetControl = (value) => {
+      if (value & 0x04) events.raise(VmEvent.Reboot);
+    };
+  }
   return { pio, mmio };
 }
 
