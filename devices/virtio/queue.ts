@@ -373,8 +373,6 @@ export class SplitQueue {
   #walk(chain: DescriptorChain, head: number): ChainErrorCode | null {
     const d = this.#desc;
     let idx = head;
-    let seenWrite = false;
-    let total = 0;
     for (let count = 1;; count++) {
       if (count > this.size) return ChainError.TOO_LONG;
       chain.descriptorCount++;
@@ -387,17 +385,10 @@ export class SplitQueue {
       if (flags & VIRTQ_DESC_F_INDIRECT) {
         if (!this.indirect) return ChainError.INDIRECT_NOT_NEGOTIATED;
         if (flags & VIRTQ_DESC_F_NEXT) return ChainError.INDIRECT_WITH_NEXT;
-        return this.#walkIndirect(chain, lo, hi, len, seenWrite, total);
+        return this.#walkIndirect(chain, lo, hi, len);
       }
-      if (len !== 0) {
-        const write = (flags & VIRTQ_DESC_F_WRITE) !== 0;
-        if (write) seenWrite = true;
-        else if (seenWrite) return ChainError.ORDER;
-        total += len;
-        if (total > TWO32) return ChainError.TOO_LARGE;
-        const err = this.#addBuffer(chain, write, lo, hi, len);
-        if (err !== null) return err;
-      }
+      const err = this.#take(chain, flags, lo, hi, len);
+      if (err !== null) return err;
       if (!(flags & VIRTQ_DESC_F_NEXT)) return null;
       idx = next;
       if (idx >= this.size) return ChainError.NEXT_OUT_OF_RANGE;
@@ -409,8 +400,6 @@ export class SplitQueue {
     tlo: number,
     thi: number,
     tlen: number,
-    seenWrite: boolean,
-    total: number,
   ): ChainErrorCode | null {
     if (tlen === 0 || tlen % 16 !== 0) return ChainError.INDIRECT_LEN;
     const n = tlen / 16;
@@ -434,19 +423,25 @@ export class SplitQueue {
       const flags = v.getUint16(o + 12, true);
       const next = v.getUint16(o + 14, true);
       if (flags & VIRTQ_DESC_F_INDIRECT) return ChainError.INDIRECT_NESTED;
-      if (len !== 0) {
-        const write = (flags & VIRTQ_DESC_F_WRITE) !== 0;
-        if (write) seenWrite = true;
-        else if (seenWrite) return ChainError.ORDER;
-        total += len;
-        if (total > TWO32) return ChainError.TOO_LARGE;
-        const err = this.#addBuffer(chain, write, lo, hi, len);
-        if (err !== null) return err;
-      }
+      const err = this.#take(chain, flags, lo, hi, len);
+      if (err !== null) return err;
       if (!(flags & VIRTQ_DESC_F_NEXT)) return null;
       idx = next;
       if (idx >= n) return ChainError.NEXT_OUT_OF_RANGE;
     }
+  }
+
+  /**
+   * Checks one data descriptor of a chain (direct or from an indirect table) and adds its buffer:
+   * device-readable buffers may not follow device-writable ones, and the chain stays under 2^32
+   * bytes. Zero-length descriptors touch no memory: allowed, and not listed.
+   */
+  #take(chain: DescriptorChain, flags: number, lo: number, hi: number, len: number): ChainErrorCode | null {
+    if (len === 0) return null;
+    const write = (flags & VIRTQ_DESC_F_WRITE) !== 0;
+    if (!write && chain.writableCount > 0) return ChainError.ORDER;
+    if (chain.readableBytes + chain.writableBytes + len > TWO32) return ChainError.TOO_LARGE;
+    return this.#addBuffer(chain, write, lo, hi, len);
   }
 
   /** Resolves [gpa, gpa+len) to region segments (splitting only across adjacent regions). */
