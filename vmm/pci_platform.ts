@@ -608,13 +608,13 @@ export function createPci(
         const desc = h.desc;
         const pciId = `_virtio-pci-${desc.id}`;
         const base = h.transport.config.barAddress(BAR_INDEX);
-        out[desc.id] = { id: desc.id, resources: [], parent: pciId, children: [], pci_bdf: null };
+        // The API document types pci_bdf as a string: nodes without one leave it out (and "parent").
+        out[desc.id] = { id: desc.id, resources: [], parent: pciId, children: [] };
         out[pciId] = {
           id: pciId,
           resources: [{
             PciBar: { index: BAR_INDEX, base, size: BAR_SIZE, type: "Mmio64", prefetchable: false },
           }],
-          parent: null,
           children: [desc.id],
           pci_bdf: bdf(desc.slot),
         };

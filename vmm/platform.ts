@@ -217,7 +217,6 @@ export function createPlatform(
         id: "__serial",
         resources: [{ PioAddressRange: { base: legacy.serial.base, size: 8 } }],
         children: [],
-        pci_bdf: null,
       },
     }),
     close: async () => {
