@@ -25,8 +25,27 @@ export interface LabResult {
   stderr: string;
 }
 
-/** Runs COMMAND inside the lab and returns its output; throws on a lab fault. */
+/**
+ * Runs COMMAND inside the lab and returns its output. A lab fault (the lab VM itself failed: it is not
+ * a test result) is retried once, saying so on stderr; a second fault throws.
+ */
 export async function runInLab(
+  command: string,
+  opts: { smp?: number; mem?: number; add?: string[]; timeout?: number } = {},
+): Promise<LabResult> {
+  try {
+    return await runInLabOnce(command, opts);
+  } catch (e) {
+    if (!(e instanceof LabFault)) throw e;
+    console.error(`lab fault, running the lab command once more:\n${e.message.slice(-1500)}`);
+    return await runInLabOnce(command, opts);
+  }
+}
+
+/** The lab VM failed (exit 125 from tests/lab/run): never a pass, never a test failure of dvmm. */
+export class LabFault extends Error {}
+
+async function runInLabOnce(
   command: string,
   opts: { smp?: number; mem?: number; add?: string[]; timeout?: number } = {},
 ): Promise<LabResult> {
@@ -43,7 +62,9 @@ export async function runInLab(
     stdout: new TextDecoder().decode(out.stdout),
     stderr: new TextDecoder().decode(out.stderr),
   };
-  if (res.code === LAB_FAULT) throw new Error(`LAB FAULT (not a test result):\n${res.stderr.slice(-4000)}`);
+  if (res.code === LAB_FAULT) {
+    throw new LabFault(`LAB FAULT (not a test result):\n${res.stderr.slice(-4000)}`);
+  }
   return res;
 }
 
