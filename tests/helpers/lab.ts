@@ -37,7 +37,10 @@ export async function runInLab(
     return await runInLabOnce(command, opts);
   } catch (e) {
     if (!(e instanceof LabFault)) throw e;
-    console.error(`lab fault, running the lab command once more:\n${e.message.slice(-1500)}`);
+    const reason = e.message.match(/^LAB (FAULT|TIMEOUT): .*$/m)?.[0] ?? "LAB FAULT";
+    console.error(
+      `${reason}\nlab fault, running the lab command once more; console tail:\n${e.message.slice(-1200)}`,
+    );
     return await runInLabOnce(command, opts);
   }
 }
@@ -63,7 +66,8 @@ async function runInLabOnce(
     stderr: new TextDecoder().decode(out.stderr),
   };
   if (res.code === LAB_FAULT) {
-    throw new LabFault(`LAB FAULT (not a test result):\n${res.stderr.slice(-4000)}`);
+    const reason = res.stderr.match(/^LAB (FAULT|TIMEOUT): .*$/m)?.[0] ?? "LAB FAULT";
+    throw new LabFault(`${reason} (not a test result)\n${res.stderr.slice(-4000)}`);
   }
   return res;
 }
