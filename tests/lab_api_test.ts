@@ -32,6 +32,21 @@ Deno.test({ name: "lab: the REST API drives real guests", ignore: why !== null }
   await t.step("create, boot, pause, resume, counters, shutdown, delete, create again", () => {
     checkApiCase(res.stdout, res.stderr);
   });
+  await t.step("vm.power-button reaches the guest's ACPI power button as KEY_POWER", () => {
+    const c = labCases(res.stdout).get("power-button");
+    assert.ok(c, `power-button case did not complete:\n${res.stdout.slice(-5000)}`);
+    const context = `\n--- lab output ---\n${c.output.slice(-3000)}`;
+    assert.match(c.output, /^power-button HTTP 204$/m, context);
+    assert.match(c.output, /^pb-device event\d+$/m, `the guest has a Power Button input device${context}`);
+    // struct input_event after its 16-byte timestamp: type EV_KEY (1), code KEY_POWER (0x74), value 1.
+    assert.match(c.output, /^01 00 74 00 01 00 00 00 /m, `KEY_POWER press${context}`);
+    assert.match(
+      c.output,
+      /^\s*\d+:\s+[1-9]\d*\s+IO-APIC\s+5-edge\s+ACPI:Ged$/m,
+      `GED interrupt counted${context}`,
+    );
+    assert.equal(c.exit, 0, context);
+  });
   await t.step("the API document's curl examples, verbatim, against a real VM", () => {
     const c = labCases(res.stdout).get("seed");
     assert.ok(c, `seed case did not complete:\n${res.stdout.slice(-5000)}\n${res.stderr.slice(-3000)}`);

@@ -67,3 +67,25 @@ cat $T/serial.out
 echo "--- dvmm"
 cat $T/dvmm.out
 echo "=== END api exit=$rc"
+
+# vm.power-button: the GED interrupt reaches the guest, whose ACPI button driver reports KEY_POWER
+# on its input device; the guest script prints the raw input events, then powers off.
+echo "=== CASE power-button"
+S2=/tmp/dvmm-pb.sock
+rm -f $S2
+: >$T/pb.out
+PB='ev=$(grep -A4 "Power Button" /proc/bus/input/devices | grep -o "event[0-9]*" | head -n1)
+echo "pb-device $ev"; echo pb-ready
+hexdump -n 48 -e "16/1 \"%02x \" \"\n\"" /dev/input/$ev
+grep ACPI:Ged /proc/interrupts'
+timeout 300 dvmm --kernel /lab/vmlinuz --initramfs /lab/initramfs.gz \
+	--cmdline "console=ttyS0 quiet panic=-1 $(guest-arg "$PB")" --cpus boot=1 --memory size=256M \
+	--serial tty --console off --api-socket path=$S2 </dev/null >$T/pb.out 2>&1 &
+pid=$!
+wait_for $T/pb.out pb-ready 240 && sleep 1
+echo "power-button HTTP $(curl -s -o /dev/null -w '%{http_code}' --unix-socket $S2 -X PUT \
+	http://localhost/api/v1/vm.power-button)"
+wait $pid
+rc=$?
+grep -v '^\[' $T/pb.out
+echo "=== END power-button exit=$rc"

@@ -184,7 +184,7 @@ extra_bins() { # host binaries copied into the lab rootfs when present (plus $LA
 # ---------------------------------------------------------------------------------------------------
 # Artifacts.
 GUEST_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio
- virtio_blk failover net_failover virtio_net virtio_console virtio-rng"
+ virtio_blk failover net_failover virtio_net virtio_console virtio-rng button evdev"
 
 build_guest() {
 	mkdir -p "$LAB_DIR/guest"
