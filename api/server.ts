@@ -8,7 +8,6 @@
 import type { z } from "zod";
 import type { ControlLoop, RequestKind, VmmErrorKind, VmmRequest, VmmResponse } from "../vmm/control.ts";
 import { type Logger, logger } from "../vmm/log.ts";
-import { serveOnFd } from "./fd_listener.ts";
 import {
   DeviceConfigSchema,
   DiskConfigSchema,
@@ -287,6 +286,8 @@ export async function startApiServer(
   log: Logger = logger("api"),
 ): Promise<ApiServer> {
   if ("fd" in spec) {
+    // Node's HTTP stack is loaded only for an inherited socket: it is heavy at start-up.
+    const { serveOnFd } = await import("./fd_listener.ts");
     const fdServer = await serveOnFd(spec.fd, createHandler(loop, log), log);
     return { path: `fd=${spec.fd}`, close: () => fdServer.close() };
   }
