@@ -19,14 +19,7 @@ api() { # api METHOD ENDPOINT [JSON]
 	return 0
 }
 
-wait_for() { # wait_for FILE PATTERN SECONDS
-	i=0
-	while ! grep -q "$2" "$1" 2>/dev/null; do
-		i=$((i + 1))
-		[ $i -gt $(($3 * 2)) ] && return 1
-		sleep 0.5
-	done
-}
+. "$(dirname "$0")/checks_lib.sh"
 
 echo "=== CASE api"
 dvmm --api-socket path=$S >$T/dvmm.out 2>&1 &

@@ -8,15 +8,7 @@ PVH=${1:-}
 T=/tmp/boot-checks
 mkdir -p $T
 
-# wait_for FILE PATTERN SECONDS: polls until PATTERN appears in FILE.
-wait_for() {
-	i=0
-	while ! grep -q "$2" "$1" 2>/dev/null; do
-		i=$((i + 1))
-		[ $i -gt $(($3 * 2)) ] && return 1
-		sleep 0.5
-	done
-}
+. "$(dirname "$0")/checks_lib.sh"
 
 case_begin() { echo "=== CASE $1"; }
 case_end() { echo "=== END $1 exit=$2"; }
