@@ -233,17 +233,23 @@ export function buildPciBuses(
     moveIoeventfds(vm, h, d.ioeventLen, now);
   };
 
-  const devLockFor = (slot: number): SharedLock | null => bySlot[slot]?.lock ?? null;
+  // The device lock a config access to (bus, device, function) needs: only bus 0, function 0 has devices.
+  const configLock = (b: number, dev: number, fn: number): SharedLock | null =>
+    b === 0 && fn === 0 ? bySlot[dev]?.lock ?? null : null;
+  // 0xCFC-0xCFF reach the function CONFIG_ADDRESS selects (read under the bus lock); 0xCF8-0xCFB none.
+  const pioLock = (offset: number): SharedLock | null => {
+    if (offset < 4) return null;
+    const a = bus.pioRead(0, 4);
+    return configLock((a >>> 16) & 0xff, (a >>> 11) & 0x1f, (a >>> 8) & 7);
+  };
+  const ecamLock = (offset: number) => configLock(offset >>> 20, (offset >>> 15) & 0x1f, (offset >>> 12) & 7);
   const ones = (size: number) => size >= 4 ? 0xffffffff : (1 << (8 * size)) - 1;
   pio.register(PCI_CONFIG_ADDRESS_PORT, 8, {
     pioRead(offset, size) {
       busLock.lock();
       let dl: SharedLock | null = null;
       try {
-        if (offset >= 4) {
-          const a = bus.pioRead(0, 4);
-          if (((a >>> 16) & 0xff) === 0 && ((a >>> 8) & 7) === 0) dl = devLockFor((a >>> 11) & 0x1f);
-        }
+        dl = pioLock(offset);
         dl?.lock();
         return bus.pioRead(offset, size);
       } catch {
@@ -257,10 +263,7 @@ export function buildPciBuses(
       busLock.lock();
       let dl: SharedLock | null = null;
       try {
-        if (offset >= 4) {
-          const a = bus.pioRead(0, 4);
-          if (((a >>> 16) & 0xff) === 0 && ((a >>> 8) & 7) === 0) dl = devLockFor((a >>> 11) & 0x1f);
-        }
+        dl = pioLock(offset);
         dl?.lock();
         bus.pioWrite(offset, size, value);
       } finally {
@@ -269,8 +272,6 @@ export function buildPciBuses(
       }
     },
   }, "pci-config-io");
-  const ecamLock = (offset: number) =>
-    (offset >>> 20) === 0 && ((offset >>> 12) & 7) === 0 ? devLockFor((offset >>> 15) & 0x1f) : null;
   mmio.register(Layout.pciEcamStart, Layout.pciEcamSize, {
     mmioRead(offset, data) {
       busLock.lock();

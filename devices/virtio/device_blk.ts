@@ -41,33 +41,32 @@ export class ShimFileDisk implements Disk {
     readonly id: string,
   ) {}
 
-  readAt(buf: Uint8Array, off: number): number {
+  /** pread/pwrite until `buf` is done, the disk ends (short count) or an error other than EINTR. */
+  #transfer(write: boolean, buf: Uint8Array, off: number): number {
     const s = shim();
     let done = 0;
     while (done < buf.length) {
       const view = done === 0 ? buf : buf.subarray(done);
-      const n = Number(s.kvs_pread(this.fd, view, view.length, off + done));
+      const n = Number(
+        write
+          ? s.kvs_pwrite(this.fd, view, view.length, off + done)
+          : s.kvs_pread(this.fd, view, view.length, off + done),
+      );
       if (n === -EINTR) continue;
-      if (n < 0) throw new OsError(-n, "disk pread");
+      if (n < 0) throw new OsError(-n, write ? "disk pwrite" : "disk pread");
       if (n === 0) break;
       done += n;
     }
     return done;
   }
 
+  readAt(buf: Uint8Array, off: number): number {
+    return this.#transfer(false, buf, off);
+  }
+
   writeAt(buf: Uint8Array, off: number): number {
     if (this.readonly) throw new Error("read-only disk");
-    const s = shim();
-    let done = 0;
-    while (done < buf.length) {
-      const view = done === 0 ? buf : buf.subarray(done);
-      const n = Number(s.kvs_pwrite(this.fd, view, view.length, off + done));
-      if (n === -EINTR) continue;
-      if (n < 0) throw new OsError(-n, "disk pwrite");
-      if (n === 0) break;
-      done += n;
-    }
-    return done;
+    return this.#transfer(true, buf, off);
   }
 
   /** struct iovec[IOV_MAX]: base address and length per buffer, reused for every request. */
