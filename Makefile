@@ -57,11 +57,13 @@ lint: | deno
 	$(DENO) lint
 
 # Tools the tests use besides the lab's (the lab scripts install theirs): curl for the seed's curl
-# examples, iasl to disassemble the ACPI tables, the Debian cloud kernel for the loader tests.
+# examples, iasl to disassemble the ACPI tables, dbus-daemon and dbus-send for the D-Bus API, the
+# Debian cloud kernel for the loader tests.
 test-deps:
 	@want=""; \
 	command -v curl >/dev/null || want="$$want curl"; \
 	command -v iasl >/dev/null || want="$$want acpica-tools"; \
+	{ command -v dbus-daemon >/dev/null && command -v dbus-send >/dev/null; } || want="$$want dbus"; \
 	ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || want="$$want linux-image-cloud-amd64"; \
 	if [ -n "$$want" ]; then \
 	  echo "installing$$want (apt-get)"; \

@@ -10,8 +10,8 @@
 import { parseArgs } from "node:util";
 import { runRemote } from "./api/remote.ts";
 import { type ApiServer, parseApiSocketOption, startApiServer } from "./api/server.ts";
-import { DVMM_VERSION } from "./api/version.ts";
-import type { VmConfig } from "./api/schemas.ts";
+import { DVMM_VERSION } from "./vmm/version.ts";
+import type { VmConfig } from "./vmm/vm_config.ts";
 import { type CliVmOptions, ConfigError, vmConfigFromCli } from "./vmm/config.ts";
 import { ControlLoop, type VmBackend } from "./vmm/control.ts";
 import { EventMonitor, type EventSink, nullEventSink } from "./vmm/events.ts";

@@ -1,7 +1,10 @@
 /**
  * A small HTTP/1.1 client over a UNIX socket: one request per connection (`Connection: close`), the
- * reply read to the end. Used by `dvmm remote`, the tests and the benchmark.
+ * reply read to its `Content-Length` (or to the end). File descriptors go with the request bytes as
+ * SCM_RIGHTS, as Cloud Hypervisor's api_client sends them (`add-net fd=...`). Used by `dvmm remote`,
+ * the tests and the benchmark.
  */
+import { closeFd, readAsync, sendAllWithFds, unixConnect } from "../ffi/socket.ts";
 
 export interface ApiReply {
   status: number;
@@ -13,12 +16,16 @@ export interface ApiReply {
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 
-/** Send one request to the API socket at `socketPath`; `path` is like `/api/v1/vmm.ping`. */
+/**
+ * Send one request to the API socket at `socketPath`; `path` is like `/api/v1/vmm.ping`. `fds` are sent
+ * with the request (they stay open here: the caller owns them).
+ */
 export async function apiRequest(
   socketPath: string,
   method: string,
   path: string,
   body?: unknown,
+  fds: number[] = [],
 ): Promise<ApiReply> {
   const payload = body === undefined
     ? undefined
@@ -28,11 +35,42 @@ export async function apiRequest(
   if (payload) head += `Content-Type: application/json\r\nContent-Length: ${payload.length}\r\n`;
   else if (method !== "GET") head += "Content-Length: 0\r\n";
   head += "\r\n";
-  const raw = await exchange(
-    socketPath,
-    payload ? concat([encoder.encode(head), payload]) : encoder.encode(head),
-  );
+  const bytes = payload ? concat([encoder.encode(head), payload]) : encoder.encode(head);
+  const raw = fds.length > 0
+    ? await exchangeWithFds(socketPath, bytes, fds)
+    : await exchange(socketPath, bytes);
   return parseResponse(raw);
+}
+
+/** Whether `raw` holds a whole response (head and the body its Content-Length announces). */
+function complete(raw: Uint8Array): boolean {
+  const end = indexOfCrlfCrlf(raw);
+  if (end < 0) return false;
+  const m = /\r\ncontent-length:\s*(\d+)/i.exec(decoder.decode(raw.subarray(0, end + 2)));
+  return m !== null && raw.length >= end + 4 + Number(m[1]);
+}
+
+/** As {@link exchange}, with descriptors passed along with the request (through the shim). */
+export async function exchangeWithFds(
+  socketPath: string,
+  bytes: Uint8Array,
+  fds: number[],
+): Promise<Uint8Array> {
+  const fd = await unixConnect(socketPath);
+  try {
+    await sendAllWithFds(fd, Uint8Array.from(bytes), fds);
+    const chunks: Uint8Array[] = [];
+    const buf = new Uint8Array(64 * 1024);
+    for (;;) {
+      const n = await readAsync(fd, buf);
+      if (n === 0) break;
+      chunks.push(buf.slice(0, n));
+      if (complete(concat(chunks))) break;
+    }
+    return concat(chunks);
+  } finally {
+    closeFd(fd);
+  }
 }
 
 /** Write `bytes` to the socket and read until the server closes the connection. */
@@ -47,6 +85,7 @@ export async function exchange(socketPath: string, bytes: Uint8Array): Promise<U
       const n = await conn.read(buf);
       if (n === null) break;
       chunks.push(buf.slice(0, n));
+      if (complete(concat(chunks))) break;
     }
     return concat(chunks);
   } finally {

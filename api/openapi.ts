@@ -5,9 +5,9 @@
  */
 import { z } from "zod";
 import type { RequestKind } from "../vmm/control.ts";
-import { ROUTES } from "./server.ts";
-import * as S from "./schemas.ts";
-import { DVMM_VERSION } from "./version.ts";
+import { ROUTES } from "./routes.ts";
+import * as S from "../vmm/vm_config.ts";
+import { DVMM_VERSION } from "../vmm/version.ts";
 
 type Json = Record<string, unknown>;
 

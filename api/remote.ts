@@ -5,7 +5,7 @@
  */
 import { parseArgs } from "node:util";
 import { ApiReply, apiRequest, errorMessages } from "./client.ts";
-import { API_PREFIX } from "./server.ts";
+import { API_PREFIX } from "./routes.ts";
 import {
   ConfigError,
   parseDeviceConfig,
@@ -41,7 +41,7 @@ commands:
   boot | delete | shutdown | reboot | power-button | pause | resume | nmi
   info                          VM information (JSON)
   counters                      VM counters (JSON)
-  add-disk path=FILE[,...]      add-net tap=...[,...]    add-fs tag=T,socket=S[,...]
+  add-disk path=FILE[,...]      add-net tap=...|fd=[N,..][,...]  add-fs tag=T,socket=S[,...]
   add-pmem file=F[,...]         add-vsock cid=N,socket=S add-device path=SYSFS[,...]
   add-user-device socket=S      add-vdpa path=P[,...]
   remove-device ID
@@ -58,6 +58,8 @@ interface Call {
   method: "GET" | "PUT";
   endpoint: string;
   body?: unknown;
+  /** Descriptors of this process sent with the request (SCM_RIGHTS). */
+  fds?: number[];
 }
 
 function one(cmd: string, args: string[], what: string): string {
@@ -122,8 +124,12 @@ async function buildCall(cmd: string, args: string[], io: RemoteIo): Promise<Cal
     }
     case "add-disk":
       return put("vm.add-disk", parseDiskConfig(one(cmd, args, "a disk description")));
-    case "add-net":
-      return put("vm.add-net", parseNetConfig(one(cmd, args, "a network device description")));
+    case "add-net": {
+      // `fd=[3,4]` names taps this process inherited: they travel with the request (SCM_RIGHTS), as
+      // ch-remote sends them, and the server takes them as the device's taps.
+      const { fds, ...net } = parseNetConfig(one(cmd, args, "a network device description"));
+      return { method: "PUT", endpoint: "vm.add-net", body: net, fds };
+    }
     case "add-fs":
       return put("vm.add-fs", parseFsConfig(one(cmd, args, "a virtio-fs description")));
     case "add-pmem":
@@ -235,7 +241,7 @@ export async function runRemote(argv: string[], io: RemoteIo = defaultIo): Promi
   }
   let reply: ApiReply;
   try {
-    reply = await apiRequest(socket, call.method, `${API_PREFIX}${call.endpoint}`, call.body);
+    reply = await apiRequest(socket, call.method, `${API_PREFIX}${call.endpoint}`, call.body, call.fds);
   } catch (e) {
     io.err(`dvmm remote: cannot reach the API at ${socket}: ${(e as Error).message}`);
     return 1;

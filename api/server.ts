@@ -1,225 +1,72 @@
 /**
- * The REST API: HTTP/1.1 on a UNIX socket (`Deno.serve`), `http://localhost/api/v1/<endpoint>`, with
- * Cloud Hypervisor's endpoints, methods and status codes (as its OpenAPI document states them). Every
- * request becomes one {@link VmmRequest} for the control loop; the server holds no VM state.
+ * The REST API server: HTTP/1.1 on a UNIX socket (`--api-socket path=` or an inherited `fd=`), framed
+ * exactly as Cloud Hypervisor's (see {@link formatResponse}), with keep-alive, and with the file
+ * descriptors a client sends as SCM_RIGHTS handed to the request they came with (`vm.add-net` taps).
  *
- * Errors are answered with a JSON array of messages, outermost first.
+ * Deno's HTTP servers can neither frame replies this way nor receive descriptors, so the socket is
+ * driven here through the shim: one epoll set (waited on from a pool thread, so the main thread stays
+ * free), non-blocking accept/recvmsg/send. Every request becomes one call of {@link callApi}; the
+ * server holds no VM state. Errors are answered with a JSON array of messages, outermost first.
+ *
+ * The server cannot be starved: connections are capped (the one over the cap is answered 503 and
+ * closed), idle and half-sent connections time out, and running out of descriptors sheds the new
+ * connection instead of failing the VMM.
  */
-import type { z } from "zod";
-import type { ControlLoop, RequestKind, VmmErrorKind, VmmRequest, VmmResponse } from "../vmm/control.ts";
+import type { ControlLoop, RequestKind } from "../vmm/control.ts";
 import { type Logger, logger } from "../vmm/log.ts";
-import {
-  DeviceConfigSchema,
-  DiskConfigSchema,
-  formatZodError,
-  FsConfigSchema,
-  GenericVhostUserConfigSchema,
-  NetConfigSchema,
-  PmemConfigSchema,
-  ReceiveMigrationDataSchema,
-  RestoreConfigSchema,
-  SendMigrationDataSchema,
-  VdpaConfigSchema,
-  VmAddUserDeviceSchema,
-  VmConfigSchema,
-  VmCoredumpDataSchema,
-  VmRemoveDeviceSchema,
-  VmResizeDiskSchema,
-  VmResizeSchema,
-  VmResizeZoneSchema,
-  VmSnapshotConfigSchema,
-  VsockConfigSchema,
-} from "./schemas.ts";
+import { check, cstr, EINTR, EMFILE, ENFILE, shim } from "../ffi/shim.ts";
+import { EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, EPOLLOUT } from "../ffi/kvm_constants.ts";
+import { accept, adoptListener, closeFd, recvWithFds, sendSome, unixListen } from "../ffi/socket.ts";
+import { type ApiResult, callApi, errorResult } from "./dispatch.ts";
+import { CONTINUE_BYTES, formatResponse, type HttpRequest, MAX_HEAD_BYTES, RequestReader } from "./http.ts";
+import { API_PREFIX, MAX_BODY_BYTES, ROUTES } from "./routes.ts";
 
-export const API_PREFIX = "/api/v1/";
-/** Largest accepted request body. */
-export const MAX_BODY_BYTES = 1024 * 1024;
+export { API_PREFIX, MAX_BODY_BYTES, ROUTES } from "./routes.ts";
 
-export interface Route {
-  method: "GET" | "PUT";
-  /** Schema of the JSON body, for endpoints that take one. */
-  body?: z.ZodTypeAny;
-  /** Name of the body's schema in the OpenAPI document. */
-  bodyName?: string;
+/** What the server tolerates before it sheds a connection. */
+export interface ServerLimits {
+  /** Open connections; the next one is answered 503 and closed. */
+  maxConnections: number;
+  /** A connection with nothing under way is closed after this long. */
+  idleTimeoutMs: number;
+  /** A request must arrive whole (and a reply be taken) within this long of its first byte. */
+  requestTimeoutMs: number;
 }
 
-/** Every endpoint, named as in the path (`/api/v1/<name>`); the name is also the control request kind. */
-export const ROUTES: Record<RequestKind, Route> = {
-  "vmm.ping": { method: "GET" },
-  "vmm.shutdown": { method: "PUT" },
-  "vm.info": { method: "GET" },
-  "vm.counters": { method: "GET" },
-  "vm.create": { method: "PUT", body: VmConfigSchema, bodyName: "VmConfig" },
-  "vm.delete": { method: "PUT" },
-  "vm.boot": { method: "PUT" },
-  "vm.pause": { method: "PUT" },
-  "vm.resume": { method: "PUT" },
-  "vm.shutdown": { method: "PUT" },
-  "vm.reboot": { method: "PUT" },
-  "vm.power-button": { method: "PUT" },
-  "vm.nmi": { method: "PUT" },
-  "vm.resize": { method: "PUT", body: VmResizeSchema, bodyName: "VmResize" },
-  "vm.resize-disk": { method: "PUT", body: VmResizeDiskSchema, bodyName: "VmResizeDisk" },
-  "vm.resize-zone": { method: "PUT", body: VmResizeZoneSchema, bodyName: "VmResizeZone" },
-  "vm.add-device": { method: "PUT", body: DeviceConfigSchema, bodyName: "DeviceConfig" },
-  "vm.remove-device": { method: "PUT", body: VmRemoveDeviceSchema, bodyName: "VmRemoveDevice" },
-  "vm.add-disk": { method: "PUT", body: DiskConfigSchema, bodyName: "DiskConfig" },
-  "vm.add-fs": { method: "PUT", body: FsConfigSchema, bodyName: "FsConfig" },
-  "vm.add-generic-vhost-user": {
-    method: "PUT",
-    body: GenericVhostUserConfigSchema,
-    bodyName: "GenericVhostUserConfig",
-  },
-  "vm.add-pmem": { method: "PUT", body: PmemConfigSchema, bodyName: "PmemConfig" },
-  "vm.add-net": { method: "PUT", body: NetConfigSchema, bodyName: "NetConfig" },
-  "vm.add-vsock": { method: "PUT", body: VsockConfigSchema, bodyName: "VsockConfig" },
-  "vm.add-vdpa": { method: "PUT", body: VdpaConfigSchema, bodyName: "VdpaConfig" },
-  "vm.add-user-device": { method: "PUT", body: VmAddUserDeviceSchema, bodyName: "VmAddUserDevice" },
-  "vm.snapshot": { method: "PUT", body: VmSnapshotConfigSchema, bodyName: "VmSnapshotConfig" },
-  "vm.coredump": { method: "PUT", body: VmCoredumpDataSchema, bodyName: "VmCoredumpData" },
-  "vm.restore": { method: "PUT", body: RestoreConfigSchema, bodyName: "RestoreConfig" },
-  "vm.receive-migration": {
-    method: "PUT",
-    body: ReceiveMigrationDataSchema,
-    bodyName: "ReceiveMigrationData",
-  },
-  "vm.send-migration": { method: "PUT", body: SendMigrationDataSchema, bodyName: "SendMigrationData" },
+export const DEFAULT_LIMITS: ServerLimits = {
+  maxConnections: 256,
+  idleTimeoutMs: 120_000,
+  requestTimeoutMs: 30_000,
 };
 
-const STATUS: Record<VmmErrorKind, number> = {
-  NotCreated: 404,
-  WrongState: 405,
-  BadRequest: 400,
-  Conflict: 409,
-  NotFound: 404,
-  TooManyRequests: 429,
-  NotImplemented: 500,
-  ShuttingDown: 500,
-  Internal: 500,
-};
-
-/** Where the document gives an endpoint its own code for a failure. */
-const STATUS_OVERRIDES: Partial<Record<RequestKind, Partial<Record<VmmErrorKind, number>>>> = {
-  // "404: The VM instance could not be restored because it is already created."
-  "vm.restore": { WrongState: 404 },
-};
-
-export function statusFor(kind: RequestKind, error: VmmErrorKind): number {
-  return STATUS_OVERRIDES[kind]?.[error] ?? STATUS[error];
-}
-
-function errorResponse(status: number, messages: string[], headers: Record<string, string> = {}): Response {
-  return new Response(JSON.stringify(messages), {
-    status,
-    headers: { "content-type": "application/json", ...headers },
-  });
-}
-
-class BodyTooLarge extends Error {}
-
-async function readBody(req: Request, limit: number): Promise<Uint8Array> {
-  const declared = req.headers.get("content-length");
-  if (declared !== null && Number(declared) > limit) throw new BodyTooLarge();
-  if (!req.body) return new Uint8Array(0);
-  const chunks: Uint8Array[] = [];
-  let total = 0;
-  const reader = req.body.getReader();
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    total += value.length;
-    if (total > limit) {
-      await reader.cancel().catch(() => {});
-      throw new BodyTooLarge();
-    }
-    chunks.push(value);
-  }
-  const out = new Uint8Array(total);
-  let off = 0;
-  for (const c of chunks) {
-    out.set(c, off);
-    off += c.length;
-  }
-  return out;
-}
-
-/** Turn a request body into the typed body for the control loop, or an error response. */
-async function decodeBody(kind: RequestKind, route: Route, req: Request): Promise<unknown | Response> {
-  if (!route.body) return undefined;
-  let bytes: Uint8Array;
-  try {
-    bytes = await readBody(req, MAX_BODY_BYTES);
-  } catch (e) {
-    if (e instanceof BodyTooLarge) {
-      return errorResponse(413, [`request body of ${kind} exceeds the limit of ${MAX_BODY_BYTES} bytes`]);
-    }
-    return errorResponse(400, [`cannot read the request body of ${kind}`, (e as Error).message]);
-  }
-  const text = new TextDecoder().decode(bytes).trim();
-  if (text === "") return errorResponse(400, [`${kind} needs a JSON ${route.bodyName} body`]);
-  let json: unknown;
-  try {
-    json = JSON.parse(text);
-  } catch (e) {
-    return errorResponse(400, [`the body of ${kind} is not valid JSON`, (e as Error).message]);
-  }
-  if (json === null || typeof json !== "object" || Array.isArray(json)) {
-    return errorResponse(400, [`the body of ${kind} must be a JSON object (${route.bodyName})`]);
-  }
-  const r = route.body.safeParse(json);
-  if (!r.success) {
-    return errorResponse(400, [`invalid ${route.bodyName}`, ...formatZodError(r.error, route.bodyName!)]);
-  }
-  const nets = kind === "vm.add-net" ? [r.data] : kind === "vm.create" ? (r.data.net ?? []) : [];
-  if (nets.some((n: { fds?: number[] }) => n.fds !== undefined)) {
-    return errorResponse(400, [
-      `invalid ${route.bodyName}`,
-      "net.fds: file descriptors cannot be given in a JSON body (they are process-local); " +
-      "use the tap field, or --net fd=N on the command line",
-    ]);
-  }
-  return r.data;
-}
-
-/** The request handler, separate from the socket so it can be exercised on its own. */
-export function createHandler(
+/** Route one parsed request to the control loop; `allow` is set for a wrong method. */
+export async function routeRequest(
   loop: ControlLoop,
+  req: { method: string; path: string; body: Uint8Array; fds: number[] },
   log: Logger = logger("api"),
-): (req: Request) => Promise<Response> {
-  return async (req: Request): Promise<Response> => {
-    let path: string;
-    try {
-      path = new URL(req.url).pathname;
-    } catch {
-      return errorResponse(400, ["malformed request URL"]);
-    }
-    if (!path.startsWith(API_PREFIX)) return errorResponse(404, [`unknown path ${path}`]);
-    const name = path.slice(API_PREFIX.length);
-    if (!Object.hasOwn(ROUTES, name)) return errorResponse(404, [`unknown endpoint ${name}`]);
-    const kind = name as RequestKind;
-    const route = ROUTES[kind];
-    if (req.method !== route.method) {
-      return errorResponse(405, [`${kind} expects ${route.method}, not ${req.method}`], {
-        allow: route.method,
-      });
-    }
-    const body = await decodeBody(kind, route, req);
-    if (body instanceof Response) return body;
-
-    const reply = await new Promise<VmmResponse>((resolve) => {
-      loop.submit({ kind, body, reply: resolve } as VmmRequest);
-    });
-    if (reply.ok) {
-      if (reply.body === undefined) return new Response(null, { status: 204 });
-      return new Response(JSON.stringify(reply.body), {
-        status: 200,
-        headers: { "content-type": "application/json" },
-      });
-    }
-    const status = statusFor(kind, reply.error.kind);
-    log.debug(`${kind} → ${status}: ${reply.error.messages.join(": ")}`);
-    return errorResponse(status, reply.error.messages);
+): Promise<ApiResult> {
+  const refuse = (r: ApiResult) => {
+    req.fds.forEach(closeFd);
+    return r;
   };
+  if (!req.path.startsWith(API_PREFIX)) return refuse(errorResult(404, [`unknown path ${req.path}`]));
+  const name = req.path.slice(API_PREFIX.length);
+  if (!Object.hasOwn(ROUTES, name)) return refuse(errorResult(404, [`unknown endpoint ${name}`]));
+  const kind = name as RequestKind;
+  const route = ROUTES[kind];
+  if (req.method !== route.method) {
+    return refuse({
+      ...errorResult(405, [`${kind} expects ${route.method}, not ${req.method}`]),
+      allow: route.method,
+    });
+  }
+  let text: string;
+  try {
+    text = new TextDecoder("utf-8", { fatal: true }).decode(req.body);
+  } catch {
+    return refuse(errorResult(400, [`the body of ${kind} is not valid UTF-8`]));
+  }
+  return await callApi(loop, kind, text, req.fds, log);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -279,45 +126,368 @@ async function claimSocketPath(path: string): Promise<void> {
   await Deno.remove(path);
 }
 
+export interface ApiServer {
+  /** The socket path, or `fd=N` for an inherited socket. */
+  readonly path: string;
+  /** Stop accepting, finish the replies under way, close every connection and remove the socket file. */
+  close(): Promise<void>;
+}
+
+class Conn {
+  readonly reader = new RequestReader(MAX_BODY_BYTES);
+  /** Bytes of replies not yet taken by the socket. */
+  out: Uint8Array<ArrayBuffer>[] = [];
+  /** Events registered in the epoll set (0: not registered). */
+  interest = 0;
+  /** A request of this connection is with the control loop. */
+  busy = false;
+  /** The peer sent end-of-stream: answer what was asked, then close. */
+  eof = false;
+  /** Close once the output is written. */
+  closeAfter = false;
+  /**
+   * After an error answer: what the client still sends is read and dropped until it hangs up (or
+   * pauses), so it reads the answer rather than a reset in the middle of its own write.
+   */
+  discard = false;
+  closed = false;
+  /** When the connection last made progress, and when the request being read began. */
+  lastActive: number;
+  requestStart = 0;
+  constructor(readonly fd: number, now: number) {
+    this.lastActive = now;
+  }
+}
+
+const WAKE = 2 ** 32;
+/** How long a connection answered with an error is drained after the client goes quiet. */
+const LINGER_MS = 2000; // epoll data word of the wake eventfd (no descriptor has this number)
+
+class HttpApiServer implements ApiServer {
+  readonly #conns = new Map<number, Conn>();
+  readonly #epfd: number;
+  readonly #wake: number;
+  readonly #events = new BigUint64Array(64);
+  readonly #recvBuf = new Uint8Array(64 * 1024);
+  readonly #wakeBuf = new BigUint64Array(1);
+  /** A spare descriptor, given up to accept (and refuse) a connection when the process is out of them. */
+  #reserve = -1;
+  #closing = false;
+  #inflight = 0;
+  #drained: (() => void) | null = null;
+  #lastSweep = 0;
+  readonly #done: Promise<void>;
+
+  constructor(
+    readonly path: string,
+    readonly listener: number,
+    readonly removeOnClose: boolean,
+    readonly loop: ControlLoop,
+    readonly limits: ServerLimits,
+    readonly log: Logger,
+  ) {
+    const s = shim();
+    this.#epfd = check(s.kvs_epoll_create(), "epoll_create");
+    this.#wake = check(s.kvs_eventfd(0, 0o4000 | 0o2000000), "eventfd"); // EFD_NONBLOCK | EFD_CLOEXEC
+    check(s.kvs_epoll_ctl(this.#epfd, EPOLL_CTL_ADD, listener, EPOLLIN, listener), "epoll_ctl(listener)");
+    check(s.kvs_epoll_ctl(this.#epfd, EPOLL_CTL_ADD, this.#wake, EPOLLIN, WAKE), "epoll_ctl(wake)");
+    this.#openReserve();
+    this.#done = this.#run();
+  }
+
+  #openReserve(): void {
+    if (this.#reserve < 0) this.#reserve = Math.max(-1, Number(shim().kvs_open(cstr("/dev/null"), 0, 0)));
+  }
+
+  async #run(): Promise<void> {
+    const s = shim();
+    while (!this.#closing || this.#inflight > 0 || this.#hasOutput()) {
+      const n = Number(await s.kvs_epoll_wait_async(this.#epfd, this.#events, this.#events.length, 1000));
+      if (n < 0) {
+        if (n === -EINTR) continue;
+        this.log.error(`API server: epoll_wait failed (errno ${-n}); the API stops`);
+        break;
+      }
+      for (let i = 0; i < n; i++) {
+        const data = Number(this.#events[i]);
+        if (data === WAKE) s.kvs_read(this.#wake, this.#wakeBuf, 8);
+        else if (data === this.listener) this.#acceptAll();
+        else {
+          const c = this.#conns.get(data);
+          if (c) this.#service(c);
+        }
+      }
+      this.#sweep();
+    }
+    for (const c of [...this.#conns.values()]) this.#close(c);
+    s.kvs_close(this.#epfd);
+    s.kvs_close(this.#wake);
+    if (this.#reserve >= 0) s.kvs_close(this.#reserve);
+    s.kvs_close(this.listener);
+  }
+
+  #hasOutput(): boolean {
+    for (const c of this.#conns.values()) if (c.out.length > 0) return true;
+    return false;
+  }
+
+  #acceptAll(): void {
+    if (this.#closing) return;
+    for (;;) {
+      let fd: number | null;
+      try {
+        fd = accept(this.listener);
+      } catch (e) {
+        const errno = (e as { errno?: number }).errno;
+        if ((errno === EMFILE || errno === ENFILE) && this.#reserve >= 0) {
+          // Out of descriptors: free the spare one to take the connection off the queue and refuse it,
+          // rather than letting it spin the loop or fail the VMM.
+          shim().kvs_close(this.#reserve);
+          this.#reserve = -1;
+          const shed = accept(this.listener);
+          if (shed !== null) this.#refuse(shed, "the VMM is out of file descriptors");
+          this.#openReserve();
+          this.log.warn("API server: out of file descriptors; a connection was refused");
+          continue;
+        }
+        this.log.warn(`API server: accept failed: ${(e as Error).message}`);
+        return;
+      }
+      if (fd === null) return;
+      if (this.#conns.size >= this.limits.maxConnections) {
+        this.#refuse(fd, `too many connections (limit ${this.limits.maxConnections})`);
+        continue;
+      }
+      const c = new Conn(fd, performance.now());
+      this.#conns.set(fd, c);
+      this.#setInterest(c, EPOLLIN);
+    }
+  }
+
+  /** Answer 503 on a connection that is not taken, and close it. */
+  #refuse(fd: number, why: string): void {
+    const r = errorResult(503, [why]);
+    try {
+      sendSome(fd, formatResponse(r.status, r.body, { keepAlive: false }));
+    } catch { /* the client is gone already */ }
+    closeFd(fd);
+  }
+
+  #setInterest(c: Conn, events: number): void {
+    if (c.interest === events || c.closed) return;
+    const op = c.interest === 0 ? EPOLL_CTL_ADD : events === 0 ? EPOLL_CTL_DEL : EPOLL_CTL_MOD;
+    const r = Number(shim().kvs_epoll_ctl(this.#epfd, op, c.fd, events, c.fd));
+    if (r < 0) {
+      this.log.warn(`API server: epoll_ctl on a connection failed (errno ${-r}); closing it`);
+      this.#close(c);
+      return;
+    }
+    c.interest = events;
+  }
+
+  #updateInterest(c: Conn): void {
+    const reading = !c.eof && (!c.closeAfter || c.discard);
+    this.#setInterest(c, (reading ? EPOLLIN : 0) | (c.out.length > 0 ? EPOLLOUT : 0));
+  }
+
+  /** The connection is readable or writable. */
+  #service(c: Conn): void {
+    if (c.out.length > 0) this.#flush(c);
+    if (c.closed) return;
+    if (!c.eof && (!c.closeAfter || c.discard)) this.#read(c);
+    if (!c.closed) this.#pump(c);
+  }
+
+  #read(c: Conn): void {
+    for (;;) {
+      let r: { n: number; fds: number[] } | null;
+      try {
+        r = recvWithFds(c.fd, this.#recvBuf);
+      } catch (e) {
+        this.log.debug(`API connection: ${(e as Error).message}`);
+        this.#close(c);
+        return;
+      }
+      if (r === null) break;
+      if (r.n === 0 && r.fds.length === 0) {
+        c.eof = true;
+        break;
+      }
+      c.lastActive = performance.now();
+      if (c.discard) {
+        r.fds.forEach(closeFd);
+        continue;
+      }
+      if (c.reader.buffered === 0) c.requestStart = c.lastActive;
+      c.reader.push(this.#recvBuf.subarray(0, r.n), r.fds);
+      if (c.reader.buffered > 2 * (MAX_BODY_BYTES + MAX_HEAD_BYTES)) {
+        this.log.warn("API connection: too many bytes sent ahead of the replies; closing it");
+        this.#close(c);
+        return;
+      }
+    }
+    this.#updateInterest(c);
+  }
+
+  /** Start the next whole request of `c`, one at a time per connection, in order. */
+  #pump(c: Conn): void {
+    while (!c.busy && !c.closed && !c.closeAfter) {
+      const req = c.reader.next();
+      if (req === null) {
+        if (c.reader.takeContinue()) this.#send(c, CONTINUE_BYTES);
+        break;
+      }
+      if ("message" in req) {
+        const r = errorResult(req.status, [req.message]);
+        c.closeAfter = true;
+        c.discard = true;
+        this.#send(c, formatResponse(r.status, r.body, { keepAlive: false }));
+        break;
+      }
+      this.#start(c, req);
+    }
+    if (!c.busy && (c.eof || (c.closeAfter && !c.discard)) && c.out.length === 0 && !c.closed) this.#close(c);
+    else if (!c.closed) this.#updateInterest(c);
+  }
+
+  #start(c: Conn, req: HttpRequest): void {
+    c.busy = true;
+    this.#inflight++;
+    const keepAlive = req.keepAlive;
+    routeRequest(this.loop, req, this.log).catch((e) => {
+      this.log.error(`API request failed: ${(e as Error)?.stack ?? e}`);
+      return errorResult(500, ["internal error in the API server", String((e as Error)?.message ?? e)]);
+    }).then((r) => {
+      this.#inflight--;
+      c.busy = false;
+      if (c.closed) return;
+      c.lastActive = performance.now();
+      c.requestStart = c.reader.buffered > 0 ? c.lastActive : 0;
+      const alive = keepAlive && !this.#closing;
+      if (!alive) c.closeAfter = true;
+      this.#send(c, formatResponse(r.status, r.body, { keepAlive: alive, allow: r.allow }));
+      if (!c.closed) this.#pump(c);
+      if (this.#closing) this.#wakeUp();
+    });
+  }
+
+  #send(c: Conn, bytes: Uint8Array<ArrayBuffer>): void {
+    c.out.push(bytes);
+    if (c.out.length === 1) this.#flush(c);
+    else this.#updateInterest(c);
+  }
+
+  #flush(c: Conn): void {
+    while (c.out.length > 0) {
+      const head = c.out[0];
+      let n: number | null;
+      try {
+        n = sendSome(c.fd, head);
+      } catch (e) {
+        this.log.debug(`API connection: ${(e as Error).message}`);
+        this.#close(c);
+        return;
+      }
+      if (n === null) break;
+      c.lastActive = performance.now();
+      if (n < head.length) c.out[0] = head.subarray(n);
+      else c.out.shift();
+    }
+    if (c.out.length === 0 && c.closeAfter && !c.busy && (!c.discard || c.eof)) {
+      this.#close(c);
+      return;
+    }
+    this.#updateInterest(c);
+  }
+
+  #close(c: Conn): void {
+    if (c.closed) return;
+    c.closed = true;
+    this.#conns.delete(c.fd);
+    closeFd(c.fd); // also leaves the epoll set
+    c.reader.takeStrayFds().forEach(closeFd);
+    c.out = [];
+  }
+
+  /** Shed connections that sat idle, or that started a request (or a reply) and stalled. */
+  #sweep(): void {
+    const now = performance.now();
+    if (now - this.#lastSweep < 1000) return;
+    this.#lastSweep = now;
+    for (const c of [...this.#conns.values()]) {
+      if (c.busy) continue;
+      if (c.discard && c.out.length === 0 && now - c.lastActive > LINGER_MS) {
+        this.#close(c);
+        continue;
+      }
+      const stalled = (c.reader.buffered > 0 && now - c.requestStart > this.limits.requestTimeoutMs) ||
+        (c.out.length > 0 && now - c.lastActive > this.limits.requestTimeoutMs);
+      if (stalled) {
+        this.log.info("API connection: request or reply stalled; closing it");
+        if (c.out.length === 0) {
+          const r = errorResult(408, ["the request did not arrive in time"]);
+          try {
+            sendSome(c.fd, formatResponse(r.status, r.body, { keepAlive: false }));
+          } catch { /* the client is gone already */ }
+        }
+        this.#close(c);
+      } else if (c.out.length === 0 && now - c.lastActive > this.limits.idleTimeoutMs) {
+        this.#close(c);
+      }
+    }
+  }
+
+  #wakeUp(): void {
+    this.#wakeBuf[0] = 1n;
+    shim().kvs_write(this.#wake, this.#wakeBuf, 8);
+  }
+
+  #closed: Promise<void> | null = null;
+  close(): Promise<void> {
+    this.#closed ??= (async () => {
+      this.#closing = true;
+      shim().kvs_epoll_ctl(this.#epfd, EPOLL_CTL_DEL, this.listener, 0, 0);
+      // Replies under way still go out (vmm.shutdown answers before the VMM exits); a bounded wait.
+      const deadline = performance.now() + 2000;
+      while ((this.#inflight > 0 || this.#hasOutput()) && performance.now() < deadline) {
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      this.#inflight = 0;
+      for (const c of this.#conns.values()) c.out = [];
+      this.#wakeUp();
+      await this.#done;
+      if (this.removeOnClose) await Deno.remove(this.path).catch(() => {});
+    })();
+    return this.#closed;
+  }
+}
+
 /** Listen on the API socket and serve the control loop there. */
 export async function startApiServer(
   spec: ApiSocketSpec,
   loop: ControlLoop,
   log: Logger = logger("api"),
+  limits: ServerLimits = DEFAULT_LIMITS,
 ): Promise<ApiServer> {
   if ("fd" in spec) {
-    // Node's HTTP stack is loaded only for an inherited socket: it is heavy at start-up.
-    const { serveOnFd } = await import("./fd_listener.ts");
-    const fdServer = await serveOnFd(spec.fd, createHandler(loop, log), log);
-    return { path: `fd=${spec.fd}`, close: () => fdServer.close() };
+    let fd: number;
+    try {
+      fd = adoptListener(spec.fd);
+    } catch (e) {
+      throw new Error(`--api-socket fd=${spec.fd}: not an open, listening socket (${(e as Error).message})`);
+    }
+    log.info(`API server listening on inherited fd ${spec.fd}`);
+    return new HttpApiServer(`fd=${spec.fd}`, fd, false, loop, limits, log);
   }
   const path = spec.path;
   await claimSocketPath(path);
-  const handler = createHandler(loop, log);
-  let server: Deno.HttpServer<Deno.UnixAddr>;
+  let fd: number;
   try {
-    server = Deno.serve({
-      path,
-      onListen: () => {},
-      onError: (e) => {
-        log.error(`API handler failed: ${(e as Error)?.stack ?? e}`);
-        return errorResponse(500, ["internal error in the API server", String((e as Error)?.message ?? e)]);
-      },
-    }, handler);
+    fd = unixListen(path);
   } catch (e) {
     throw new Error(`cannot listen on API socket ${path}: ${(e as Error).message}`);
   }
   await Deno.chmod(path, 0o600);
   log.info(`API server listening on ${path}`);
-  let closed: Promise<void> | null = null;
-  return {
-    path,
-    close() {
-      closed ??= (async () => {
-        await server.shutdown().catch(() => {});
-        await Deno.remove(path).catch(() => {});
-      })();
-      return closed;
-    },
-  };
+  return new HttpApiServer(path, fd, true, loop, limits, log);
 }

@@ -3,7 +3,7 @@
  * it is asked to do (it tests the loop and the API, not a VM), and a helper that serves a loop on a
  * temporary UNIX socket. Not used by dvmm itself.
  */
-import type { VmConfig } from "./schemas.ts";
+import type { VmConfig } from "../vmm/vm_config.ts";
 import { ControlLoop, type GuestEvent, type VmBackend } from "../vmm/control.ts";
 import type { EventSink } from "../vmm/events.ts";
 import { type ApiServer, startApiServer } from "./server.ts";

@@ -43,6 +43,13 @@ const SYMBOLS = {
   kvs_epoll_wait: { parameters: ["i32", "buffer", "i32", "i32"], result: "i64" },
   kvs_poll1: { parameters: ["i32", "i32", "i32"], result: "i64" },
   kvs_socket: { parameters: ["i32", "i32", "i32"], result: "i64" },
+  kvs_unix_listen: { parameters: ["buffer", "i32"], result: "i64" },
+  kvs_unix_connect: { parameters: ["buffer"], result: "i64" },
+  kvs_accept: { parameters: ["i32"], result: "i64" },
+  kvs_sockopt_int: { parameters: ["i32", "i32"], result: "i64" },
+  kvs_recv_fds: { parameters: ["i32", "buffer", "u64", "buffer", "i32"], result: "i64" },
+  kvs_send_fds: { parameters: ["i32", "buffer", "u64", "buffer", "i32"], result: "i64" },
+  kvs_set_thread_name: { parameters: ["buffer"], result: "i64" },
   kvs_kick_init: { parameters: [], result: "i64" },
   kvs_kick_signal: { parameters: [], result: "i32" },
   kvs_thread_self: { parameters: [], result: "u64" },
@@ -73,6 +80,19 @@ const SYMBOLS = {
   kvs_epoll_wait_async: {
     name: "kvs_epoll_wait",
     parameters: ["i32", "buffer", "i32", "i32"],
+    result: "i64",
+    nonblocking: true,
+  },
+  /** A client's connect, send and receive (blocking on a pool thread; the main thread stays free). */
+  kvs_unix_connect_async: {
+    name: "kvs_unix_connect",
+    parameters: ["buffer"],
+    result: "i64",
+    nonblocking: true,
+  },
+  kvs_send_fds_async: {
+    name: "kvs_send_fds",
+    parameters: ["i32", "buffer", "u64", "buffer", "i32"],
     result: "i64",
     nonblocking: true,
   },

@@ -11,9 +11,11 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -80,6 +82,87 @@ int64_t kvs_poll1(int32_t fd, int32_t events, int32_t timeout_ms) {
 int64_t kvs_socket(int32_t domain, int32_t type, int32_t protocol) {
   RET(socket(domain, type | SOCK_CLOEXEC, protocol));
 }
+
+static int unix_addr(const char *path, struct sockaddr_un *a) {
+  size_t n = strlen(path);
+  if (n == 0 || n >= sizeof a->sun_path) { errno = ENAMETOOLONG; return -1; }
+  memset(a, 0, sizeof *a);
+  a->sun_family = AF_UNIX;
+  memcpy(a->sun_path, path, n);
+  return 0;
+}
+int64_t kvs_unix_listen(const char *path, int32_t backlog) {
+  struct sockaddr_un a;
+  if (unix_addr(path, &a) < 0) return -(int64_t)errno;
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) return -(int64_t)errno;
+  if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0 || listen(fd, backlog) < 0) {
+    int e = errno;
+    close(fd);
+    return -(int64_t)e;
+  }
+  return fd;
+}
+int64_t kvs_unix_connect(const char *path) {
+  struct sockaddr_un a;
+  if (unix_addr(path, &a) < 0) return -(int64_t)errno;
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -(int64_t)errno;
+  if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) {
+    int e = errno;
+    close(fd);
+    return -(int64_t)e;
+  }
+  return fd;
+}
+int64_t kvs_accept(int32_t fd) { RET(accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)); }
+int64_t kvs_sockopt_int(int32_t fd, int32_t opt) {
+  int v = 0;
+  socklen_t len = sizeof v;
+  if (getsockopt(fd, SOL_SOCKET, opt, &v, &len) < 0) return -(int64_t)errno;
+  return v;
+}
+#define KVS_MAX_FDS 253 /* SCM_MAX_FD */
+int64_t kvs_recv_fds(int32_t fd, void *buf, uint64_t len, int32_t *fds, int32_t max_fds) {
+  union { char b[CMSG_SPACE(KVS_MAX_FDS * sizeof(int))]; struct cmsghdr align; } ctl;
+  if (max_fds > KVS_MAX_FDS) max_fds = KVS_MAX_FDS;
+  if (max_fds < 0) max_fds = 0;
+  struct iovec iov = {.iov_base = buf, .iov_len = (size_t)len};
+  struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.b,
+                     .msg_controllen = CMSG_SPACE((size_t)max_fds * sizeof(int))};
+  ssize_t n = recvmsg(fd, &m, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+  if (n < 0) return -(int64_t)errno;
+  int count = 0;
+  for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+    int *in = (int *)CMSG_DATA(c);
+    for (int i = 0; i < k; i++) {
+      if (count < max_fds) fds[1 + count++] = in[i];
+      else close(in[i]);
+    }
+  }
+  fds[0] = (m.msg_flags & MSG_CTRUNC) ? -1 : count;
+  if (fds[0] < 0) { for (int i = 0; i < count; i++) close(fds[1 + i]); }
+  return n;
+}
+int64_t kvs_send_fds(int32_t fd, const void *buf, uint64_t len, const int32_t *fds, int32_t nfds) {
+  union { char b[CMSG_SPACE(KVS_MAX_FDS * sizeof(int))]; struct cmsghdr align; } ctl;
+  if (nfds < 0 || nfds > KVS_MAX_FDS) return -EINVAL;
+  struct iovec iov = {.iov_base = (void *)buf, .iov_len = (size_t)len};
+  struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1};
+  if (nfds > 0) {
+    m.msg_control = ctl.b;
+    m.msg_controllen = CMSG_SPACE((size_t)nfds * sizeof(int));
+    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN((size_t)nfds * sizeof(int));
+    memcpy(CMSG_DATA(c), fds, (size_t)nfds * sizeof(int));
+  }
+  RET(sendmsg(fd, &m, MSG_NOSIGNAL));
+}
+int64_t kvs_set_thread_name(const char *name) { RET(prctl(PR_SET_NAME, (unsigned long)name, 0, 0, 0)); }
 
 static void kick_handler(int sig) { (void)sig; }
 int32_t kvs_kick_signal(void) { return SIGRTMIN + 1; }

@@ -35,6 +35,22 @@ int64_t kvs_poll1(int32_t fd, int32_t events, int32_t timeout_ms);
 /* socket(2) with SOCK_CLOEXEC added (e.g. an AF_INET datagram socket for interface ioctls). */
 int64_t kvs_socket(int32_t domain, int32_t type, int32_t protocol);
 
+/* UNIX stream sockets for the API (CLOEXEC). A listening socket bound at `path` (non-blocking). */
+int64_t kvs_unix_listen(const char *path, int32_t backlog);
+/* A connected socket (blocking). */
+int64_t kvs_unix_connect(const char *path);
+/* accept4 with SOCK_NONBLOCK|SOCK_CLOEXEC. */
+int64_t kvs_accept(int32_t fd);
+/* getsockopt(SOL_SOCKET, opt) of an int option (e.g. SO_ACCEPTCONN, SO_TYPE, SO_DOMAIN). */
+int64_t kvs_sockopt_int(int32_t fd, int32_t opt);
+/* recvmsg of up to `len` bytes and up to `max_fds` SCM_RIGHTS descriptors (CLOEXEC): fds[0] receives
+ * the count, fds[1..] the descriptors; fds[0] is -1 when the kernel dropped some (MSG_CTRUNC). */
+int64_t kvs_recv_fds(int32_t fd, void *buf, uint64_t len, int32_t *fds, int32_t max_fds);
+/* sendmsg of `len` bytes with `nfds` SCM_RIGHTS descriptors (none when nfds is 0); never SIGPIPE. */
+int64_t kvs_send_fds(int32_t fd, const void *buf, uint64_t len, const int32_t *fds, int32_t nfds);
+/* Names the calling thread (at most 15 bytes are kept), as /proc/PID/task/TID/comm shows it. */
+int64_t kvs_set_thread_name(const char *name);
+
 /* vCPU kick: a no-op SIGRTMIN+1 handler without SA_RESTART, so a thread blocked in KVM_RUN returns EINTR. */
 int64_t kvs_kick_init(void);
 int32_t kvs_kick_signal(void);

@@ -54,7 +54,7 @@ Deno.test("remote: every command reaches its endpoint", async () => {
       [["add-pmem", "file=/p"], /HTTP 500/],
       [["add-vsock", "cid=3,socket=/v"], /HTTP 500/],
       [["add-device", "path=/sys/bus/pci/devices/0000:00:01.0"], /HTTP 500/],
-      [["add-user-device", "socket=/u"], /HTTP 500/],
+      [["add-user-device", "socket=/u"], /HTTP 400.*needs shared memory/],
       [["add-vdpa", "path=/dev/vhost-vdpa-0"], /HTTP 500/],
       [["resize-zone", "--id", "z", "--size", "1G"], /HTTP 404/],
       [["resize-disk", "--disk", "d", "--size", "1G"], /HTTP 404/],

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { ControlLoop, type VmmRequest, type VmmResponse } from "../vmm/control.ts";
-import { VmConfigSchema } from "../api/schemas.ts";
+import { VmConfigSchema } from "../vmm/vm_config.ts";
 import { EXAMPLE_VM, fakeFactory, RecordingEvents } from "../api/testing.ts";
 
 const config = () => VmConfigSchema.parse(EXAMPLE_VM);

@@ -108,7 +108,7 @@ Deno.test({
     const info = JSON.parse(section("INFO"));
     const tree = info.device_tree;
     assert.equal(tree["_virtio-pci-_net0"].pci_bdf, "0000:00:02.0");
-    assert.equal(tree["_virtio-pci-_console"].pci_bdf, "0000:00:01.0");
+    assert.equal(tree["_virtio-pci-__console"].pci_bdf, "0000:00:01.0");
     assert.deepEqual(tree["_virtio-pci-_net0"].children, ["_net0"]);
     assert.match(section("TAP"), /inet 192\.168\.249\.1\/24/);
   });

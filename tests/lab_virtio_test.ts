@@ -6,7 +6,7 @@
  */
 import assert from "node:assert/strict";
 import { labUnavailable, runInLab } from "./helpers/lab.ts";
-import { VmConfigSchema } from "../api/schemas.ts";
+import { VmConfigSchema } from "../vmm/vm_config.ts";
 import type { GuestEvent } from "../vmm/control.ts";
 import { Vm } from "../vmm/vm.ts";
 import { printAndPoweroffCode, pvhElf } from "./helpers/tiny_guest.ts";
@@ -120,7 +120,7 @@ Deno.test({
       const tree = vm.deviceTree() as Record<string, { pci_bdf: string | null; children: string[] }>;
       assert.equal(tree["_virtio-pci-_disk0"].pci_bdf, "0000:00:01.0");
       assert.deepEqual(tree["_virtio-pci-_disk0"].children, ["_disk0"]);
-      assert.equal(tree["_virtio-pci-_rng"].pci_bdf, "0000:00:02.0");
+      assert.equal(tree["_virtio-pci-__rng"].pci_bdf, "0000:00:02.0");
       assert.deepEqual(vm.counters(), {
         _disk0: { read_bytes: 0, write_bytes: 0, read_ops: 0, write_ops: 0 },
       });

@@ -4,7 +4,7 @@ import { SplitQueue } from "../devices/virtio/queue.ts";
 import { consoleConfigSpace, ConsoleDevice, ConsoleInput } from "../devices/virtio/console.ts";
 import { VIRTQ_DESC_F_NEXT as NEXT, VIRTQ_DESC_F_WRITE as W } from "../devices/virtio/constants.ts";
 import { FakeDriverQueue } from "./virtio_driver.ts";
-import { VmConfigSchema } from "../api/schemas.ts";
+import { VmConfigSchema } from "../vmm/vm_config.ts";
 import type { GuestEvent } from "../vmm/control.ts";
 import { Vm } from "../vmm/vm.ts";
 import { printAndPoweroffCode, pvhElf } from "./helpers/tiny_guest.ts";
@@ -102,10 +102,10 @@ Deno.test({
     try {
       assert.equal(await event, "poweroff");
       const tree = vm.deviceTree() as Record<string, { pci_bdf: string | null; children: string[] }>;
-      assert.equal(tree["_virtio-pci-_console"].pci_bdf, "0000:00:01.0");
-      assert.deepEqual(tree["_virtio-pci-_console"].children, ["_console"]);
-      assert.equal(tree["_virtio-pci-_rng"].pci_bdf, "0000:00:02.0");
-      assert.deepEqual(vm.counters()._console, { rx_bytes: 0, tx_bytes: 0 });
+      assert.equal(tree["_virtio-pci-__console"].pci_bdf, "0000:00:01.0");
+      assert.deepEqual(tree["_virtio-pci-__console"].children, ["__console"]);
+      assert.equal(tree["_virtio-pci-__rng"].pci_bdf, "0000:00:02.0");
+      assert.deepEqual(vm.counters().__console, { rx_bytes: 0, tx_bytes: 0 });
       assert.equal(Deno.statSync(`${dir}/console.log`).size, 0);
     } finally {
       await vm.shutdown();

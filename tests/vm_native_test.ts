@@ -3,7 +3,7 @@
  * the 16550 over shared state, the ACPI sleep register (poweroff), pause/resume and shutdown.
  */
 import assert from "node:assert/strict";
-import { VmConfigSchema } from "../api/schemas.ts";
+import { VmConfigSchema } from "../vmm/vm_config.ts";
 import type { GuestEvent } from "../vmm/control.ts";
 import { Vm } from "../vmm/vm.ts";
 import { printAndPoweroffCode, pvhElf } from "./helpers/tiny_guest.ts";

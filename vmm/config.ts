@@ -26,7 +26,7 @@ import {
   VmConfigSchema,
   type VsockConfig,
   VsockConfigSchema,
-} from "../api/schemas.ts";
+} from "./vm_config.ts";
 
 /** A bad command-line value; the message names the option. */
 export class ConfigError extends Error {

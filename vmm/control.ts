@@ -27,6 +27,7 @@ import {
   VmConfigSchema,
   type VmCoredumpData,
   type VmInfo,
+  vmInfoConfig,
   type VmmPingResponse,
   type VmRemoveDevice,
   type VmResize,
@@ -35,8 +36,9 @@ import {
   type VmSnapshotConfig,
   type VmState,
   type VsockConfig,
-} from "../api/schemas.ts";
-import { DVMM_VERSION } from "../api/version.ts";
+  withBootIdentities,
+} from "./vm_config.ts";
+import { DVMM_VERSION } from "./version.ts";
 import { type EventSink, nullEventSink } from "./events.ts";
 import { type Logger, logger } from "./log.ts";
 
@@ -200,6 +202,8 @@ export class ControlLoop {
   #backend: VmBackend | null = null;
   /** Bumped for every backend so events from a released one are ignored. */
   #generation = 0;
+  /** Where generated device identifiers go on (`_disk0`, `_net1`, …); never goes back for a VM. */
+  #deviceCounter = 0;
 
   #exiting = false;
   #resolveExit!: (code: number) => void;
@@ -412,7 +416,12 @@ export class ControlLoop {
   }
 
   async #startBackend(): Promise<void> {
-    const config = this.#config!;
+    // What boot decides (device identifiers, MACs) is part of the VM's config from here on, so that
+    // vm.info, counters, the device tree and remove-device all name devices the same way.
+    const named = withBootIdentities(this.#config!, this.#deviceCounter);
+    this.#config = named.config;
+    this.#deviceCounter = named.counter;
+    const config = this.#config;
     let backend: VmBackend;
     try {
       backend = this.#factory(config);
@@ -495,6 +504,7 @@ export class ControlLoop {
       this.#events.emit("vm", "shutdown");
     }
     this.#config = null;
+    this.#deviceCounter = 0;
     this.#state = "Created";
     this.#events.emit("vm", "deleted");
   }
@@ -506,7 +516,7 @@ export class ControlLoop {
 
   #info(): VmInfo {
     const config = this.#requireCreated();
-    const info: VmInfo = { config, state: this.#state };
+    const info: VmInfo = { config: vmInfoConfig(config) as VmConfig, state: this.#state };
     if (this.#isBooted()) {
       info.memory_actual_size = this.#backend!.memoryActualSize();
       info.device_tree = this.#backend!.deviceTree();

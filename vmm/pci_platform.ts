@@ -28,7 +28,7 @@ import {
   O_TRUNC,
   O_WRONLY,
 } from "../ffi/kvm_constants.ts";
-import type { DiskConfig, NetConfig, VmConfig } from "../api/schemas.ts";
+import type { DiskConfig, NetConfig, VmConfig } from "./vm_config.ts";
 import type { MmioBus, PioBus } from "../devices/bus.ts";
 import { PCI_CONFIG_ADDRESS_PORT, PciBus, type Window } from "../devices/pci/bus.ts";
 import type { MsixVector } from "../devices/pci/msix.ts";
@@ -468,7 +468,7 @@ export function createPci(
       }
       consoleIn = new ConsoleInput(ConsoleInput.create());
       addDevice(
-        c.id ?? "_console",
+        c.id ?? "__console",
         "console",
         {
           type: VIRTIO_ID.CONSOLE,
@@ -488,8 +488,18 @@ export function createPci(
       }
       if (!disk.path) throw new Error(`disk ${i} has no path`);
       const id = disk.id ?? `_disk${i}`;
-      const { fd, size } = openDiskImage(disk.path, { readonly: disk.readonly, direct: disk.direct });
+      const { fd, size, format } = openDiskImage(disk.path, { readonly: disk.readonly, direct: disk.direct });
       owned.push(fd);
+      // As Cloud Hypervisor: the image's own format is recorded in the config, a contradiction refused.
+      if (disk.image_type !== "Unknown" && disk.image_type !== format) {
+        throw new Error(`disk ${id}: image_type ${disk.image_type} given, but ${disk.path} is ${format}`);
+      }
+      if (format !== "Raw") {
+        throw new Error(
+          `disk ${id}: ${format} images are not implemented in dvmm yet (${disk.path}); use a raw image`,
+        );
+      }
+      disk.image_type = format;
       const opts = { numQueues: disk.num_queues };
       const serial = disk.serial ?? disk.path.split("/").pop()!.slice(0, 20);
       addDevice(
@@ -536,7 +546,7 @@ export function createPci(
       // Fail at boot, not in the worker, when the source cannot be opened.
       Deno.openSync(cfg.rng.src, { read: true }).close();
       addDevice(
-        cfg.rng.id ?? "_rng",
+        cfg.rng.id ?? "__rng",
         "rng",
         {
           type: VIRTIO_ID.RNG,

@@ -18,6 +18,7 @@ import {
   KVM_SYSTEM_EVENT_SHUTDOWN,
 } from "../ffi/kvm_constants.ts";
 import { kickInit, threadId, type VcpuDescriptor, VcpuFd } from "../ffi/kvm.ts";
+import { setThreadName } from "../ffi/socket.ts";
 import { Cmd, CTL_EXITS, State, VcpuControl, VmEvent, VmEvents } from "./vcpu_control.ts";
 import { buildPlatformBuses, type PlatformDescriptors } from "./platform.ts";
 
@@ -41,6 +42,8 @@ const EINTR = 4;
 const EAGAIN = 11;
 
 function runVcpu(init: VcpuWorkerInit): string {
+  // Named as Cloud Hypervisor names its vCPU threads: orchestrators (Kata) find them by this name.
+  setThreadName(`vcpu${init.vcpu.id}`);
   kickInit();
   const ctl = new VcpuControl(init.control);
   const events = new VmEvents(init.events);

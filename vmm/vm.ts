@@ -14,7 +14,7 @@ import {
   type VcpuFd,
   type VmFd,
 } from "../ffi/kvm.ts";
-import type { VmConfig } from "../api/schemas.ts";
+import type { VmConfig } from "./vm_config.ts";
 import type { GuestEvent, VmBackend } from "./control.ts";
 import { GuestMemory } from "./memory.ts";
 import { vcpuCpuid } from "./cpuid.ts";

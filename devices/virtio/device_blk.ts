@@ -17,11 +17,23 @@ export interface DiskOpenOptions {
 const IOV_MAX = 1024;
 
 /** Opens an image; returns its fd and size in bytes (block devices included). */
-export function openDiskImage(path: string, o: DiskOpenOptions = {}): { fd: number; size: number } {
+export function openDiskImage(
+  path: string,
+  o: DiskOpenOptions = {},
+): { fd: number; size: number; format: ImageFormat } {
   let size: number;
+  let format: ImageFormat;
   {
     const f = Deno.openSync(path, { read: true });
     try {
+      const head = new Uint8Array(8);
+      let got = 0;
+      while (got < head.length) {
+        const n = f.readSync(head.subarray(got));
+        if (n === null) break;
+        got += n;
+      }
+      format = imageFormat(head.subarray(0, got));
       size = f.seekSync(0, Deno.SeekMode.End);
     } finally {
       f.close();
@@ -29,7 +41,18 @@ export function openDiskImage(path: string, o: DiskOpenOptions = {}): { fd: numb
   }
   const flags = (o.readonly ? O_RDONLY : O_RDWR) | (o.direct ? O_DIRECT : 0) | O_CLOEXEC;
   const fd = check(shim().kvs_open(cstr(path), flags, 0), `open disk image ${path}`);
-  return { fd, size };
+  return { fd, size, format };
+}
+
+/** An image's format as Cloud Hypervisor names it (its `image_type`). */
+export type ImageFormat = "Raw" | "Qcow2" | "Vhdx";
+
+/** The format an image's first bytes announce: QCOW2 and VHDX carry a signature, anything else is raw. */
+export function imageFormat(head: Uint8Array): ImageFormat {
+  const text = new TextDecoder("latin1").decode(head);
+  if (text.startsWith("QFI\xfb")) return "Qcow2";
+  if (text.startsWith("vhdxfile")) return "Vhdx";
+  return "Raw";
 }
 
 /** A Disk over an fd this object does not own (the main thread closes it after the worker stops). */

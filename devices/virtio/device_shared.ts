@@ -27,7 +27,7 @@ export type VirtioKind = "rng" | "blk" | "net" | "console";
 
 /** Structured-cloneable description of one virtio-pci device (made once, on the main thread). */
 export interface VirtioDeviceDescriptor {
-  /** Device id as the API names it ("_disk0", "_rng", or the user's id). */
+  /** Device id as the API names it ("_disk0", "__rng", or the user's id). */
   id: string;
   kind: VirtioKind;
   /** PCI slot on bus 0 (function 0). */

@@ -12,6 +12,7 @@
  * and checks the epoch first, so once a reset has been written no further chain is touched.
  */
 import { check, EAGAIN, EINTR, shim } from "../../ffi/shim.ts";
+import { setThreadName } from "../../ffi/socket.ts";
 import { EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLLIN, POLLOUT } from "../../ffi/kvm_constants.ts";
 import { GuestMemory } from "../../vmm/memory.ts";
 import { SplitQueue } from "./queue.ts";
@@ -218,6 +219,8 @@ self.onmessage = (ev: MessageEvent<DeviceWorkerInit>) => {
   const init = ev.data;
   let msg: DeviceWorkerExit;
   try {
+    // The thread is named after its device, as Cloud Hypervisor names its device threads.
+    setThreadName(init.device.id);
     run(init);
     msg = { type: "exit", id: init.device.id };
   } catch (e) {

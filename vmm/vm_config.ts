@@ -1,9 +1,13 @@
 /**
- * Request and configuration schemas of the REST API, shaped after Cloud Hypervisor's OpenAPI document
- * (field names, types, defaults). Every object rejects unknown fields. Cross-field rules (vCPU counts,
- * console modes, unique identifiers, ...) are checked on the whole VmConfig.
+ * The VM configuration model and the bodies of the VM actions, shaped after Cloud Hypervisor's
+ * (field names, types, defaults, as its `vm_config.rs` serializes them and its OpenAPI document states
+ * them). Read the way Cloud Hypervisor reads them ({@link readConfig}): unknown fields are ignored
+ * (and reported to the caller), `null` means absent. Wrong types and broken rules are errors naming the
+ * field. Cross-field rules (vCPU counts, console modes, unique identifiers, ...) are checked on the
+ * whole VmConfig.
  *
- * The inferred output types (defaults applied) are what the rest of dvmm works with.
+ * The inferred output types (defaults applied) are what the rest of dvmm works with; the API and the
+ * CLI validate and translate into them.
  */
 import { z } from "zod";
 
@@ -14,13 +18,26 @@ const int = () => z.number().int();
 const u8 = () => int().min(0).max(255);
 const u16 = () => int().min(0).max(65535);
 const u32 = () => int().min(0).max(0xffff_ffff);
-const i32 = () => int().min(-0x8000_0000).max(0x7fff_ffff);
 /** A non-negative 64-bit quantity (bytes, ids); JSON numbers are exact up to 2^53. */
 const u64 = () => int().min(0).max(Number.MAX_SAFE_INTEGER);
 const pciSegment = () => u16();
 /** Device number on a PCI bus: 5 bits. */
 const pciDeviceId = () => int().min(0).max(31);
 const nonEmpty = (what: string) => z.string().min(1, `${what} must not be empty`);
+/** A user-given device identifier (`__` names are Cloud Hypervisor's own, as `__rng`). */
+const deviceId = () =>
+  nonEmpty("id").refine((s) => !s.startsWith("__"), "identifiers starting with __ are reserved");
+
+/**
+ * What every PCI device config carries (Cloud Hypervisor's PciDeviceCommonConfig): `pci_segment` is
+ * always reported, `iommu` only when on (see {@link vmInfoConfig}), `id` once given or assigned.
+ */
+const pciCommon = () => ({
+  id: deviceId().optional(),
+  iommu: z.boolean().default(false),
+  pci_segment: pciSegment().default(0),
+  pci_device_id: pciDeviceId().optional(),
+});
 
 function isPowerOfTwo(n: number): boolean {
   return n > 0 && (n & (n - 1)) === 0;
@@ -31,26 +48,28 @@ const queueSize = (dflt: number) =>
 // ---------------------------------------------------------------------------------------------------
 // VmConfig parts
 
-export const CpuAffinitySchema = z.object({ vcpu: u32(), host_cpus: z.array(u32()) }).strict();
-export const CpuFeaturesSchema = z.object({ amx: z.boolean().optional() }).strict();
+export const CpuAffinitySchema = z.object({ vcpu: u32(), host_cpus: z.array(u32()) });
+export const CpuFeaturesSchema = z.object({ amx: z.boolean().default(false) });
 export const CpuTopologySchema = z.object({
-  threads_per_core: u8().optional(),
-  cores_per_die: u8().optional(),
-  dies_per_package: u8().optional(),
-  packages: u8().optional(),
-}).strict();
+  threads_per_core: u8(),
+  cores_per_die: u8(),
+  dies_per_package: u8(),
+  packages: u8(),
+});
 
 export const CpusConfigSchema = z.object({
   boot_vcpus: int().min(1).max(255),
   max_vcpus: int().min(1).max(255),
   topology: CpuTopologySchema.optional(),
   kvm_hyperv: z.boolean().default(false),
-  max_phys_bits: int().min(1).max(64).optional(),
+  max_phys_bits: int().min(1).max(64).default(46),
   nested: z.boolean().default(true),
   affinity: z.array(CpuAffinitySchema).optional(),
-  features: CpuFeaturesSchema.optional(),
+  features: CpuFeaturesSchema.default({}),
   core_scheduling: z.enum(["Vm", "Vcpu", "Off"]).default("Vm"),
-}).strict().superRefine((c, ctx) => {
+  /** Cloud Hypervisor's CPU profile (not in its document; `Host` is its one value). */
+  profile: z.enum(["Host"]).default("Host"),
+}).superRefine((c, ctx) => {
   if (c.boot_vcpus > c.max_vcpus) {
     ctx.addIssue({
       code: z.ZodIssueCode.custom,
@@ -68,7 +87,7 @@ export const CpusConfigSchema = z.object({
     }
   }
   const t = c.topology;
-  if (t && t.threads_per_core && t.cores_per_die && t.dies_per_package && t.packages) {
+  if (t) {
     const total = t.threads_per_core * t.cores_per_die * t.dies_per_package * t.packages;
     if (total !== c.max_vcpus) {
       ctx.addIssue({
@@ -96,7 +115,7 @@ export const MemoryZoneConfigSchema = z.object({
   hotplugged_size: memSize().optional(),
   prefault: z.boolean().default(false),
   reserve: z.boolean().default(false),
-}).strict();
+});
 
 export const MemoryConfigSchema = z.object({
   size: memSize(),
@@ -111,7 +130,7 @@ export const MemoryConfigSchema = z.object({
   reserve: z.boolean().default(false),
   thp: z.boolean().default(true),
   zones: z.array(MemoryZoneConfigSchema).optional(),
-}).strict().superRefine((m, ctx) => {
+}).superRefine((m, ctx) => {
   const issue = (path: string, message: string) =>
     ctx.addIssue({ code: z.ZodIssueCode.custom, path: [path], message });
   if (m.size === 0 && !(m.zones && m.zones.length > 0)) {
@@ -141,7 +160,7 @@ export const PayloadConfigSchema = z.object({
   initramfs: z.string().optional(),
   igvm: z.string().optional(),
   host_data: z.string().optional(),
-}).strict().superRefine((p, ctx) => {
+}).superRefine((p, ctx) => {
   if (p.kernel === undefined && p.firmware === undefined && p.igvm === undefined) {
     ctx.addIssue({
       code: z.ZodIssueCode.custom,
@@ -154,8 +173,9 @@ export const TokenBucketSchema = z.object({
   size: u64(),
   one_time_burst: u64().optional(),
   refill_time: u64(),
-}).strict();
+});
 
+/** The one object Cloud Hypervisor reads strictly (serde deny_unknown_fields). */
 export const RateLimiterConfigSchema = z.object({
   bandwidth: TokenBucketSchema.optional(),
   ops: TokenBucketSchema.optional(),
@@ -164,31 +184,32 @@ export const RateLimiterConfigSchema = z.object({
 export const RateLimitGroupConfigSchema = z.object({
   id: nonEmpty("id"),
   rate_limiter_config: RateLimiterConfigSchema,
-}).strict();
+});
 
-export const VirtQueueAffinitySchema = z.object({ queue_index: u16(), host_cpus: z.array(u32()) }).strict();
+export const VirtQueueAffinitySchema = z.object({ queue_index: u16(), host_cpus: z.array(u32()) });
 
 export const DiskConfigSchema = z.object({
+  ...pciCommon(),
   path: z.string().optional(),
   readonly: z.boolean().default(false),
   direct: z.boolean().default(false),
-  iommu: z.boolean().default(false),
   num_queues: int().min(1).max(256).default(1),
   queue_size: queueSize(128),
   vhost_user: z.boolean().default(false),
   vhost_socket: z.string().optional(),
   rate_limiter_config: RateLimiterConfigSchema.optional(),
-  pci_segment: pciSegment().optional(),
-  pci_device_id: pciDeviceId().optional(),
-  id: nonEmpty("id").optional(),
   serial: z.string().max(20, "must be at most 20 bytes (virtio-blk serial)").optional(),
   rate_limit_group: z.string().optional(),
   queue_affinity: z.array(VirtQueueAffinitySchema).optional(),
   backing_files: z.boolean().default(false),
   sparse: z.boolean().default(true),
-  image_type: z.enum(["FixedVhd", "Qcow2", "Raw", "Vhdx", "Unknown"]).optional(),
-  lock_granularity: z.enum(["ByteRange", "Full"]).optional(),
-}).strict().superRefine((d, ctx) => {
+  /** `Unknown` until boot, when the image's own format is filled in. */
+  image_type: z.enum(["FlatVmdk", "FixedVhd", "Qcow2", "Raw", "Vhdx", "Unknown"]).default("Unknown"),
+  lock_granularity: z.enum(["ByteRange", "Full"]).default("ByteRange"),
+  /** Cloud Hypervisor's test switches (not in its document, but in every vm.info it writes). */
+  disable_io_uring: z.boolean().default(false),
+  disable_aio: z.boolean().default(false),
+}).superRefine((d, ctx) => {
   if (d.vhost_user) {
     if (d.vhost_socket === undefined) {
       ctx.addIssue({
@@ -217,13 +238,15 @@ const ipAddr = () =>
   z.string().refine((s) => IPV4_RE.test(s) || IPV6_RE.test(s), "must be an IPv4 or IPv6 address");
 
 export const NetConfigSchema = z.object({
+  ...pciCommon(),
   tap: z.string().max(15, "must be at most 15 characters (IFNAMSIZ)").optional(),
-  ip: ipAddr().default("192.168.249.1"),
-  mask: ipAddr().default("255.255.255.0"),
+  /** Host side of a tap dvmm creates; none by default, as Cloud Hypervisor's code (not its document). */
+  ip: ipAddr().optional(),
+  mask: ipAddr().optional(),
+  /** The guest's MAC; a random one is chosen and recorded at boot when none is given. */
   mac: mac().optional(),
   host_mac: mac().optional(),
-  mtu: int().min(68).max(65535).optional(),
-  iommu: z.boolean().default(false),
+  mtu: int().min(1280).max(65535).optional(),
   num_queues: int().min(2).max(512).refine(
     (n) => n % 2 === 0,
     "must be even (one RX and one TX queue per pair)",
@@ -233,19 +256,16 @@ export const NetConfigSchema = z.object({
   vhost_user: z.boolean().default(false),
   vhost_socket: z.string().optional(),
   vhost_mode: z.enum(["Client", "Server"]).default("Client"),
-  id: nonEmpty("id").optional(),
-  pci_segment: pciSegment().optional(),
-  pci_device_id: pciDeviceId().optional(),
   rate_limiter_config: RateLimiterConfigSchema.optional(),
   offload_tso: z.boolean().default(true),
   offload_ufo: z.boolean().default(true),
   offload_csum: z.boolean().default(true),
   /**
-   * dvmm extension (Cloud Hypervisor keeps it off its document): already-open TAP file descriptors,
-   * only meaningful from the command line (`--net fd=3`). The REST server refuses it in a body.
+   * Already-open tap descriptors (Cloud Hypervisor has the field, off its document): from the command
+   * line (`--net fd=3`) or sent with `vm.add-net` as SCM_RIGHTS. A JSON body cannot carry them.
    */
   fds: z.array(int().min(0)).optional(),
-}).strict().superRefine((n, ctx) => {
+}).superRefine((n, ctx) => {
   if (n.vhost_user && n.vhost_socket === undefined) {
     ctx.addIssue({
       code: z.ZodIssueCode.custom,
@@ -260,68 +280,65 @@ export const NetConfigSchema = z.object({
       message: "fds and tap are mutually exclusive",
     });
   }
-  if ((n.ip.includes(":")) !== (n.mask.includes(":"))) {
+  if ((n.ip === undefined) !== (n.mask === undefined)) {
+    ctx.addIssue({
+      code: z.ZodIssueCode.custom,
+      path: [n.ip === undefined ? "ip" : "mask"],
+      message: "ip and mask go together: give both or neither",
+    });
+  } else if (n.ip !== undefined && n.ip.includes(":") !== n.mask!.includes(":")) {
     ctx.addIssue({
       code: z.ZodIssueCode.custom,
       path: ["mask"],
       message: "ip and mask must both be IPv4 or both be IPv6",
     });
   }
+  if (!n.offload_csum && (n.offload_tso || n.offload_ufo)) {
+    ctx.addIssue({
+      code: z.ZodIssueCode.custom,
+      path: ["offload_csum"],
+      message: "offload_tso and offload_ufo need offload_csum",
+    });
+  }
 });
 
 export const RngConfigSchema = z.object({
-  id: nonEmpty("id").optional(),
-  pci_segment: pciSegment().optional(),
-  pci_device_id: pciDeviceId().optional(),
-  iommu: z.boolean().default(false),
+  ...pciCommon(),
   src: nonEmpty("src"),
-}).strict();
+});
 
 export const RtcConfigSchema = z.object({
-  id: nonEmpty("id").optional(),
-  pci_segment: pciSegment().optional(),
-  pci_device_id: pciDeviceId().optional(),
-  iommu: z.boolean().default(false),
-}).strict();
+  ...pciCommon(),
+});
 
 export const BalloonConfigSchema = z.object({
-  id: nonEmpty("id").optional(),
-  pci_segment: pciSegment().optional(),
-  pci_device_id: pciDeviceId().optional(),
-  iommu: z.boolean().default(false),
+  ...pciCommon(),
   size: u64(),
   deflate_on_oom: z.boolean().default(false),
   free_page_reporting: z.boolean().default(false),
-}).strict();
+});
 
 export const FsConfigSchema = z.object({
+  ...pciCommon(),
   tag: nonEmpty("tag").max(36, "must be at most 36 bytes (virtio-fs tag)"),
   socket: nonEmpty("socket"),
   num_queues: int().min(1).max(256).default(1),
   queue_size: queueSize(1024),
-  pci_segment: pciSegment().optional(),
-  pci_device_id: pciDeviceId().optional(),
-  id: nonEmpty("id").optional(),
-}).strict();
+});
 
 export const GenericVhostUserConfigSchema = z.object({
+  ...pciCommon(),
   socket: nonEmpty("socket"),
   queue_sizes: z.array(u16()).min(1, "at least one queue is needed"),
-  pci_segment: pciSegment().optional(),
-  pci_device_id: pciDeviceId().optional(),
-  id: nonEmpty("id").optional(),
   device_type: u32(),
-}).strict();
+});
 
 export const PmemConfigSchema = z.object({
+  ...pciCommon(),
   file: nonEmpty("file"),
   size: u64().optional(),
-  iommu: z.boolean().default(false),
   discard_writes: z.boolean().default(false),
-  pci_segment: pciSegment().optional(),
-  pci_device_id: pciDeviceId().optional(),
-  id: nonEmpty("id").optional(),
-}).strict();
+});
 
 export const ConsoleModeSchema = z.enum(["Off", "Pty", "Tty", "File", "Socket", "Null"]);
 export type ConsoleMode = z.infer<typeof ConsoleModeSchema>;
@@ -333,11 +350,12 @@ function checkOutputTarget(
   if (c.mode === "File" && c.file === undefined) {
     ctx.addIssue({ code: z.ZodIssueCode.custom, path: ["file"], message: "mode File needs a file" });
   }
-  if (c.mode !== "File" && c.file !== undefined) {
+  // In Pty mode Cloud Hypervisor records the pseudo-terminal's path in `file`.
+  if (c.mode !== "File" && c.mode !== "Pty" && c.file !== undefined) {
     ctx.addIssue({
       code: z.ZodIssueCode.custom,
       path: ["file"],
-      message: "file is only valid with mode File",
+      message: "file is only valid with mode File (or Pty, where it is the terminal's path)",
     });
   }
   if (c.mode === "Socket" && c.socket === undefined) {
@@ -353,26 +371,23 @@ function checkOutputTarget(
 }
 
 export const ConsoleConfigSchema = z.object({
+  ...pciCommon(),
   file: z.string().optional(),
   socket: z.string().optional(),
   mode: ConsoleModeSchema,
-  iommu: z.boolean().default(false),
-  id: nonEmpty("id").optional(),
-  pci_segment: pciSegment().optional(),
-  pci_device_id: pciDeviceId().optional(),
-}).strict().superRefine(checkOutputTarget);
+}).superRefine(checkOutputTarget);
 
 export const SerialConfigSchema = z.object({
   file: z.string().optional(),
   socket: z.string().optional(),
   mode: ConsoleModeSchema,
-}).strict().superRefine(checkOutputTarget);
+}).superRefine(checkOutputTarget);
 
 export const DebugConsoleConfigSchema = z.object({
   file: z.string().optional(),
   mode: ConsoleModeSchema,
   iobase: u16().optional(),
-}).strict().superRefine((c, ctx) => {
+}).superRefine((c, ctx) => {
   if (c.mode === "Socket") {
     ctx.addIssue({
       code: z.ZodIssueCode.custom,
@@ -384,65 +399,65 @@ export const DebugConsoleConfigSchema = z.object({
 });
 
 export const DeviceConfigSchema = z.object({
-  path: nonEmpty("path"),
-  iommu: z.boolean().default(false),
-  pci_segment: pciSegment().optional(),
-  pci_device_id: pciDeviceId().optional(),
-  id: nonEmpty("id").optional(),
-  x_nv_gpudirect_clique: int().min(-128).max(127).optional(),
-  x_exclude_mmap_bars: z.array(u64()).optional(),
-}).strict();
+  ...pciCommon(),
+  path: nonEmpty("path").optional(),
+  /** An open VFIO cdev descriptor (Cloud Hypervisor has it, off its document). */
+  fd: int().optional(),
+  x_nv_gpudirect_clique: int().min(0).max(255).optional(),
+  x_exclude_mmap_bars: z.array(u64()).default([]),
+}).superRefine((d, ctx) => {
+  if ((d.path === undefined) === (d.fd === undefined)) {
+    ctx.addIssue({ code: z.ZodIssueCode.custom, path: ["path"], message: "give exactly one of path or fd" });
+  }
+});
 
 export const UserDeviceConfigSchema = z.object({
+  ...pciCommon(),
   socket: nonEmpty("socket"),
-  id: nonEmpty("id").optional(),
-  pci_segment: pciSegment().optional(),
-  pci_device_id: pciDeviceId().optional(),
-}).strict();
+});
 
-export const TpmConfigSchema = z.object({ socket: nonEmpty("socket") }).strict();
+export const TpmConfigSchema = z.object({ socket: nonEmpty("socket") });
 
 export const VdpaConfigSchema = z.object({
+  ...pciCommon(),
   path: nonEmpty("path"),
   num_queues: int().min(1).max(256).default(1),
-  iommu: z.boolean().default(false),
-  pci_segment: pciSegment().optional(),
-  pci_device_id: pciDeviceId().optional(),
-  id: nonEmpty("id").optional(),
-}).strict();
+});
 
 export const VsockConfigSchema = z.object({
-  cid: u64().min(3, "guest CIDs 0, 1 and 2 are reserved; use 3 or more").max(0xffff_fffe),
+  ...pciCommon(),
+  cid: u64().min(3, "guest CIDs 0, 1 and 2 are reserved; use 3 or more").max(
+    0xffff_fffe,
+    "CID 0xffffffff is reserved",
+  ),
   socket: nonEmpty("socket"),
-  iommu: z.boolean().default(false),
-  pci_segment: pciSegment().optional(),
-  pci_device_id: pciDeviceId().optional(),
-  id: nonEmpty("id").optional(),
-}).strict();
+});
 
-export const NumaDistanceSchema = z.object({ destination: i32(), distance: i32() }).strict();
+export const NumaDistanceSchema = z.object({ destination: u32().default(0), distance: u8().default(0) });
 export const NumaConfigSchema = z.object({
-  guest_numa_id: i32(),
-  cpus: z.array(i32()).optional(),
+  guest_numa_id: u32(),
+  cpus: z.array(u32()).optional(),
   distances: z.array(NumaDistanceSchema).optional(),
   memory_zones: z.array(z.string()).optional(),
-  pci_segments: z.array(i32()).optional(),
+  pci_segments: z.array(pciSegment()).optional(),
   device_id: z.string().optional(),
-}).strict();
+});
 
 export const PciSegmentConfigSchema = z.object({
-  pci_segment: pciSegment(),
-  mmio32_aperture_weight: u32().optional(),
-  mmio64_aperture_weight: u32().optional(),
-}).strict();
+  pci_segment: pciSegment().default(0),
+  mmio32_aperture_weight: u32().min(1).default(1),
+  mmio64_aperture_weight: u32().min(1).default(1),
+});
 
 export const PlatformConfigSchema = z.object({
-  num_pci_segments: int().min(1).max(96).optional(),
+  num_pci_segments: int().min(1).max(96).default(1),
   iommu_segments: z.array(pciSegment()).optional(),
-  iommu_address_width_bits: u8().optional(),
+  iommu_address_width_bits: int().min(0).max(64).default(64),
   system_serial_number: z.string().optional(),
+  /** Deprecated spelling of system_serial_number: read, never written. */
   serial_number: z.string().optional(),
   system_uuid: z.string().optional(),
+  /** Deprecated spelling of system_uuid: read, never written. */
   uuid: z.string().optional(),
   oem_strings: z.array(z.string()).optional(),
   system_manufacturer: z.string().optional(),
@@ -454,13 +469,21 @@ export const PlatformConfigSchema = z.object({
   tdx: z.boolean().default(false),
   sev_snp: z.boolean().default(false),
   iommufd: z.boolean().default(false),
+  /** An open iommufd descriptor (Cloud Hypervisor has it, off its document). */
+  iommufd_fd: int().optional(),
   vfio_p2p_dma: z.boolean().default(true),
-}).strict();
+}).transform(({ serial_number, uuid, ...p }) => {
+  if (p.system_serial_number === undefined && serial_number !== undefined) {
+    p.system_serial_number = serial_number;
+  }
+  if (p.system_uuid === undefined && uuid !== undefined) p.system_uuid = uuid;
+  return p;
+});
 
 export const LandlockConfigSchema = z.object({
   path: nonEmpty("path"),
-  access: z.enum(["r", "w", "rw"], { message: "access must be r, w or rw" }),
-}).strict();
+  access: z.enum(["r", "w", "rw", "wr"], { message: "access must be r, w or rw" }),
+});
 
 const DEFAULT_MEMORY = 512 * 1024 * 1024;
 
@@ -478,7 +501,7 @@ const VmConfigObject = z.object({
   pmem: z.array(PmemConfigSchema).optional(),
   serial: SerialConfigSchema.default({ mode: "Null" }),
   console: ConsoleConfigSchema.default({ mode: "Tty" }),
-  debug_console: DebugConsoleConfigSchema.optional(),
+  debug_console: DebugConsoleConfigSchema.default({ mode: "Off", iobase: 0xe9 }),
   devices: z.array(DeviceConfigSchema).optional(),
   user_devices: z.array(UserDeviceConfigSchema).optional(),
   vdpa: z.array(VdpaConfigSchema).optional(),
@@ -493,7 +516,7 @@ const VmConfigObject = z.object({
   tpm: TpmConfigSchema.optional(),
   landlock_enable: z.boolean().default(false),
   landlock_rules: z.array(LandlockConfigSchema).optional(),
-}).strict();
+});
 
 /** Identifiers of every device in a config, with where each one sits (for duplicate checks). */
 export function deviceIds(c: z.infer<typeof VmConfigObject>): { id: string; where: string }[] {
@@ -513,8 +536,34 @@ export function deviceIds(c: z.infer<typeof VmConfigObject>): { id: string; wher
   add(c.balloon ? [c.balloon] : undefined, "balloon");
   add([c.console], "console");
   add(c.memory.zones, "memory.zones");
+  add(c.rate_limit_groups, "rate_limit_groups");
   return out;
 }
+
+/** Every PCI device config of a VM, with where it sits (lists, then the single devices). */
+function pciDevices(c: z.infer<typeof VmConfigObject>): { d: PciCommon; where: (string | number)[] }[] {
+  const out: { d: PciCommon; where: (string | number)[] }[] = [];
+  for (
+    const key of [
+      "disks",
+      "net",
+      "fs",
+      "pmem",
+      "devices",
+      "user_devices",
+      "vdpa",
+      "generic_vhost_user",
+    ] as const
+  ) {
+    (c[key] as PciCommon[] | undefined)?.forEach((d, i) => out.push({ d, where: [key, i] }));
+  }
+  for (const key of ["vsock", "rng", "balloon", "console", "rtc"] as const) {
+    const d = c[key] as PciCommon | undefined;
+    if (d) out.push({ d, where: [key] });
+  }
+  return out;
+}
+type PciCommon = { id?: string; iommu: boolean; pci_segment: number; pci_device_id?: number };
 
 /** Rules that involve more than one part of the VM configuration. */
 function checkVmConfig(c: z.infer<typeof VmConfigObject>, ctx: z.RefinementCtx): void {
@@ -535,12 +584,16 @@ function checkVmConfig(c: z.infer<typeof VmConfigObject>, ctx: z.RefinementCtx):
       [what],
       `${what} with vhost-user needs shared memory (memory.shared=true or memory zones with shared)`,
     );
-  const shared = c.memory.shared || (c.memory.zones?.some((z) => z.shared) ?? false);
+  // As Cloud Hypervisor: hugepages are shared too; with size 0 every zone must be.
+  const zones = c.memory.zones ?? [];
+  const shared = c.memory.shared || c.memory.hugepages ||
+    (c.memory.size === 0 && zones.length > 0 && zones.every((z) => z.shared || z.hugepages));
   if (!shared) {
     if (c.fs && c.fs.length > 0) needShared("fs");
     if (c.disks?.some((d) => d.vhost_user)) needShared("disks");
     if (c.net?.some((n) => n.vhost_user)) needShared("net");
     if (c.generic_vhost_user && c.generic_vhost_user.length > 0) needShared("generic_vhost_user");
+    if (c.user_devices && c.user_devices.length > 0) needShared("user_devices");
   }
   const groups = new Set((c.rate_limit_groups ?? []).map((g) => g.id));
   c.disks?.forEach((d, i) => {
@@ -552,27 +605,98 @@ function checkVmConfig(c: z.infer<typeof VmConfigObject>, ctx: z.RefinementCtx):
     issue(["payload", "initramfs"], "an initramfs needs a kernel");
   }
   const segments = c.platform?.num_pci_segments ?? 1;
-  const checkSeg = (list: { pci_segment?: number }[] | undefined, where: string) =>
-    list?.forEach((d, i) => {
-      if (d.pci_segment !== undefined && d.pci_segment >= segments) {
-        issue(
-          [where, i, "pci_segment"],
-          `PCI segment ${d.pci_segment} does not exist (num_pci_segments=${segments})`,
-        );
-      }
-    });
-  checkSeg(c.disks, "disks");
-  checkSeg(c.net, "net");
-  checkSeg(c.fs, "fs");
-  checkSeg(c.pmem, "pmem");
-  checkSeg(c.devices, "devices");
-  checkSeg(c.vdpa, "vdpa");
-  if (c.balloon && c.balloon.size > c.memory.size) {
-    issue(["balloon", "size"], "the balloon cannot be larger than guest memory");
+  for (const { d, where } of pciDevices(c)) {
+    if (d.pci_segment >= segments) {
+      issue(
+        [...where, "pci_segment"],
+        `PCI segment ${d.pci_segment} does not exist (num_pci_segments=${segments})`,
+      );
+    }
+    if (d.pci_device_id === 0 && d.pci_segment === 0) {
+      issue([...where, "pci_device_id"], "device 0 of PCI segment 0 is the host bridge");
+    }
+  }
+  c.pci_segments?.forEach((p, i) => {
+    if (p.pci_segment >= segments) {
+      issue(
+        ["pci_segments", i, "pci_segment"],
+        `PCI segment ${p.pci_segment} does not exist (num_pci_segments=${segments})`,
+      );
+    }
+  });
+  const ram = c.memory.size + zones.reduce((n, z) => n + z.size, 0) + (c.memory.hotplugged_size ?? 0);
+  if (c.balloon && c.balloon.size >= ram) {
+    issue(["balloon", "size"], "the balloon must be smaller than guest memory");
   }
 }
 
-export const VmConfigSchema = VmConfigObject.superRefine(checkVmConfig);
+/**
+ * The VM configuration. As Cloud Hypervisor reports it, the VM-wide `iommu` is on when any device's
+ * is (or when IOMMU segments are given).
+ */
+export const VmConfigSchema = VmConfigObject.superRefine(checkVmConfig).transform((c) => {
+  if (!c.iommu && (pciDevices(c).some(({ d }) => d.iommu) || c.platform?.iommu_segments !== undefined)) {
+    c.iommu = true;
+  }
+  return c;
+});
+
+// ---------------------------------------------------------------------------------------------------
+// Identities given at boot, and the config as vm.info reports it
+
+/** Prefixes of the identifiers Cloud Hypervisor generates, one counter shared by all of them. */
+const ID_PREFIXES = [
+  ["disks", "_disk"],
+  ["net", "_net"],
+  ["generic_vhost_user", "_generic_vhost_user"],
+  ["fs", "_fs"],
+  ["pmem", "_pmem"],
+  ["vsock", "_vsock"],
+  ["vdpa", "_vdpa"],
+  ["devices", "_vfio"],
+  ["user_devices", "_vfio_user"],
+] as const;
+
+/** A random locally administered unicast MAC (`2e:…`, as Cloud Hypervisor's). */
+function randomMac(): string {
+  const b = crypto.getRandomValues(new Uint8Array(5));
+  return ["2e", ...Array.from(b, (x) => x.toString(16).padStart(2, "0"))].join(":");
+}
+
+/**
+ * The config with what boot decides written into it, as Cloud Hypervisor does: an identifier for each
+ * device without one (`_disk0`, `_net1`, …: one counter for all kinds, in creation order, skipping
+ * names in use) and a MAC for each network device without one. `counter` is where numbering goes on
+ * (it never goes back, so a removed device's name is not given again); the new value is returned.
+ */
+export function withBootIdentities(config: VmConfig, counter: number): { config: VmConfig; counter: number } {
+  const next = structuredClone(config);
+  const used = new Set(deviceIds(next).map((d) => d.id));
+  for (const [key, prefix] of ID_PREFIXES) {
+    const v = next[key] as { id?: string }[] | { id?: string } | undefined;
+    for (const d of Array.isArray(v) ? v : v ? [v] : []) {
+      if (d.id !== undefined) continue;
+      let name: string;
+      do name = `${prefix}${counter++}`; while (used.has(name));
+      used.add(name);
+      d.id = name;
+    }
+  }
+  for (const n of next.net ?? []) n.mac ??= randomMac();
+  return { config: next, counter };
+}
+
+/**
+ * The config as vm.info reports it, field for field as Cloud Hypervisor writes it: absent options are
+ * left out (never null), and a device's `iommu` only appears when it is on.
+ */
+export function vmInfoConfig(config: VmConfig): Record<string, unknown> {
+  const out = structuredClone(config) as VmConfig;
+  for (const { d } of pciDevices(out)) {
+    if (!d.iommu) delete (d as { iommu?: boolean }).iommu;
+  }
+  return out as unknown as Record<string, unknown>;
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Request bodies of the VM actions
@@ -581,26 +705,37 @@ export const VmResizeSchema = z.object({
   desired_vcpus: int().min(1).max(255).optional(),
   desired_ram: memSize().optional(),
   desired_balloon: u64().optional(),
-}).strict().refine(
+}).refine(
   (r) => r.desired_vcpus !== undefined || r.desired_ram !== undefined || r.desired_balloon !== undefined,
   "at least one of desired_vcpus, desired_ram or desired_balloon is required",
 );
 
-export const VmResizeZoneSchema = z.object({ id: nonEmpty("id"), desired_ram: memSize() }).strict();
-export const VmResizeDiskSchema = z.object({ id: nonEmpty("id"), desired_size: u64() }).strict();
-export const VmRemoveDeviceSchema = z.object({ id: nonEmpty("id") }).strict();
-export const VmSnapshotConfigSchema = z.object({ destination_url: nonEmpty("destination_url") }).strict();
-export const VmCoredumpDataSchema = z.object({ destination_url: nonEmpty("destination_url") }).strict();
+export const VmResizeZoneSchema = z.object({ id: nonEmpty("id"), desired_ram: memSize() });
+export const VmResizeDiskSchema = z.object({ id: nonEmpty("id"), desired_size: u64() });
+export const VmRemoveDeviceSchema = z.object({ id: nonEmpty("id") });
+export const VmSnapshotConfigSchema = z.object({ destination_url: nonEmpty("destination_url") });
+export const VmCoredumpDataSchema = z.object({ destination_url: nonEmpty("destination_url") });
 
-export const VmMemoryZoneUpdateDataSchema = z.object({ id: nonEmpty("id"), host_numa_node: u32() }).strict();
+export const VmMemoryZoneUpdateDataSchema = z.object({ id: nonEmpty("id"), host_numa_node: u32() });
+
+/** Taps for a restored network device: sent with the request as SCM_RIGHTS, `num_fds` of them. */
+export const RestoredNetConfigSchema = z.object({
+  id: nonEmpty("id"),
+  num_fds: int().min(0).default(0),
+  fds: z.array(int()).optional(),
+});
+export const RestoredVfioConfigSchema = z.object({ id: nonEmpty("id"), fd: int().optional() });
 
 export const RestoreConfigSchema = z.object({
   source_url: nonEmpty("source_url"),
-  prefault: z.boolean().optional(),
+  prefault: z.boolean().default(false),
   memory_restore_mode: z.enum(["Copy", "OnDemand"]).default("Copy"),
-  resume: z.boolean().optional(),
-  zone_updates: z.array(VmMemoryZoneUpdateDataSchema).optional(),
-}).strict();
+  net_fds: z.array(RestoredNetConfigSchema).optional(),
+  vfio_fds: z.array(RestoredVfioConfigSchema).optional(),
+  iommufd_fd: int().optional(),
+  resume: z.boolean().default(false),
+  zone_updates: z.array(VmMemoryZoneUpdateDataSchema).default([]),
+});
 
 const MigrationModeSchema = z.enum(["Precopy", "Postcopy"]).default("Precopy");
 
@@ -608,19 +743,22 @@ export const ReceiveMigrationDataSchema = z.object({
   receiver_url: nonEmpty("receiver_url"),
   tls_dir: z.string().optional(),
   memory_mode: MigrationModeSchema,
-  zone_updates: z.array(VmMemoryZoneUpdateDataSchema).optional(),
-}).strict();
+  vfio_fds: z.array(RestoredVfioConfigSchema).optional(),
+  iommufd_fd: int().optional(),
+  zone_updates: z.array(VmMemoryZoneUpdateDataSchema).default([]),
+});
 
 export const SendMigrationDataSchema = z.object({
   destination_url: nonEmpty("destination_url"),
-  local: z.boolean().optional(),
+  local: z.boolean().default(false),
+  preserve_source: z.boolean().default(false),
   downtime_ms: int().min(1).default(300),
   timeout_s: int().min(1).default(3600),
   timeout_strategy: z.enum(["Cancel", "Ignore"]).default("Cancel"),
   connections: int().min(1).max(128).default(1),
   tls_dir: z.string().optional(),
   memory_mode: MigrationModeSchema,
-}).strict();
+});
 
 /** Body of /vm.add-user-device: the document's VmAddUserDevice plus the optional `id` of UserDeviceConfig. */
 export const VmAddUserDeviceSchema = UserDeviceConfigSchema;
@@ -696,6 +834,57 @@ export function formatZodError(err: z.ZodError, what: string): string[] {
     }
     return `${at}: ${i.message}`;
   });
+}
+
+/** `value` with every object member whose value is `null` left out (Cloud Hypervisor: null is None). */
+export function dropNulls(value: unknown): unknown {
+  if (Array.isArray(value)) return value.map(dropNulls);
+  if (value === null || typeof value !== "object") return value;
+  const out: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(value)) if (v !== null) out[k] = dropNulls(v);
+  return out;
+}
+
+function innerSchema(s: z.ZodTypeAny): z.ZodTypeAny {
+  for (;;) {
+    if (s instanceof z.ZodEffects) s = s.innerType();
+    else if (s instanceof z.ZodDefault) s = s.removeDefault();
+    else if (s instanceof z.ZodOptional || s instanceof z.ZodNullable) s = s.unwrap();
+    else return s;
+  }
+}
+
+/** Dotted paths of the members of `value` that `schema` does not know. */
+export function unknownFields(schema: z.ZodTypeAny, value: unknown, path = ""): string[] {
+  const out: string[] = [];
+  const s = innerSchema(schema);
+  if (s instanceof z.ZodObject && value !== null && typeof value === "object" && !Array.isArray(value)) {
+    const shape = s.shape as Record<string, z.ZodTypeAny>;
+    for (const [k, v] of Object.entries(value)) {
+      const at = path ? `${path}.${k}` : k;
+      if (!Object.hasOwn(shape, k)) out.push(at);
+      else out.push(...unknownFields(shape[k], v, at));
+    }
+  } else if (s instanceof z.ZodArray && Array.isArray(value)) {
+    value.forEach((v, i) => out.push(...unknownFields(s.element, v, `${path}[${i}]`)));
+  }
+  return out;
+}
+
+/**
+ * Read a configuration (or action body) as Cloud Hypervisor does: `null` members are absent, unknown
+ * members are left out and each one is passed to `onUnknown`; everything else must be valid.
+ */
+export function readConfig<S extends z.ZodTypeAny>(
+  schema: S,
+  json: unknown,
+  what: string,
+  onUnknown: (field: string) => void = () => {},
+): { ok: true; value: z.infer<S> } | { ok: false; problems: string[] } {
+  const value = dropNulls(json);
+  unknownFields(schema, value).forEach(onUnknown);
+  const r = schema.safeParse(value);
+  return r.success ? { ok: true, value: r.data } : { ok: false, problems: formatZodError(r.error, what) };
 }
 
 /** Parse `value` with `schema`; on failure throw a {@link SchemaError} carrying per-field messages. */

@@ -1,0 +1,135 @@
+/**
+ * One API call, independent of the transport that carried it: the REST server and the D-Bus service
+ * both turn what they received (an endpoint name, a JSON text, file descriptors) into exactly one
+ * {@link VmmRequest} for the control loop and get back a status and a JSON text. Status codes are the
+ * OpenAPI document's; a front end that has no status codes (D-Bus) treats >= 300 as an error whose
+ * body is the JSON array of messages.
+ */
+import type { ControlLoop, RequestKind, VmmErrorKind, VmmRequest, VmmResponse } from "../vmm/control.ts";
+import { type Logger, logger } from "../vmm/log.ts";
+import { type Route, ROUTES } from "./routes.ts";
+import { readConfig } from "../vmm/vm_config.ts";
+import { closeFd } from "../ffi/socket.ts";
+
+/** The outcome of one call: an HTTP status and, where there is one, a JSON body. */
+export interface ApiResult {
+  status: number;
+  /** For 405: the method the endpoint takes. */
+  allow?: string;
+  /** JSON text; absent for 204. */
+  body?: string;
+}
+
+const STATUS: Record<VmmErrorKind, number> = {
+  NotCreated: 404,
+  WrongState: 405,
+  BadRequest: 400,
+  Conflict: 409,
+  NotFound: 404,
+  TooManyRequests: 429,
+  NotImplemented: 500,
+  ShuttingDown: 500,
+  Internal: 500,
+};
+
+/** Where the document gives an endpoint its own code for a failure. */
+const STATUS_OVERRIDES: Partial<Record<RequestKind, Partial<Record<VmmErrorKind, number>>>> = {
+  // "404: The VM instance could not be restored because it is already created."
+  "vm.restore": { WrongState: 404 },
+};
+
+export function statusFor(kind: RequestKind, error: VmmErrorKind): number {
+  return STATUS_OVERRIDES[kind]?.[error] ?? STATUS[error];
+}
+
+/** An error result: the document's JSON array of messages, outermost first. */
+export function errorResult(status: number, messages: string[]): ApiResult {
+  return { status, body: JSON.stringify(messages) };
+}
+
+type Decoded =
+  | { ok: true; body: unknown; used: number[] }
+  | { ok: false; status: number; messages: string[] };
+
+/**
+ * The typed body of a call, read the way Cloud Hypervisor reads it (unknown fields ignored and logged,
+ * `null` as absent), with the descriptors the endpoint takes: the taps of `vm.add-net`.
+ */
+function decodeBody(kind: RequestKind, route: Route, text: string, fds: number[], log: Logger): Decoded {
+  const bad = (...messages: string[]): Decoded => ({ ok: false, status: 400, messages });
+  if (!route.body) return { ok: true, body: undefined, used: [] };
+  if (text.trim() === "") return bad(`${kind} needs a JSON ${route.bodyName} body`);
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (e) {
+    return bad(`the body of ${kind} is not valid JSON`, (e as Error).message);
+  }
+  if (json === null || typeof json !== "object" || Array.isArray(json)) {
+    return bad(`the body of ${kind} must be a JSON object (${route.bodyName})`);
+  }
+  const r = readConfig(
+    route.body,
+    json,
+    route.bodyName!,
+    (field: string) => log.info(`${kind}: ignoring unknown field ${field}`),
+  );
+  if (!r.ok) return bad(`invalid ${route.bodyName}`, ...r.problems);
+  const body = r.value as Record<string, unknown>;
+  let used: number[] = [];
+  if (kind === "vm.add-net" && fds.length > 0) {
+    // As Cloud Hypervisor: the descriptors sent with the request are the device's taps.
+    body.fds = fds;
+    used = fds;
+  }
+  const nets = kind === "vm.add-net" ? [body] : kind === "vm.create" ? ((body.net as unknown[]) ?? []) : [];
+  if (used.length === 0 && nets.some((n) => (n as { fds?: number[] }).fds !== undefined)) {
+    return bad(
+      `invalid ${route.bodyName}`,
+      "net.fds: file descriptors cannot be given as numbers in a JSON body (they are process-local); " +
+        "send the tap descriptors with the request (SCM_RIGHTS), as ch-remote add-net fd=... does",
+    );
+  }
+  return { ok: true, body, used };
+}
+
+/**
+ * Run one call of endpoint `kind` with the JSON `text` it carried ("" for none) and the descriptors
+ * that came with it. Every descriptor is either handed on to the VM (which then owns it) or closed
+ * here: none is leaked, none silently dropped while the call succeeds.
+ */
+export async function callApi(
+  loop: ControlLoop,
+  kind: RequestKind,
+  text: string,
+  fds: number[] = [],
+  log: Logger = logger("api"),
+): Promise<ApiResult> {
+  const route = ROUTES[kind];
+  const decoded = decodeBody(kind, route, text, fds, log);
+  const unused = new Set(fds);
+  if (!decoded.ok) {
+    unused.forEach(closeFd);
+    return errorResult(decoded.status, decoded.messages);
+  }
+  decoded.used.forEach((fd) => unused.delete(fd));
+  if (unused.size > 0) {
+    unused.forEach(closeFd);
+    if (decoded.used.length === 0) {
+      return errorResult(400, [
+        `${kind} does not take file descriptors (${fds.length} received and closed)`,
+      ]);
+    }
+  }
+  const reply = await new Promise<VmmResponse>((resolve) => {
+    loop.submit({ kind, body: decoded.body, reply: resolve } as VmmRequest);
+  });
+  if (reply.ok) {
+    return reply.body === undefined ? { status: 204 } : { status: 200, body: JSON.stringify(reply.body) };
+  }
+  // The VM did not take the descriptors it was offered: they are still ours to close.
+  decoded.used.forEach(closeFd);
+  const status = statusFor(kind, reply.error.kind);
+  log.debug(`${kind} → ${status}: ${reply.error.messages.join(": ")}`);
+  return errorResult(status, reply.error.messages);
+}
