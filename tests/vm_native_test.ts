@@ -56,6 +56,17 @@ Deno.test(
     // jmp $ : the vCPU never exits on its own, so pause and shutdown must kick it out of KVM_RUN.
     const g = await guestVm(new Uint8Array([0xeb, 0xfe]), 2);
     await g.vm.boot();
+    // Threads are named as Cloud Hypervisor names them (orchestrators find vCPUs by name): vCPUs
+    // `vcpuN`, device threads after their device.
+    let names: string[] = [];
+    for (let i = 0; i < 100 && !names.includes("__rng"); i++) {
+      names = [...Deno.readDirSync("/proc/self/task")].map((t) =>
+        Deno.readTextFileSync(`/proc/self/task/${t.name}/comm`).trim()
+      );
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    assert.deepEqual(names.filter((n) => /^vcpu\d+$/.test(n)).sort(), ["vcpu0", "vcpu1"]);
+    assert.ok(names.includes("__rng"), `device thread named after its device: ${names.join(", ")}`);
     await g.vm.pause();
     await g.vm.resume();
     await g.vm.pause();

@@ -40,6 +40,7 @@ import {
 } from "./vm_config.ts";
 import { DVMM_VERSION } from "./version.ts";
 import { type EventSink, nullEventSink } from "./events.ts";
+import { closeFd } from "../ffi/socket.ts";
 import { type Logger, logger } from "./log.ts";
 
 // ---------------------------------------------------------------------------------------------------
@@ -503,6 +504,7 @@ export class ControlLoop {
       await this.#stopBackend();
       this.#events.emit("vm", "shutdown");
     }
+    closeNetFds(this.#config);
     this.#config = null;
     this.#deviceCounter = 0;
     this.#state = "Created";
@@ -567,6 +569,7 @@ export class ControlLoop {
     const next = withoutDevice(config, id);
     if (next === null) throw new VmmError("BadRequest", `device '${id}' cannot be removed`);
     if (!this.#isBooted()) {
+      closeNetFds({ net: config.net?.filter((n) => n.id === id) });
       this.#config = next;
       return;
     }
@@ -667,6 +670,14 @@ export class ControlLoop {
 
 // ---------------------------------------------------------------------------------------------------
 // Helpers
+
+/**
+ * Taps handed to the VMM as descriptors belong to the config that names them (as Cloud Hypervisor's
+ * preserved fds): they are closed when that config (or the device) goes away.
+ */
+function closeNetFds(config: { net?: { fds?: number[] }[] } | null): void {
+  for (const n of config?.net ?? []) n.fds?.forEach(closeFd);
+}
 
 function notImplemented(what: string): VmmError {
   return new VmmError("NotImplemented", `${what} is not implemented in dvmm yet`);

@@ -20,6 +20,52 @@ export interface EventSink {
 /** An event sink that discards everything (no `--event-monitor`). */
 export const nullEventSink: EventSink = { emit() {} };
 
+/** The event as the monitor writes it, timed from `start` (a `performance.now()` value). */
+export function formatEvent(
+  start: number,
+  source: string,
+  event: string,
+  properties?: Record<string, string>,
+): string {
+  const elapsedNs = Math.round((performance.now() - start) * 1e6);
+  const e: MonitorEvent = {
+    timestamp: { secs: Math.floor(elapsedNs / 1e9), nanos: elapsedNs % 1e9 },
+    source,
+    event,
+    properties: properties ?? null,
+  };
+  return JSON.stringify(e);
+}
+
+/**
+ * Every event, formatted once, to every consumer: the `--event-monitor` file and the D-Bus `Event`
+ * signal. Events raised before a consumer is attached (the VMM's `starting`) are kept for it, as
+ * Cloud Hypervisor replays them to a D-Bus service that comes up after them.
+ */
+export class EventHub implements EventSink {
+  readonly #start = performance.now();
+  readonly #consumers: ((json: string) => void)[] = [];
+  readonly #early: string[] = [];
+
+  emit(source: string, event: string, properties?: Record<string, string>): void {
+    const json = formatEvent(this.#start, source, event, properties);
+    if (this.#early.length < 64) this.#early.push(json);
+    for (const c of this.#consumers) {
+      try {
+        c(json);
+      } catch {
+        // A consumer going away must not stop the VMM.
+      }
+    }
+  }
+
+  /** Attach a consumer; it first receives the events raised so far (up to 64). */
+  attach(consumer: (json: string) => void): void {
+    for (const json of this.#early) consumer(json);
+    this.#consumers.push(consumer);
+  }
+}
+
 const encoder = new TextEncoder();
 
 /** Writes events synchronously so each is on its way before the next action starts. */
@@ -52,14 +98,12 @@ export class EventMonitor implements EventSink {
   }
 
   emit(source: string, event: string, properties?: Record<string, string>): void {
-    const elapsedNs = Math.round((performance.now() - this.#start) * 1e6);
-    const e: MonitorEvent = {
-      timestamp: { secs: Math.floor(elapsedNs / 1e9), nanos: elapsedNs % 1e9 },
-      source,
-      event,
-      properties: properties ?? null,
-    };
-    const bytes = encoder.encode(JSON.stringify(e) + "\n");
+    this.write(formatEvent(this.#start, source, event, properties));
+  }
+
+  /** Write one already formatted event. */
+  write(json: string): void {
+    const bytes = encoder.encode(json + "\n");
     try {
       let off = 0;
       while (off < bytes.length) off += this.#out.writeSync(bytes.subarray(off));

@@ -695,6 +695,19 @@ export function vmInfoConfig(config: VmConfig): Record<string, unknown> {
   for (const { d } of pciDevices(out)) {
     if (!d.iommu) delete (d as { iommu?: boolean }).iommu;
   }
+  // The rate limiter is the one place Cloud Hypervisor writes nulls for what is not set.
+  const limiters = [
+    ...(out.disks ?? []).map((d) => d.rate_limiter_config),
+    ...(out.net ?? []).map((n) => n.rate_limiter_config),
+    ...(out.rate_limit_groups ?? []).map((g) => g.rate_limiter_config),
+  ];
+  for (const l of limiters) {
+    if (!l) continue;
+    const w = l as Record<string, unknown>;
+    w.bandwidth ??= null;
+    w.ops ??= null;
+    for (const b of [l.bandwidth, l.ops]) if (b) (b as Record<string, unknown>).one_time_burst ??= null;
+  }
   return out as unknown as Record<string, unknown>;
 }
 
