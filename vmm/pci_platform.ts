@@ -620,11 +620,12 @@ export function createPci(
         const pciId = `_virtio-pci-${desc.id}`;
         const base = h.transport.config.barAddress(BAR_INDEX);
         // The API document types pci_bdf as a string: nodes without one leave it out (and "parent").
+        // A BAR is written as Cloud Hypervisor writes it (its field is `type_`), which clients parse.
         out[desc.id] = { id: desc.id, resources: [], parent: pciId, children: [] };
         out[pciId] = {
           id: pciId,
           resources: [{
-            PciBar: { index: BAR_INDEX, base, size: BAR_SIZE, type: "Mmio64", prefetchable: false },
+            PciBar: { index: BAR_INDEX, base, size: BAR_SIZE, type_: "Mmio64", prefetchable: false },
           }],
           children: [desc.id],
           pci_bdf: bdf(desc.slot),
