@@ -93,6 +93,13 @@ function decodeBody(kind: RequestKind, route: Route, text: string, fds: number[]
   return { ok: true, body, used };
 }
 
+/** Endpoints that take descriptors in Cloud Hypervisor, for what dvmm does not build yet. */
+const FD_TAKERS_NOT_BUILT: Partial<Record<RequestKind, string>> = {
+  "vm.add-device": "a VFIO device given as a descriptor",
+  "vm.restore": "restoring (net_fds, vfio_fds)",
+  "vm.receive-migration": "receiving a migration (vfio_fds)",
+};
+
 /**
  * Run one call of endpoint `kind` with the JSON `text` it carried ("" for none) and the descriptors
  * that came with it. Every descriptor is either handed on to the VM (which then owns it) or closed
@@ -116,8 +123,11 @@ export async function callApi(
   if (unused.size > 0) {
     unused.forEach(closeFd);
     if (decoded.used.length === 0) {
+      const why = FD_TAKERS_NOT_BUILT[kind];
       return errorResult(400, [
-        `${kind} does not take file descriptors (${fds.length} received and closed)`,
+        why
+          ? `${kind}: ${why} with descriptors is not implemented in dvmm yet (${fds.length} received and closed)`
+          : `${kind} does not take file descriptors (${fds.length} received and closed)`,
       ]);
     }
   }

@@ -208,15 +208,7 @@ class HttpApiServer implements ApiServer {
         this.log.error(`API server: epoll_wait failed (errno ${-n}); the API stops`);
         break;
       }
-      for (let i = 0; i < n; i++) {
-        const data = Number(this.#events[i]);
-        if (data === WAKE) s.kvs_read(this.#wake, this.#wakeBuf, 8);
-        else if (data === this.listener) this.#acceptAll();
-        else {
-          const c = this.#conns.get(data);
-          if (c) this.#service(c);
-        }
-      }
+      this.#dispatchEvents(n);
       this.#sweep();
     }
     for (const c of [...this.#conns.values()]) this.#close(c);
@@ -224,6 +216,19 @@ class HttpApiServer implements ApiServer {
     s.kvs_close(this.#wake);
     if (this.#reserve >= 0) s.kvs_close(this.#reserve);
     s.kvs_close(this.listener);
+  }
+
+  /** Serve the `n` readiness events epoll returned. */
+  #dispatchEvents(n: number): void {
+    for (let i = 0; i < n; i++) {
+      const data = Number(this.#events[i]);
+      if (data === WAKE) shim().kvs_read(this.#wake, this.#wakeBuf, 8);
+      else if (data === this.listener) this.#acceptAll();
+      else {
+        const c = this.#conns.get(data);
+        if (c) this.#service(c);
+      }
+    }
   }
 
   #hasOutput(): boolean {
@@ -261,6 +266,9 @@ class HttpApiServer implements ApiServer {
       const c = new Conn(fd, performance.now());
       this.#conns.set(fd, c);
       this.#setInterest(c, EPOLLIN);
+      // A client writes its request right after connecting: it is usually here already, and reading it
+      // now saves a round through epoll (a thread hop) per connection.
+      this.#service(c);
     }
   }
 

@@ -31,7 +31,8 @@ echo "=== ERR"; cat $D/err.txt
 `;
 
 Deno.test({
-  name: "lab: Kata's flow: create, add-net with a tap sent as SCM_RIGHTS, boot; the guest pings through that tap",
+  name:
+    "lab: Kata's flow: create, add-net with a tap sent as SCM_RIGHTS, boot; the guest pings through that tap",
   ignore: why !== null,
 }, async (t) => {
   // The lab carries the module cache: compile the client here, where it is fast.

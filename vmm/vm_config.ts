@@ -280,6 +280,14 @@ export const NetConfigSchema = z.object({
       message: "fds and tap are mutually exclusive",
     });
   }
+  if (n.fds && n.fds.length * 2 !== n.num_queues) {
+    ctx.addIssue({
+      code: z.ZodIssueCode.custom,
+      path: ["fds"],
+      message:
+        `${n.fds.length} tap descriptor(s) for num_queues=${n.num_queues}: one descriptor per queue pair`,
+    });
+  }
   if ((n.ip === undefined) !== (n.mask === undefined)) {
     ctx.addIssue({
       code: z.ZodIssueCode.custom,

@@ -1,13 +1,14 @@
 /**
  * vmm.ping over the API socket of a real `dvmm --api-socket` process (idle, no VM).
  *
- *   deno run -A tests/bench/api_ping_bench.ts [--clients 1,4,16] [--requests 2000] [--busy]
+ *   deno run -A tests/bench/api_ping_bench.ts [--clients 1,4,16] [--requests 2000] [--busy] [--main PATH]
  *
  * prints latency p50/p99 and throughput for N concurrent clients, both with one connection per
  * request (as curl and `dvmm remote` do) and with kept-alive connections (fetch over the socket).
  * With --busy the server first creates and boots a real 2-vCPU guest (through the API) that spins in a
  * loop, so both host cores are taken by vCPU threads while the API answers. Under `deno bench` it
- * registers a single-request benchmark instead.
+ * registers a single-request benchmark instead. `--main` runs another checkout's main.ts as the server
+ * (e.g. a worktree of an older commit), to compare servers in one run with the same client.
  */
 import { parseArgs } from "node:util";
 import { apiRequest } from "../../api/client.ts";
@@ -15,13 +16,11 @@ import { startApiServer } from "../../api/server.ts";
 import { ControlLoop } from "../../vmm/control.ts";
 import { pvhElf } from "../helpers/tiny_guest.ts";
 
-const MAIN = new URL("../../main.ts", import.meta.url).pathname;
-
-async function startDvmm(): Promise<{ socket: string; stop: () => Promise<void> }> {
+async function startDvmm(main: string): Promise<{ socket: string; stop: () => Promise<void> }> {
   const dir = await Deno.makeTempDir({ prefix: "dvmm-bench-" });
   const socket = `${dir}/api.sock`;
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "--quiet", MAIN, "--api-socket", `path=${socket}`],
+    args: ["run", "--allow-all", "--quiet", main, "--api-socket", `path=${socket}`],
     stdout: "null",
     stderr: "inherit",
   }).spawn();
@@ -137,10 +136,11 @@ if (import.meta.main) {
       clients: { type: "string", default: "1,4,16" },
       requests: { type: "string", default: "2000" },
       busy: { type: "boolean", default: false },
+      main: { type: "string", default: new URL("../../main.ts", import.meta.url).pathname },
     },
   });
   const total = Number(values.requests);
-  const { socket, stop } = await startDvmm();
+  const { socket, stop } = await startDvmm(values.main!);
   try {
     if (values.busy) await bootBusyGuest(socket);
     // Warm up both paths.
