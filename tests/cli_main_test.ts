@@ -1,5 +1,6 @@
 /** The real `main.ts` as a subprocess: option errors, the API lifetime, the socket file, events. */
 import assert from "node:assert/strict";
+import { CLI_OPTIONS, CliError, DEFAULT_LOG_FORMAT, logFormatProblem, parseCli } from "../main.ts";
 
 const MAIN = new URL("../main.ts", import.meta.url).pathname;
 const dec = new TextDecoder();
@@ -36,18 +37,33 @@ Deno.test("cli: --version and --help", async () => {
   const h = await run(["--help"]);
   assert.equal(h.code, 0);
   assert.match(h.stdout, /--api-socket/);
+  for (const o of Object.keys(CLI_OPTIONS).filter((o) => o !== "v")) {
+    assert.match(h.stdout, new RegExp(`--${o}\\b`), o);
+  }
+  // No arguments at all: the help, as Cloud Hypervisor (clap's arg_required_else_help).
+  const none = await run([]);
+  assert.equal(none.code, 2);
+  assert.match(none.stderr, /usage: dvmm/);
 });
 
 Deno.test("cli: bad options exit non-zero with a message naming the option", async () => {
   const cases: [string[], RegExp][] = [
-    [["--bogus"], /Unknown option '--bogus'/],
+    [["--bogus"], /unexpected argument '--bogus' found/],
     [["--kernel", "/k", "--cpus", "boot=4,max=2"], /--cpus: .*must not exceed max_vcpus/],
     [["--kernel", "/k", "--memory", "size=lots"], /--memory: size: 'lots' is not a size/],
     [["--kernel", "/k", "--disk", "path=/a,colour=red"], /--disk: unknown parameter 'colour'/],
-    [["--kernel", "/k", "--net", "tap=tap0,mac=nope"], /--net: net\.0\.mac/],
-    [["--kernel", "/k", "--serial", "loud"], /--serial: expected/],
+    [["--kernel", "/k", "--net", "tap=tap0,mac=nope"], /--net: mac: 'nope' is not a MAC address/],
+    [["--kernel", "/k", "--serial", "loud"], /--serial: unknown parameter 'loud'/],
+    [["--kernel", "/k", "--cpus", "boot=1", "--cpus", "boot=2"], /'--cpus' cannot be used multiple times/],
+    [["--kernel", "/k", "--igvm", "/x.igvm"], /--igvm: not built in dvmm/],
+    [["--seccomp", "maybe"], /invalid value 'maybe' for '--seccomp/],
+    [["--log-format", "{nope}"], /--log-format: unknown format token '\{nope\}'/],
+    [["--log-format", "{msg}"], /--log-format: dvmm cannot change its log line format/],
+    [["--restore", "prefault=on"], /--restore: source_url is required/],
+    [["--restore", "source_url=file:///nonexistent"], /cannot restore the VM: .*not implemented/],
+    [["--dbus-service-name", "org.example.Vmm"], /--dbus-service-name needs --dbus-object-path/],
     [["--cpus", "boot=2"], /--kernel \(or --firmware\) is required/],
-    [[], /nothing to do/],
+    [["-v"], /nothing to do/],
     [["--api-socket", "fd=x"], /--api-socket: fd must be a file descriptor number/],
     [["--api-socket", "fd=97"], /--api-socket fd=97: not an open, listening socket/],
     [["--api-socket", "/tmp/x.sock", "extra"], /unexpected argument 'extra'/],
@@ -57,6 +73,24 @@ Deno.test("cli: bad options exit non-zero with a message naming the option", asy
     assert.notEqual(r.code, 0, `${args.join(" ")} should fail`);
     assert.match(r.stderr, re, `${args.join(" ")}: ${r.stderr}`);
   }
+});
+
+Deno.test("cli: --seccomp and --landlock say that their machinery is not built", async () => {
+  const r = await run([
+    "--kernel",
+    "/nonexistent/vmlinux",
+    "--console",
+    "off",
+    "--seccomp",
+    "true",
+    "--landlock",
+  ]);
+  assert.notEqual(r.code, 0);
+  assert.equal(r.stderr.match(/seccomp filter/g)?.length, 1, r.stderr);
+  assert.match(r.stderr, /WARN: --seccomp true: dvmm does not install a seccomp filter yet/);
+  assert.match(r.stderr, /WARN: --landlock: dvmm does not apply Landlock/);
+  const quiet = await run(["--kernel", "/nonexistent/vmlinux", "--console", "off", "--seccomp", "false"]);
+  assert.doesNotMatch(quiet.stderr, /seccomp/);
 });
 
 Deno.test("cli: a VM that cannot boot makes dvmm exit non-zero", async () => {
@@ -122,4 +156,150 @@ Deno.test("cli: SIGTERM shuts dvmm down cleanly", async () => {
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+// ---------------------------------------------------------------------------------------------------
+// argv, read in-process
+
+function cliError(argv: string[]): CliError {
+  try {
+    parseCli(argv);
+  } catch (e) {
+    if (e instanceof CliError) return e;
+    throw e;
+  }
+  throw new Error(`${argv.join(" ")} should fail`);
+}
+
+Deno.test("cli argv: repeatable options take one or more values per occurrence", () => {
+  const c = parseCli(["--kernel", "/k", "--disk", "path=a", "path=b", "--disk", "path=c", "--net", "tap=t0"]);
+  assert.deepEqual(c.vm?.disk, ["path=a", "path=b", "path=c"]);
+  assert.deepEqual(c.vm?.net, ["tap=t0"]);
+  assert.deepEqual(parseCli(["--kernel", "/k", "--disk=path=a", "--disk", "path=b"]).vm?.disk, [
+    "path=a",
+    "path=b",
+  ]);
+  // An attached value ends the option's values (as clap).
+  assert.match(
+    cliError(["--kernel", "/k", "--disk=path=a", "path=b"]).message,
+    /unexpected argument 'path=b'/,
+  );
+  assert.match(
+    cliError(["--kernel", "/k", "--disk", "--net", "tap=t0"]).message,
+    /a value is required for '--disk/,
+  );
+});
+
+Deno.test("cli argv: single-value options and flags may be given once", () => {
+  const c = parseCli(["--kernel=/k", "--cpus=boot=2", "--memory", "size=1G", "--pvpanic", "--watchdog"]);
+  assert.equal(c.vm?.kernel, "/k");
+  assert.equal(c.vm?.cpus, "boot=2");
+  assert.equal(c.vm?.memory, "size=1G");
+  assert.equal(c.vm?.pvpanic, true);
+  assert.equal(c.vm?.watchdog, true);
+  assert.match(
+    cliError(["--kernel", "/k", "--kernel", "/j"]).message,
+    /'--kernel' cannot be used multiple times/,
+  );
+  assert.match(cliError(["--kernel", "/k", "--pvpanic", "--pvpanic"]).message, /'--pvpanic' cannot be used/);
+  assert.match(cliError(["--kernel", "/k", "--pvpanic=on"]).message, /unexpected value 'on' for '--pvpanic'/);
+  assert.match(cliError(["--kernel"]).message, /a value is required for '--kernel/);
+  assert.match(cliError(["--kernel", "/k", "--cmdline", "-x"]).message, /--cmdline=-x/);
+  assert.equal(parseCli(["--kernel", "/k", "--cmdline=-x"]).vm?.cmdline, "-x");
+  assert.equal(parseCli(["--kernel", "/k", "--cmdline", ""]).vm?.cmdline, "");
+  assert.match(cliError(["--kernel", "/k", "stray"]).message, /unexpected argument 'stray' found/);
+  assert.match(cliError(["--Kernel", "/k"]).message, /unexpected argument '--Kernel' found/);
+  assert.match(cliError(["--kern", "/k"]).message, /unexpected argument '--kern' found/);
+  assert.match(cliError(["--toString", "x"]).message, /unexpected argument '--toString' found/);
+});
+
+Deno.test("cli argv: --rtc with or without a value, -v counts, -h/-V", () => {
+  assert.equal(parseCli(["--kernel", "/k", "--rtc"]).vm?.rtc, "");
+  assert.equal(parseCli(["--kernel", "/k", "--rtc", "--pvpanic"]).vm?.rtc, "");
+  assert.equal(parseCli(["--kernel", "/k", "--rtc", "iommu=on"]).vm?.rtc, "iommu=on");
+  assert.equal(parseCli(["--kernel", "/k", "--rtc=id=r"]).vm?.rtc, "id=r");
+  assert.equal(parseCli(["-vvv", "--api-socket", "/s"]).verbosity, 3);
+  assert.equal(parseCli(["-v", "-v", "--api-socket", "/s"]).verbosity, 2);
+  assert.match(cliError(["--v"]).message, /unexpected argument '--v'/);
+  assert.equal(parseCli(["-V"]).version, true);
+  assert.equal(parseCli(["--version"]).version, true);
+  assert.equal(parseCli(["-h"]).help, true);
+  assert.equal(parseCli(["--kernel", "/k", "--help", "--bogus"]).help, true);
+  assert.match(cliError(["-x"]).message, /unexpected argument '-x'/);
+});
+
+Deno.test("cli argv: VM options need a payload; VMM options do not", () => {
+  for (const argv of [["--cpus", "boot=2"], ["--pvpanic"], ["--rtc"], ["--disk", "path=a"], ["--landlock"]]) {
+    const e = cliError(["--api-socket", "/s", ...argv]);
+    assert.match(e.message, /needs a payload: --kernel \(or --firmware\) is required/, argv.join(" "));
+    assert.equal(e.code, 2);
+  }
+  const c = parseCli([
+    "--api-socket",
+    "path=/s",
+    "--event-monitor",
+    "path=/e",
+    "--restore",
+    "source_url=file:///x",
+    "--no-shutdown",
+    "--seccomp",
+    "log",
+    "--log-file",
+    "/l",
+    "--dbus-service-name",
+    "org.example.Vmm",
+    "--dbus-object-path",
+    "/org/example/Vmm",
+    "--dbus-system-bus",
+  ]);
+  assert.equal(c.vm, null);
+  assert.equal(c.apiSocket, "path=/s");
+  assert.equal(c.eventMonitor, "path=/e");
+  assert.equal(c.restore, "source_url=file:///x");
+  assert.equal(c.noShutdown, true);
+  assert.equal(c.seccomp, "log");
+  assert.equal(c.logFile, "/l");
+  assert.deepEqual([c.dbusServiceName, c.dbusObjectPath, c.dbusSystemBus], [
+    "org.example.Vmm",
+    "/org/example/Vmm",
+    true,
+  ]);
+  assert.equal(parseCli(["--firmware", "/fw", "--cpus", "boot=2"]).vm?.firmware, "/fw");
+});
+
+Deno.test("cli argv: every option is accepted; those CH's release build lacks are refused by name", () => {
+  const sample: Record<string, string[]> = {
+    "many": ["x=1", "y=2"],
+    "one": ["x=1"],
+    "optional": [],
+    "flag": [],
+    "count": [],
+  };
+  const notBuilt = Object.entries(CLI_OPTIONS).filter(([, s]) => s.notBuilt).map(([n]) => n).sort();
+  assert.deepEqual(notBuilt, ["fw-cfg-config", "gdb", "host-data", "igvm", "ivshmem", "pvmemcontrol"]);
+  for (const [name, spec] of Object.entries(CLI_OPTIONS)) {
+    if (name === "help" || name === "version" || name === "kernel") continue;
+    const flag = spec.shortOnly ? `-${spec.short}` : `--${name}`;
+    const value = name === "seccomp" ? ["true"] : sample[spec.arity];
+    const argv = ["--kernel", "/k", flag, ...value];
+    if (spec.notBuilt) {
+      const e = cliError(argv);
+      assert.match(e.message, new RegExp(`^--${name}: not built in dvmm`), name);
+      assert.equal(e.code, 1);
+    } else {
+      parseCli(argv);
+    }
+  }
+  assert.equal(parseCli(["--kernel", "/k", "--seccomp", "errno"]).seccomp, "errno");
+});
+
+Deno.test("cli argv: --log-format is checked with Cloud Hypervisor's token grammar", () => {
+  assert.equal(logFormatProblem(DEFAULT_LOG_FORMAT), null);
+  assert.match(logFormatProblem("{msg")!, /unterminated/);
+  assert.match(logFormatProblem("msg}")!, /unmatched/);
+  assert.match(logFormatProblem("{bogus}")!, /unknown format token/);
+  assert.match(
+    logFormatProblem("{{literal}} {localhour}:{minute} {msg}")!,
+    /cannot change its log line format/,
+  );
 });

@@ -152,6 +152,23 @@ Deno.test("control: guest poweroff shuts the VMM down with status 0", async () =
   assert.equal(errKind(await loop.request("vmm.ping")), "ShuttingDown");
 });
 
+Deno.test("control: with --no-shutdown a guest poweroff shuts the VM down and the VMM serves on", async () => {
+  const { factory, made } = fakeFactory();
+  const events = new RecordingEvents();
+  const loop = new ControlLoop({ factory, events, noShutdown: true });
+  await loop.request("vm.create", config());
+  await loop.request("vm.boot");
+  made[0].guest("poweroff");
+  for (let i = 0; i < 100 && loop.state !== "Shutdown"; i++) await new Promise((r) => setTimeout(r, 5));
+  assert.equal(loop.state, "Shutdown");
+  assert.deepEqual(made[0].calls, ["boot", "shutdown"]);
+  assert.ok(events.seen.includes("vm:shutdown") && !events.seen.includes("vmm:shutdown"));
+  assert.ok((await loop.request("vmm.ping")).ok, "the VMM still answers");
+  assert.ok((await loop.request("vm.boot")).ok, "and can boot the VM again");
+  assert.ok((await loop.request("vmm.shutdown")).ok);
+  assert.equal(await loop.exited, 0);
+});
+
 Deno.test("control: vmm.shutdown releases the VM and resolves exited", async () => {
   const { loop, made } = setup();
   await loop.request("vm.create", config());

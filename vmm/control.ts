@@ -187,6 +187,8 @@ export interface ControlLoopOptions {
   factory: VmBackendFactory;
   events?: EventSink;
   log?: Logger;
+  /** `--no-shutdown`: a guest power-off shuts the VM down but the VMM keeps running (and serving). */
+  noShutdown?: boolean;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -195,6 +197,7 @@ export class ControlLoop {
   readonly #factory: VmBackendFactory;
   readonly #events: EventSink;
   readonly #log: Logger;
+  readonly #noShutdown: boolean;
   readonly #queue: QueueItem[] = [];
   #draining = false;
 
@@ -215,6 +218,7 @@ export class ControlLoop {
     this.#factory = opts.factory;
     this.#events = opts.events ?? nullEventSink;
     this.#log = opts.log ?? logger("control");
+    this.#noShutdown = opts.noShutdown ?? false;
     this.exited = new Promise((resolve) => (this.#resolveExit = resolve));
   }
 
@@ -642,9 +646,15 @@ export class ControlLoop {
     try {
       switch (item.event) {
         case "poweroff":
-          // Cloud Hypervisor ends the VMM when the guest powers off, API socket or not.
+          // Cloud Hypervisor ends the VMM when the guest powers off, API socket or not, unless it was
+          // started with --no-shutdown: then only the VM shuts down.
           this.#log.info("guest powered off");
-          await this.#vmmShutdown(0);
+          if (this.#noShutdown) {
+            await this.#stopBackend();
+            this.#events.emit("vm", "shutdown");
+          } else {
+            await this.#vmmShutdown(0);
+          }
           return;
         case "crash":
           // The VMM could not go on running the guest (an exit it cannot handle, a failed KVM_RUN, a

@@ -38,6 +38,7 @@ ensure_packages() {
 	command -v gzip >/dev/null || want+=(gzip)
 	command -v xz >/dev/null || want+=(xz-utils)
 	command -v curl >/dev/null || want+=(curl)
+	command -v dbus-daemon >/dev/null || want+=(dbus) # the D-Bus API lab test
 	if [[ -z ${LAB_KERNEL:-} ]] && ! compgen -G '/boot/vmlinuz-*-cloud-amd64' >/dev/null; then
 		want+=(linux-image-cloud-amd64)
 	fi
@@ -178,7 +179,7 @@ base_tree() { # minimal skeleton with /dev/console (the kernel opens it before /
 
 extra_bins() { # host binaries copied into the lab rootfs when present (plus $LAB_EXTRA_BINS)
 	local b
-	for b in qemu-img bash ip strace curl ${LAB_EXTRA_BINS:-}; do command -v "$b" 2>/dev/null || true; done
+	for b in qemu-img bash ip strace curl dbus-daemon dbus-send dbus-monitor ${LAB_EXTRA_BINS:-}; do command -v "$b" 2>/dev/null || true; done
 }
 
 # ---------------------------------------------------------------------------------------------------
