@@ -394,7 +394,7 @@ export class ControlLoop {
       build_version: `dvmm ${DVMM_VERSION} (Deno ${Deno.version.deno})`,
       version: DVMM_VERSION,
       pid: Deno.pid,
-      features: ["kvm"],
+      features: ["dbus_api", "kvm"],
     };
   }
 
