@@ -5,7 +5,7 @@
  * carry the names Kata looks for (`vcpu0`, `vcpu1`).
  */
 import assert from "node:assert/strict";
-import { labUnavailable, runInLab } from "./helpers/lab.ts";
+import { labUnavailable, runScriptInLab } from "./helpers/lab.ts";
 
 const why = labUnavailable();
 const root = new URL("../", import.meta.url).pathname;
@@ -39,17 +39,7 @@ Deno.test({
   const cache = await new Deno.Command(Deno.execPath(), { args: ["cache", `${root}tests/lab/kata_flow.ts`] })
     .output();
   assert.equal(cache.code, 0, new TextDecoder().decode(cache.stderr));
-  const name = `clients-${Date.now()}`;
-  const dir = `${root}build/lab-work/${name}`;
-  await Deno.mkdir(dir, { recursive: true });
-  await Deno.writeTextFile(`${dir}/guest.sh`, GUEST);
-  await Deno.writeTextFile(`${dir}/run.sh`, HOST(name));
-  let res;
-  try {
-    res = await runInLab(`sh /work/${name}/run.sh`, { add: [dir], timeout: 700 });
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
+  const res = await runScriptInLab("clients", { "guest.sh": GUEST }, HOST, { timeout: 700 });
   const out = res.stdout.replaceAll("\r", "");
   const all = out + "\n--- stderr ---\n" + res.stderr;
   const status = (endpoint: string) => out.match(new RegExp(`^CALL ${endpoint} (\\d+)`, "m"))?.[1];

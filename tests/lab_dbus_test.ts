@@ -5,17 +5,16 @@
  * `dbus-monitor` watching the `Event` signal.
  */
 import assert from "node:assert/strict";
-import { labUnavailable, runInLab } from "./helpers/lab.ts";
+import { labUnavailable, runScriptInLab } from "./helpers/lab.ts";
 
 const why = labUnavailable();
 const root = new URL("../", import.meta.url).pathname;
 
-const BUS_CONF = (dir: string) =>
-  `<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+const BUS_CONF = `<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
   <type>session</type>
-  <listen>unix:path=/work/${dir}/bus.sock</listen>
+  <listen>unix:path=/tmp/dvmm-lab-bus.sock</listen>
   <auth>EXTERNAL</auth>
   <policy context="default">
     <allow send_destination="*" eavesdrop="true"/>
@@ -70,36 +69,23 @@ Deno.test({
   name: "lab: the D-Bus API creates, boots, inspects and shuts down a real guest",
   ignore: why !== null,
 }, async (t) => {
-  const name = `dbus-${Date.now()}`;
-  const dir = `${root}build/lab-work/${name}`;
-  await Deno.mkdir(dir, { recursive: true });
   const guestArg = new TextDecoder().decode(
     (await new Deno.Command(`${root}tests/lab/guest-arg`, { args: ["echo dbus-guest-ok; sleep 600"] })
       .output())
       .stdout,
   ).trim();
-  await Deno.writeTextFile(
-    `${dir}/vm.json`,
-    JSON.stringify({
-      cpus: { boot_vcpus: 2, max_vcpus: 2 },
-      memory: { size: 384 << 20 },
-      payload: {
-        kernel: "/lab/vmlinuz",
-        initramfs: "/lab/initramfs.gz",
-        cmdline: `console=ttyS0 panic=-1 ${guestArg}`,
-      },
-      serial: { mode: "Tty" },
-      console: { mode: "Off" },
-    }),
-  );
-  await Deno.writeTextFile(`${dir}/bus.conf`, BUS_CONF(name));
-  await Deno.writeTextFile(`${dir}/run.sh`, HOST(name));
-  let res;
-  try {
-    res = await runInLab(`sh /work/${name}/run.sh`, { add: [dir], timeout: 700 });
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
+  const vm = JSON.stringify({
+    cpus: { boot_vcpus: 2, max_vcpus: 2 },
+    memory: { size: 384 << 20 },
+    payload: {
+      kernel: "/lab/vmlinuz",
+      initramfs: "/lab/initramfs.gz",
+      cmdline: `console=ttyS0 panic=-1 ${guestArg}`,
+    },
+    serial: { mode: "Tty" },
+    console: { mode: "Off" },
+  });
+  const res = await runScriptInLab("dbus", { "vm.json": vm, "bus.conf": BUS_CONF }, HOST, { timeout: 700 });
   const out = res.stdout.replaceAll("\r", "");
   const all = out + "\n--- stderr ---\n" + res.stderr;
   const calls = [...out.matchAll(/^CALL (\w+) rc=(\d+) (.*)$/gm)].map((m) => ({

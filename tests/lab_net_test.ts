@@ -10,10 +10,9 @@
  * - while the guest waits for its second line, the lab shell asks the REST API for counters and info.
  */
 import assert from "node:assert/strict";
-import { labUnavailable, runInLab } from "./helpers/lab.ts";
+import { labUnavailable, runScriptInLab } from "./helpers/lab.ts";
 
 const why = labUnavailable();
-const root = new URL("../", import.meta.url).pathname;
 
 const GUEST = `
 exec >/dev/hvc0 2>&1
@@ -66,17 +65,7 @@ Deno.test({
   name: "lab: virtio-net over a tap (guest pings the host side) and virtio-console in and out",
   ignore: why !== null,
 }, async (t) => {
-  const name = `net-${Date.now()}`;
-  const dir = `${root}build/lab-work/${name}`;
-  await Deno.mkdir(dir, { recursive: true });
-  await Deno.writeTextFile(`${dir}/guest.sh`, GUEST);
-  await Deno.writeTextFile(`${dir}/run.sh`, HOST(name));
-  let res;
-  try {
-    res = await runInLab(`sh /work/${name}/run.sh`, { add: [dir], timeout: 700 });
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
+  const res = await runScriptInLab("net", { "guest.sh": GUEST }, HOST, { timeout: 700 });
   const out = res.stdout.replaceAll("\r", "");
   const all = out + "\n--- stderr ---\n" + res.stderr;
   const line = (key: string) => out.match(new RegExp(`^${key} ?(.*)$`, "m"))?.[1];

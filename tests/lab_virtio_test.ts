@@ -5,7 +5,7 @@
  * disk refuses writes; after poweroff the lab shell (dvmm's host) prints the sector the guest wrote.
  */
 import assert from "node:assert/strict";
-import { labUnavailable, runInLab } from "./helpers/lab.ts";
+import { labUnavailable, runScriptInLab } from "./helpers/lab.ts";
 import { VmConfigSchema } from "../vmm/vm_config.ts";
 import type { GuestEvent } from "../vmm/control.ts";
 import { Vm } from "../vmm/vm.ts";
@@ -13,7 +13,6 @@ import { printAndPoweroffCode, pvhElf } from "./helpers/tiny_guest.ts";
 import { kvmAvailable } from "./helpers/realmode.ts";
 
 const why = labUnavailable();
-const root = new URL("../", import.meta.url).pathname;
 
 const GUEST = `
 echo "=== PCI"
@@ -51,24 +50,17 @@ Deno.test({
   name: "lab: virtio-rng and virtio-blk over PCI (rng bytes, disk token round trip, read-only disk)",
   ignore: why !== null,
 }, async (t) => {
-  const name = `virtio-${Date.now()}`;
-  const dir = `${root}build/lab-work/${name}`;
-  await Deno.mkdir(dir, { recursive: true });
   const img = (token: string) => {
     const b = new Uint8Array(1 << 20);
     b.set(new TextEncoder().encode(token));
     return b;
   };
-  await Deno.writeFile(`${dir}/rw.img`, img("host-token-1234"));
-  await Deno.writeFile(`${dir}/ro.img`, img("ro-token-5678"));
-  await Deno.writeTextFile(`${dir}/guest.sh`, GUEST);
-  await Deno.writeTextFile(`${dir}/run.sh`, HOST(name));
-  let res;
-  try {
-    res = await runInLab(`sh /work/${name}/run.sh`, { add: [dir], timeout: 400 });
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
+  const res = await runScriptInLab(
+    "virtio",
+    { "rw.img": img("host-token-1234"), "ro.img": img("ro-token-5678"), "guest.sh": GUEST },
+    HOST,
+    { timeout: 400 },
+  );
   const out = res.stdout.replaceAll("\r", "");
   const all = out + "\n--- stderr ---\n" + res.stderr;
   const line = (key: string) => out.match(new RegExp(`^${key} (.*)$`, "m"))?.[1];

@@ -45,6 +45,32 @@ export async function runInLab(
   }
 }
 
+/**
+ * Runs a script of the test's own in the lab: a fresh host directory `build/lab-work/<prefix>-<time>`
+ * holds `files` (name → text or bytes) and `run.sh` (made by `script` from the directory's name, which is
+ * `/work/<name>` inside the lab); the lab runs `sh /work/<name>/run.sh`; the directory is removed after.
+ */
+export async function runScriptInLab(
+  prefix: string,
+  files: Record<string, string | Uint8Array>,
+  script: (name: string) => string,
+  opts: { timeout?: number } = {},
+): Promise<LabResult> {
+  const name = `${prefix}-${Date.now()}`;
+  const dir = `${root}build/lab-work/${name}`;
+  await Deno.mkdir(dir, { recursive: true });
+  try {
+    for (const [file, content] of Object.entries(files)) {
+      if (typeof content === "string") await Deno.writeTextFile(`${dir}/${file}`, content);
+      else await Deno.writeFile(`${dir}/${file}`, content);
+    }
+    await Deno.writeTextFile(`${dir}/run.sh`, script(name));
+    return await runInLab(`sh /work/${name}/run.sh`, { add: [dir], timeout: opts.timeout });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
 /** The lab VM failed (exit 125 from tests/lab/run): never a pass, never a test failure of dvmm. */
 export class LabFault extends Error {}
 
