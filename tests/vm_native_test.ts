@@ -131,6 +131,15 @@ Deno.test(
         [{ pvpanic: true }, /pvpanic device is not implemented/],
         [{ numa: [{ guest_numa_id: 0 }] }, /guest NUMA nodes is not implemented/],
         [{ memory: { size: 64 << 20, hotplug_size: 128 << 20 } }, /memory hotplug is not implemented/],
+        [{ cpus: { boot_vcpus: 1, max_vcpus: 1, affinity: [{ vcpu: 0, host_cpus: [0] }] } }, /vCPU affinity/],
+        [{ cpus: { boot_vcpus: 1, max_vcpus: 1, max_phys_bits: 40 } }, /address width other than 46/],
+        [{ platform: { num_pci_segments: 2 } }, /PCI segments other than 0 .*num_pci_segments/],
+        [{ rng: { src: "/dev/urandom", pci_device_id: 5 } }, /choosing a device's PCI slot/],
+        [{ platform: { system_uuid: "x" } }, /SMBIOS tables/],
+        [
+          { disks: [{ path: "/x", rate_limiter_config: { ops: { size: 1, refill_time: 1 } } }] },
+          /rate limiting/,
+        ],
       ] as [Record<string, unknown>, RegExp][]
     ) {
       const vm = new Vm(VmConfigSchema.parse({ ...base, ...extra }));

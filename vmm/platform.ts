@@ -148,6 +148,52 @@ function checkSupported(cfg: VmConfig): void {
   }
   const serial = cfg.serial?.mode ?? "Null";
   if (serial === "Pty" || serial === "Socket") missing(`serial mode ${serial}`, "--serial");
+
+  // Settings that dvmm reads but has no machinery for: refused unless they ask for what dvmm does anyway.
+  const c = cfg.cpus;
+  if (c.affinity?.length) missing("vCPU affinity", "--cpus affinity=");
+  if (c.kvm_hyperv) missing("Hyper-V enlightenments", "--cpus kvm_hyperv=on");
+  if (c.features.amx) missing("AMX", "--cpus features=amx");
+  if (!c.nested) missing("hiding nested virtualization from the guest", "--cpus nested=off");
+  if (c.max_phys_bits !== 46) {
+    missing("a guest physical address width other than 46", "--cpus max_phys_bits=");
+  }
+  const t = c.topology;
+  if (t && (t.threads_per_core !== 1 || t.dies_per_package !== 1 || t.packages !== 1)) {
+    missing("CPU topologies other than one package of single-threaded cores", "--cpus topology=");
+  }
+  const segments = cfg.platform?.num_pci_segments ?? 1;
+  if (segments > 1) missing("PCI segments other than 0", "--platform num_pci_segments=");
+  const devices = [
+    ...(cfg.disks ?? []),
+    ...(cfg.net ?? []),
+    ...(cfg.fs ?? []),
+    ...(cfg.pmem ?? []),
+    cfg.rng,
+    cfg.console,
+    ...(cfg.vsock ? [cfg.vsock] : []),
+  ];
+  if (devices.some((d) => d.pci_segment !== 0)) missing("PCI segments other than 0", "pci_segment=");
+  if (devices.some((d) => d.pci_device_id !== undefined)) {
+    missing("choosing a device's PCI slot", "pci_device_id=");
+  }
+  if (cfg.disks?.some((d) => d.rate_limiter_config) || cfg.net?.some((n) => n.rate_limiter_config)) {
+    missing("I/O rate limiting", "bw_*/ops_* (rate_limiter_config)");
+  }
+  if (cfg.disks?.some((d) => d.queue_affinity?.length)) {
+    missing("virtqueue affinity", "--disk queue_affinity=");
+  }
+  const p = cfg.platform;
+  if (
+    p && (p.system_serial_number ?? p.system_uuid ?? p.system_manufacturer ?? p.system_product_name ??
+        p.system_version ?? p.system_family ?? p.system_sku_number ?? p.chassis_asset_tag ??
+        p.oem_strings) !==
+      undefined
+  ) {
+    missing("SMBIOS tables", "--platform system_*=/oem_strings=");
+  }
+  if (p?.tdx || p?.sev_snp) missing("confidential guests (TDX, SEV-SNP)", "--platform tdx/sev_snp");
+  if (p?.iommufd || p?.iommufd_fd !== undefined) missing("iommufd", "--platform iommufd=");
 }
 
 /**
