@@ -185,7 +185,8 @@ extra_bins() { # host binaries copied into the lab rootfs when present (plus $LA
 # ---------------------------------------------------------------------------------------------------
 # Artifacts.
 GUEST_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio
- virtio_blk failover net_failover virtio_net virtio_console virtio-rng button evdev"
+ virtio_blk failover net_failover virtio_net virtio_console virtio-rng button evdev
+ vmw_vsock_virtio_transport virtiofs virtio_pmem nd_pmem virtio_balloon virtio_mem"
 
 build_guest() {
 	mkdir -p "$LAB_DIR/guest"
