@@ -47,6 +47,36 @@ export function errorResult(status: number, messages: string[]): ApiResult {
   return { status, body: JSON.stringify(messages) };
 }
 
+/**
+ * The first object member named twice in a (syntactically valid) JSON text, as a dotted path, or null.
+ * JSON.parse keeps the last; Cloud Hypervisor's reader (serde) refuses the text, and so does dvmm.
+ */
+export function duplicateKey(text: string): string | null {
+  const stack: { keys: Set<string> | null; expectKey: boolean; key: string }[] = [];
+  // The enclosing objects' current members (array levels carry no name).
+  const path = () => stack.slice(0, -1).filter((f) => f.keys).map((f) => f.key).join(".");
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (c === '"') {
+      let j = i + 1;
+      while (text[j] !== '"') j += text[j] === "\\" ? 2 : 1;
+      const top = stack[stack.length - 1];
+      if (top?.keys && top.expectKey) {
+        const key = JSON.parse(text.slice(i, j + 1)) as string;
+        if (top.keys.has(key)) return path() ? `${path()}.${key}` : key;
+        top.keys.add(key);
+        top.key = key;
+        top.expectKey = false;
+      }
+      i = j;
+    } else if (c === "{") stack.push({ keys: new Set(), expectKey: true, key: "" });
+    else if (c === "[") stack.push({ keys: null, expectKey: false, key: "" });
+    else if (c === "}" || c === "]") stack.pop();
+    else if (c === "," && stack[stack.length - 1]?.keys) stack[stack.length - 1].expectKey = true;
+  }
+  return null;
+}
+
 type Decoded =
   | { ok: true; body: unknown; used: number[] }
   | { ok: false; status: number; messages: string[] };
@@ -68,6 +98,8 @@ function decodeBody(kind: RequestKind, route: Route, text: string, fds: number[]
   if (json === null || typeof json !== "object" || Array.isArray(json)) {
     return bad(`the body of ${kind} must be a JSON object (${route.bodyName})`);
   }
+  const dup = duplicateKey(text);
+  if (dup !== null) return bad(`the body of ${kind} names the field '${dup}' twice`);
   const r = readConfig(
     route.body,
     json,

@@ -116,6 +116,21 @@ Deno.test("api: invalid bodies answer 400 naming the field; oversized bodies 413
       /fds: file descriptors cannot be given/,
     );
     assertError(await put(t.socket, "vm.resize", {}), 400, /at least one of/);
+    // As serde (Cloud Hypervisor's reader): a member named twice is refused, not silently the last one.
+    assertError(
+      await put(t.socket, "vm.create", '{"payload":{"kernel":"/k","kernel":"/j"}}'),
+      400,
+      /names the field 'payload.kernel' twice/,
+    );
+    // Thousands of devices are refused up front: a PCI segment has 31 slots.
+    assertError(
+      await put(t.socket, "vm.create", {
+        ...EXAMPLE_VM,
+        disks: Array.from({ length: 40 }, (_, i) => ({ path: `/d${i}` })),
+      }),
+      400,
+      /PCI devices on segment 0: a segment has 31 device slots/,
+    );
     assertError(await put(t.socket, "vm.add-vsock", { cid: 2, socket: "/x" }), 400, /cid: guest CIDs/);
 
     const big = JSON.stringify({ ...EXAMPLE_VM, payload: { kernel: "/k", cmdline: "x".repeat(2 << 20) } });

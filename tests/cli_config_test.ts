@@ -955,4 +955,8 @@ Deno.test("cli config: --api-socket and --event-monitor values", () => {
   assert.throws(() => parseApiSocketOption("path="), /expected path=PATH or fd=N/);
   assert.deepEqual(parseEventMonitorOption("path=/tmp/e.json"), { path: "/tmp/e.json" });
   assert.deepEqual(parseEventMonitorOption("fd=4"), { fd: 4 });
+  assert.throws(
+    () => parseEventMonitorOption("/tmp/e.json"),
+    /expected path=FILE or fd=N, got '\/tmp\/e.json'/,
+  );
 });

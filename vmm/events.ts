@@ -92,9 +92,8 @@ export class EventMonitor implements EventSink {
         );
       }
     }
-    return new EventMonitor(
-      Deno.openSync(path!, { write: true, create: true, truncate: false, append: true }),
-    );
+    // As Cloud Hypervisor: the file is created afresh for this run.
+    return new EventMonitor(Deno.openSync(path!, { write: true, create: true, truncate: true }));
   }
 
   emit(source: string, event: string, properties?: Record<string, string>): void {
@@ -121,7 +120,7 @@ export class EventMonitor implements EventSink {
   }
 }
 
-/** Split `path=FILE` / `fd=N` (a bare value is taken as a path, as Cloud Hypervisor does). */
+/** Split `path=FILE` / `fd=N` (Cloud Hypervisor takes nothing else). */
 export function parseEventMonitorOption(spec: string): { path?: string; fd?: number } {
   if (spec.startsWith("fd=")) {
     const fd = Number(spec.slice(3));
@@ -130,7 +129,10 @@ export function parseEventMonitorOption(spec: string): { path?: string; fd?: num
     }
     return { fd };
   }
-  const path = spec.startsWith("path=") ? spec.slice(5) : spec;
+  if (!spec.startsWith("path=")) {
+    throw new Error(`--event-monitor: expected path=FILE or fd=N, got '${spec}'`);
+  }
+  const path = spec.slice(5);
   if (path === "" || path.includes(",")) throw new Error(`--event-monitor: expected path=FILE or fd=N`);
   return { path };
 }

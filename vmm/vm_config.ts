@@ -624,6 +624,16 @@ function checkVmConfig(c: z.infer<typeof VmConfigObject>, ctx: z.RefinementCtx):
       issue([...where, "pci_device_id"], "device 0 of PCI segment 0 is the host bridge");
     }
   }
+  // 32 slots per PCI bus, slot 0 the host bridge: more devices than that cannot be placed (and a
+  // config naming thousands is refused before it costs anything).
+  const perSegment = new Map<number, number>();
+  for (const { d, where } of pciDevices(c)) {
+    if (where[0] === "console" && c.console.mode === "Off") continue;
+    perSegment.set(d.pci_segment, (perSegment.get(d.pci_segment) ?? 0) + 1);
+  }
+  for (const [seg, n] of perSegment) {
+    if (n > 31) issue(["pci_segment"], `${n} PCI devices on segment ${seg}: a segment has 31 device slots`);
+  }
   c.pci_segments?.forEach((p, i) => {
     if (p.pci_segment >= segments) {
       issue(
