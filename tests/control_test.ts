@@ -169,6 +169,27 @@ Deno.test("control: with --no-shutdown a guest poweroff shuts the VM down and th
   assert.equal(await loop.exited, 0);
 });
 
+Deno.test("control: ping and info are answered while a long boot is under way", async () => {
+  let release!: () => void;
+  const gate = new Promise<void>((r) => (release = r));
+  const { factory } = fakeFactory();
+  const loop = new ControlLoop({
+    factory: (cfg) => {
+      const b = factory(cfg);
+      b.boot = () => gate; // the boot lasts until the test releases it
+      return b;
+    },
+  });
+  await loop.request("vm.create", config());
+  const boot = loop.request("vm.boot");
+  assert.ok((await loop.request("vmm.ping")).ok, "ping does not wait behind the boot");
+  const info = await loop.request("vm.info");
+  assert.ok(info.ok && (info.body as { state: string }).state === "Created");
+  release();
+  assert.ok((await boot).ok);
+  assert.equal(loop.state, "Running");
+});
+
 Deno.test("control: vmm.shutdown releases the VM and resolves exited", async () => {
   const { loop, made } = setup();
   await loop.request("vm.create", config());

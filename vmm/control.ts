@@ -170,6 +170,9 @@ interface GuestEventItem {
 
 type QueueItem = VmmRequest | GuestEventItem;
 
+/** Requests that read state only: they never wait behind a long action. */
+const READ_ONLY = new Set<RequestKind>(["vmm.ping", "vm.info", "vm.counters"]);
+
 /** Where each hot-pluggable kind lives in VmConfig. */
 const DEVICE_LISTS: Record<HotplugKind, keyof VmConfig> = {
   "disk": "disks",
@@ -227,8 +230,16 @@ export class ControlLoop {
     return this.#config ? this.#state : null;
   }
 
-  /** Queue a request; its reply callback is called exactly once. */
+  /**
+   * Queue a request; its reply callback is called exactly once. Requests that only read state
+   * (`vmm.ping`, `vm.info`, `vm.counters`) are answered at once, also while a long action (a boot) is
+   * under way, so a slow boot never makes the VMM look dead.
+   */
   submit(req: VmmRequest): void {
+    if (READ_ONLY.has(req.kind)) {
+      this.#handleRequest(req);
+      return;
+    }
     this.#queue.push(req);
     this.#drain();
   }
