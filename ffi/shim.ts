@@ -38,6 +38,7 @@ const SYMBOLS = {
   kvs_fdatasync: { parameters: ["i32"], result: "i64" },
   kvs_fcntl: { parameters: ["i32", "i32", "i64"], result: "i64" },
   kvs_dup: { parameters: ["i32"], result: "i64" },
+  kvs_dup2: { parameters: ["i32", "i32"], result: "i64" },
   kvs_epoll_create: { parameters: [], result: "i64" },
   kvs_epoll_ctl: { parameters: ["i32", "i32", "i32", "u32", "u64"], result: "i64" },
   kvs_epoll_wait: { parameters: ["i32", "buffer", "i32", "i32"], result: "i64" },
@@ -57,6 +58,8 @@ const SYMBOLS = {
   kvs_gettid: { parameters: [], result: "i64" },
   kvs_kick_tid: { parameters: ["i32"], result: "i64" },
   kvs_now_ns: { parameters: [], result: "u64" },
+  kvs_unix_connect_nb: { parameters: ["buffer"], result: "i64" },
+  kvs_shutdown: { parameters: ["i32", "i32"], result: "i64" },
 
   // ---- aliases (same C functions, different FFI signatures) ----
   /** ioctl with a struct buffer, int result (hot paths: get/set regs...). */
@@ -76,6 +79,8 @@ const SYMBOLS = {
   /** read/write with an int result (hot paths: eventfd signalling, serial output). */
   kvs_read_i32: { name: "kvs_read", parameters: ["i32", "buffer", "u64"], result: "i32" },
   kvs_write_i32: { name: "kvs_write", parameters: ["i32", "buffer", "u64"], result: "i32" },
+  /** epoll_wait with an int result (a device worker's nested epoll set: no BigInt per pass). */
+  kvs_epoll_wait_i32: { name: "kvs_epoll_wait", parameters: ["i32", "buffer", "i32", "i32"], result: "i32" },
   /** Blocking calls run on a Deno blocking-pool thread; they return Promises (for the main thread). */
   kvs_epoll_wait_async: {
     name: "kvs_epoll_wait",

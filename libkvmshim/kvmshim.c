@@ -58,6 +58,7 @@ int64_t kvs_fsync(int32_t fd) { RET(fsync(fd)); }
 int64_t kvs_fdatasync(int32_t fd) { RET(fdatasync(fd)); }
 int64_t kvs_fcntl(int32_t fd, int32_t cmd, int64_t arg) { RET(fcntl(fd, cmd, (long)arg)); }
 int64_t kvs_dup(int32_t fd) { RET(fcntl(fd, F_DUPFD_CLOEXEC, 0)); }
+int64_t kvs_dup2(int32_t fd, int32_t target) { RET(dup3(fd, target, O_CLOEXEC)); }
 
 int64_t kvs_epoll_create(void) { RET(epoll_create1(EPOLL_CLOEXEC)); }
 int64_t kvs_epoll_ctl(int32_t epfd, int32_t op, int32_t fd, uint32_t events, uint64_t data) {
@@ -185,3 +186,16 @@ uint64_t kvs_now_ns(void) {
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
+int64_t kvs_unix_connect_nb(const char *path) {
+  struct sockaddr_un a;
+  if (unix_addr(path, &a) < 0) return -(int64_t)errno;
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) return -(int64_t)errno;
+  if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) {
+    int e = errno;
+    close(fd);
+    return -(int64_t)e;
+  }
+  return fd;
+}
+int64_t kvs_shutdown(int32_t fd, int32_t how) { RET(shutdown(fd, how)); }

@@ -27,6 +27,8 @@ int64_t kvs_fsync(int32_t fd);
 int64_t kvs_fdatasync(int32_t fd);
 int64_t kvs_fcntl(int32_t fd, int32_t cmd, int64_t arg);
 int64_t kvs_dup(int32_t fd);
+/* dup3(fd, target, O_CLOEXEC): `target` now refers to what `fd` refers to (atomically). */
+int64_t kvs_dup2(int32_t fd, int32_t target);
 int64_t kvs_epoll_create(void);
 int64_t kvs_epoll_ctl(int32_t epfd, int32_t op, int32_t fd, uint32_t events, uint64_t data);
 /* Waits for events; stores each event's data word in out[i]. Returns the count (0 on timeout). */
@@ -62,4 +64,9 @@ int64_t kvs_kick_tid(int32_t tid);
 
 /* Monotonic clock in nanoseconds. */
 uint64_t kvs_now_ns(void);
+/* virtio-vsock's host side: a connected non-blocking UNIX stream socket (CLOEXEC); -EAGAIN when the
+ * listener's backlog is full, -ECONNREFUSED / -ENOENT when nobody listens at `path`. */
+int64_t kvs_unix_connect_nb(const char *path);
+/* shutdown(2) of a socket (how: SHUT_RD 0, SHUT_WR 1, SHUT_RDWR 2). */
+int64_t kvs_shutdown(int32_t fd, int32_t how);
 #endif

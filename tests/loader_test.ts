@@ -4,6 +4,7 @@ import {
   e820,
   E820_RAM,
   E820_RESERVED,
+  hotplugRegion,
   Layout,
   lowRamEnd,
   mmio64Window,
@@ -71,6 +72,10 @@ Deno.test("layout: RAM regions and E820 below and above the hole", () => {
   assert.equal(ramEnd(6 * GiB), 7 * GiB);
   assert.deepEqual(mmio64Window(512 * MiB).start, 4 * GiB);
   assert.deepEqual(mmio64Window(6 * GiB).start, 7 * GiB);
+  // memory.hotplug_size keeps address space after RAM; the 64-bit window goes after it.
+  assert.deepEqual(hotplugRegion(512 * MiB, 2 * GiB), { start: 4 * GiB, size: 2 * GiB });
+  assert.deepEqual(mmio64Window(512 * MiB, 2 * GiB).start, 6 * GiB);
+  assert.deepEqual(mmio64Window(6 * GiB, 1536 * MiB).start, 9 * GiB);
   assert.throws(() => ramRegions(1000), RangeError);
 
   const m = e820(6 * GiB);

@@ -169,10 +169,19 @@ export function ramEnd(sizeBytes: number): number {
   return sizeBytes > MMIO_HOLE_START ? FOUR_GIB + (sizeBytes - MMIO_HOLE_START) : sizeBytes;
 }
 
-/** The 64-bit MMIO window: after RAM (at least from 4 GiB), aligned to 1 GiB. */
-export function mmio64Window(sizeBytes: number): { start: number; size: number } {
+/**
+ * Address space kept for memory hotplug (`memory.hotplug_size`): from the end of RAM (at least from
+ * 4 GiB), 1 GiB aligned. Nothing is mapped there until memory is plugged.
+ */
+export function hotplugRegion(sizeBytes: number, hotplugBytes: number): { start: number; size: number } {
   const end = Math.max(ramEnd(sizeBytes), FOUR_GIB);
-  const start = Math.ceil(end / GiB) * GiB;
+  return { start: Math.ceil(end / GiB) * GiB, size: hotplugBytes };
+}
+
+/** The 64-bit MMIO window: after RAM and the hotplug region (at least from 4 GiB), aligned to 1 GiB. */
+export function mmio64Window(sizeBytes: number, hotplugBytes = 0): { start: number; size: number } {
+  const h = hotplugRegion(sizeBytes, hotplugBytes);
+  const start = Math.ceil((h.start + h.size) / GiB) * GiB;
   return { start, size: MMIO64_SIZE };
 }
 

@@ -44,8 +44,40 @@ import { VIRTIO_ID } from "../devices/virtio/constants.ts";
 import { BLK_COUNTERS, blkConfigSpace, BlkCounters, blkFeatures } from "../devices/virtio/blk.ts";
 import { rngFeatures } from "../devices/virtio/rng.ts";
 import { openDiskImage } from "../devices/virtio/device_blk.ts";
-import { NET_COUNTERS, netConfigSpace, NetCounters, netFeatures } from "../devices/virtio/net.ts";
+import {
+  DEFAULT_MTU,
+  NET_COUNTERS,
+  netConfigSpace,
+  NetCounters,
+  netFeatures,
+} from "../devices/virtio/net.ts";
 import { formatMac, openTap, parseMac, randomMac } from "../devices/virtio/tap.ts";
+import {
+  VSOCK_COUNTERS,
+  VSOCK_NUM_QUEUES,
+  VSOCK_QUEUE_SIZE,
+  vsockConfigSpace,
+  VsockCounters,
+  vsockFeatures,
+} from "../devices/virtio/vsock.ts";
+import { openVsockListener, removeVsockSocket } from "../devices/virtio/device_vsock.ts";
+import {
+  PMEM_COUNTERS,
+  PMEM_QUEUE_SIZE,
+  pmemConfigSpace,
+  PmemCounters,
+  pmemFeatures,
+} from "../devices/virtio/pmem.ts";
+import { PmemRegions } from "../devices/virtio/device_pmem.ts";
+import {
+  BALLOON_COUNTERS,
+  BALLOON_QUEUE_SIZE,
+  balloonConfigSpace,
+  balloonConfigWrite,
+  BalloonControl,
+  balloonFeatures,
+  balloonQueues,
+} from "../devices/virtio/balloon.ts";
 import {
   consoleConfigSpace,
   ConsoleCounters,
@@ -59,6 +91,7 @@ import {
   VirtioDeviceHandle,
 } from "../devices/virtio/device_shared.ts";
 import type { DeviceWorkerExit, DeviceWorkerInit } from "../devices/virtio/worker.ts";
+import { connectVhostUser, waitVhostUserStopped } from "../devices/virtio/device_vhost_user.ts";
 import { Layout, mmio64Window } from "./layout.ts";
 import { log } from "./log.ts";
 
@@ -216,12 +249,15 @@ export function buildPciBuses(
     t.onReset = () => {
       h.bumpEpoch();
       moveIoeventfds(vm, h, d.ioeventLen, -1);
+      // A vhost-user back-end must have let go of the rings before the driver frees them.
+      if (desc.vhostUser) waitVhostUserStopped(desc, h.epoch);
     };
     t.onNotify = (q) => {
       if (q < desc.queueFds.length) h.signal(desc.queueFds[q]);
     };
     t.msix.onVectorChange = (v, vec) => routing.update(desc.gsiBase + v, vec);
     t.msix.onDeliverPending = (v) => h.signal(desc.irqFds[v]);
+    if (desc.kind === "balloon") t.onConfigWrite = (off, data) => balloonConfigWrite(t, off, data);
     bus.add(desc.slot, t, primary);
     devices.push(h);
     bySlot[desc.slot] = h;
@@ -365,6 +401,8 @@ export interface PciHost {
   deviceTree(): Record<string, unknown>;
   /** Host input for the virtio console; returns the bytes accepted, or -1 when there is no console. */
   consoleInput(bytes: Uint8Array): number;
+  /** The balloon's target and actual size, or null when the VM has no balloon. */
+  readonly balloon: BalloonControl | null;
   close(): Promise<void>;
 }
 
@@ -379,21 +417,21 @@ function wantsConsole(cfg: VmConfig): boolean {
 
 /** The virtio devices the config asks for, in Cloud Hypervisor's order (console, disks, net, rng). */
 export function wantsPci(cfg: VmConfig): boolean {
-  return wantsConsole(cfg) || (cfg.disks?.length ?? 0) > 0 || (cfg.net?.length ?? 0) > 0 || !!cfg.rng?.src;
+  return wantsConsole(cfg) || (cfg.disks?.length ?? 0) > 0 || (cfg.net?.length ?? 0) > 0 || !!cfg.rng?.src ||
+    (cfg.pmem?.length ?? 0) > 0 || !!cfg.balloon || (cfg.fs?.length ?? 0) > 0 || !!cfg.vsock ||
+    (cfg.generic_vhost_user?.length ?? 0) > 0;
 }
 
 /** Refuses the parts of a --net this VMM does not implement, naming them. */
 function checkNet(n: NetConfig, i: number): void {
   const what = `net ${n.id ?? i}`;
   if (n.vhost_user) throw new Error(`${what}: vhost-user-net is not implemented in dvmm yet (vhost_user=on)`);
-  if (n.num_queues > 2) {
+  if (n.fds?.length && n.tap) throw new Error(`${what}: give either tap= or fd=, not both`);
+  if (n.fds?.length && n.fds.length * 2 !== n.num_queues) {
     throw new Error(
-      `${what}: num_queues=${n.num_queues}: multi-queue virtio-net is not implemented in dvmm yet`,
+      `${what}: ${n.fds.length} tap fd(s) for num_queues=${n.num_queues}: one fd per queue pair`,
     );
   }
-  if ((n.fds?.length ?? 0) > 1) throw new Error(`${what}: one tap fd per device (no multi-queue)`);
-  if (n.fds?.length && n.tap) throw new Error(`${what}: give either tap= or fd=, not both`);
-  if (n.mtu !== undefined) throw new Error(`${what}: mtu is not implemented in dvmm yet`);
 }
 
 /**
@@ -403,13 +441,15 @@ function checkNet(n: NetConfig, i: number): void {
 export function createPci(
   cfg: VmConfig,
   vm: VmFd,
-  ram: { gpa: number; size: number; hostAddr: bigint }[],
+  ram: { gpa: number; size: number; hostAddr: bigint; fd?: number }[],
   pio: PioBus,
   mmio: MmioBus,
 ): PciHost {
-  const m64 = mmio64Window(cfg.memory.size);
+  const m64 = mmio64Window(cfg.memory.size, cfg.memory.hotplug_size ?? 0);
   const mmio32: Window = { base: Layout.mmio32Start, size: Layout.mmio32Size };
   const owned: number[] = [];
+  let vsockPath: string | null = null; // the vsock listener's path, removed at close
+  const pmem = new PmemRegions(vm, m64); // device memory at the start of the 64-bit window
   const devices: VirtioDeviceDescriptor[] = [];
   let consoleIn: ConsoleInput | null = null;
   let nextGsi = FIRST_MSI_GSI;
@@ -484,7 +524,13 @@ export function createPci(
 
     (cfg.disks ?? []).forEach((disk: DiskConfig, i: number) => {
       if (disk.vhost_user) {
-        throw new Error("vhost-user disks are not implemented in dvmm yet (--disk vhost_user)");
+        // vhost-user-blk: the back-end owns the image; its features and config come from it.
+        const id = disk.id ?? `_disk${i}`;
+        const queueSizes = Array<number>(disk.num_queues).fill(disk.queue_size);
+        const vu = connectVhostUser({ kind: "blk", id, socket: disk.vhost_socket!, queueSizes, ram });
+        owned.push(vu.vhostUser.socketFd);
+        addDevice(id, "vhost_user", vu.spec, { vhostUser: vu.vhostUser }, new SharedArrayBuffer(8));
+        return;
       }
       if (!disk.path) throw new Error(`disk ${i} has no path`);
       const id = disk.id ?? `_disk${i}`;
@@ -518,27 +564,39 @@ export function createPci(
     });
     (cfg.net ?? []).forEach((n: NetConfig, i: number) => {
       checkNet(n, i);
-      // A tap handed over as an fd is already set up by whoever opened it: only its vnet header and
-      // non-blocking mode are ours to set. A tap dvmm opens by name gets the host address.
+      // Taps handed over as fds (one per queue pair) are set up by whoever opened them: their vnet
+      // header, non-blocking mode and the MTU are ours to set. A tap dvmm opens by name gets one queue
+      // per pair, the host address (when dvmm creates it), host_mac and the MTU, as in Cloud Hypervisor.
+      const pairs = n.num_queues / 2;
       const tap = n.fds?.length
-        ? openTap({ fd: n.fds[0] })
-        : openTap({ name: n.tap, ip: n.ip, mask: n.mask, hostMac: n.host_mac });
-      if (n.fds?.[0] === undefined) owned.push(tap.fd);
+        ? openTap({ fds: n.fds, mtu: n.mtu })
+        : openTap({ name: n.tap, ip: n.ip, mask: n.mask, hostMac: n.host_mac, mtu: n.mtu, queues: pairs });
+      if (!n.fds?.length) owned.push(...tap.fds);
       const mac = n.mac ? parseMac(n.mac) : randomMac();
-      const offloads = { csum: n.offload_csum, tso: n.offload_csum && n.offload_tso };
+      // Offloads as Cloud Hypervisor maps them (TSO and UFO ride on checksum offload); the MTU is the
+      // tap's; mergeable RX buffers are dvmm's own (DVMM_NET_MRG_RXBUF=off leaves them out, to compare).
+      const features = netFeatures({
+        csum: n.offload_csum,
+        tso: n.offload_tso,
+        ufo: n.offload_ufo,
+        mtu: tap.mtu !== null,
+        mrgRxbuf: Deno.env.get("DVMM_NET_MRG_RXBUF") !== "off",
+      });
       const id = n.id ?? `_net${i}`;
-      log.debug(`${id}: tap ${tap.name}, guest MAC ${formatMac(mac)}`);
+      log.debug(
+        `${id}: tap ${tap.name} (${pairs} queue pair(s), MTU ${tap.mtu}), guest MAC ${formatMac(mac)}`,
+      );
       addDevice(
         id,
         "net",
         {
           type: VIRTIO_ID.NET,
-          features: netFeatures(offloads),
-          numQueues: 2,
+          features,
+          numQueues: n.num_queues + 1, // the pairs, then the control queue
           maxQueueSize: n.queue_size,
-          config: netConfigSpace(mac, 1),
+          config: netConfigSpace(mac, pairs, tap.mtu ?? 0),
         },
-        { net: { tapFd: tap.fd, tap: tap.name } },
+        { net: { tapFds: tap.fds, tap: tap.name, mtu: tap.mtu ?? DEFAULT_MTU } },
         new SharedArrayBuffer(8 * NET_COUNTERS.length),
       );
     });
@@ -559,8 +617,83 @@ export function createPci(
         new SharedArrayBuffer(16),
       );
     }
+    // Generic vhost-user devices: type, features, queues and configuration are the back-end's.
+    (cfg.generic_vhost_user ?? []).forEach((g, i) => {
+      const id = g.id ?? `_generic_vhost_user${i}`;
+      const setup = { socket: g.socket, queueSizes: g.queue_sizes, deviceType: g.device_type, ram };
+      const vu = connectVhostUser({ kind: "generic", id, ...setup });
+      owned.push(vu.vhostUser.socketFd);
+      addDevice(id, "vhost_user", vu.spec, { vhostUser: vu.vhostUser }, new SharedArrayBuffer(8));
+    });
+    // virtio-fs: a vhost-user device; queue 0 is the high-priority queue, then the request queues.
+    (cfg.fs ?? []).forEach((f, i) => {
+      const id = f.id ?? `_fs${i}`;
+      const queueSizes = Array<number>(1 + f.num_queues).fill(f.queue_size);
+      const vu = connectVhostUser({ kind: "fs", id, socket: f.socket, tag: f.tag, queueSizes, ram });
+      owned.push(vu.vhostUser.socketFd);
+      addDevice(id, "vhost_user", vu.spec, { vhostUser: vu.vhostUser }, new SharedArrayBuffer(8));
+    });
+    // virtio-pmem: each file mapped into guest memory (a KVM slot of its own), then its device.
+    (cfg.pmem ?? []).forEach((p, i) => {
+      const id = p.id ?? `_pmem${i}`;
+      const r = pmem.add(p, id);
+      log.debug(`${id}: ${p.file} at 0x${r.gpa.toString(16)}, ${r.size} bytes (slot ${r.slot})`);
+      addDevice(
+        id,
+        "pmem",
+        {
+          type: VIRTIO_ID.PMEM,
+          features: pmemFeatures(),
+          numQueues: 1,
+          maxQueueSize: PMEM_QUEUE_SIZE,
+          config: pmemConfigSpace(r.gpa, r.size),
+        },
+        { pmem: { fd: r.fd, discardWrites: r.discardWrites } },
+        new SharedArrayBuffer(8 * PMEM_COUNTERS.length),
+      );
+    });
+    // virtio-vsock (after fs and pmem, as Cloud Hypervisor): its UNIX socket listens from boot on.
+    if (cfg.vsock) {
+      const v = cfg.vsock;
+      const listenFd = openVsockListener(v.socket);
+      owned.push(listenFd);
+      vsockPath = v.socket;
+      addDevice(
+        v.id ?? "_vsock",
+        "vsock",
+        {
+          type: VIRTIO_ID.VSOCK,
+          features: vsockFeatures(),
+          numQueues: VSOCK_NUM_QUEUES,
+          maxQueueSize: VSOCK_QUEUE_SIZE,
+          config: vsockConfigSpace(v.cid),
+        },
+        { vsock: { cid: v.cid, listenFd, path: v.socket } },
+        new SharedArrayBuffer(8 * VSOCK_COUNTERS.length),
+      );
+    }
+    // virtio-balloon: Cloud Hypervisor creates it after the other virtio devices.
+    if (cfg.balloon) {
+      const b = cfg.balloon;
+      const opts = { deflateOnOom: b.deflate_on_oom, freePageReporting: b.free_page_reporting };
+      addDevice(
+        b.id ?? "__balloon",
+        "balloon",
+        {
+          type: VIRTIO_ID.BALLOON,
+          features: balloonFeatures(opts),
+          numQueues: balloonQueues(opts),
+          maxQueueSize: BALLOON_QUEUE_SIZE,
+          config: balloonConfigSpace(b.size),
+        },
+        { balloon: { sharedMemory: cfg.memory.shared } },
+        new SharedArrayBuffer(8 * BALLOON_COUNTERS.length),
+      );
+    }
   } catch (e) {
     for (const fd of owned) shim().kvs_close(fd);
+    pmem.close();
+    if (vsockPath !== null) removeVsockSocket(vsockPath);
     throw e;
   }
 
@@ -579,6 +712,8 @@ export function createPci(
   const hb = PciBus.hostBridge({ mmio32 });
   descriptors.hostBridgeState = hb.config.state;
   const primary = buildPciBuses(descriptors, vm, pio, mmio, true);
+  const balloonHandle = primary.devices.find((h) => h.desc.kind === "balloon");
+  const balloon = balloonHandle ? new BalloonControl(balloonHandle) : null;
   new GsiRouting(vm, descriptors.routing).install();
 
   // Device workers.
@@ -610,6 +745,9 @@ export function createPci(
         if (desc.kind === "blk") out[desc.id] = new BlkCounters(desc.counters).snapshot();
         else if (desc.kind === "net") out[desc.id] = new NetCounters(desc.counters).snapshot();
         else if (desc.kind === "console") out[desc.id] = new ConsoleCounters(desc.counters).snapshot();
+        else if (desc.kind === "pmem") out[desc.id] = new PmemCounters(desc.counters).snapshot();
+        else if (desc.kind === "vsock") out[desc.id] = new VsockCounters(desc.counters).snapshot();
+        else if (desc.kind === "balloon" && balloon) out[desc.id] = balloon.counters();
       }
       return out;
     },
@@ -621,7 +759,10 @@ export function createPci(
         const base = h.transport.config.barAddress(BAR_INDEX);
         // The API document types pci_bdf as a string: nodes without one leave it out (and "parent").
         // A BAR is written as Cloud Hypervisor writes it (its field is `type_`), which clients parse.
-        out[desc.id] = { id: desc.id, resources: [], parent: pciId, children: [] };
+        // A pmem device's node holds its guest memory range, as Cloud Hypervisor's.
+        const pr = pmem.regions.find((r) => r.id === desc.id);
+        const resources = pr ? [{ MmioAddressRange: { base: pr.gpa, size: pr.size } }] : [];
+        out[desc.id] = { id: desc.id, resources, parent: pciId, children: [] };
         out[pciId] = {
           id: pciId,
           resources: [{
@@ -633,6 +774,7 @@ export function createPci(
       }
       return out;
     },
+    balloon,
     consoleInput: (bytes) => {
       if (consoleIn === null) return -1;
       const n = consoleIn.push(bytes);
@@ -652,12 +794,14 @@ export function createPci(
         Deno.unrefTimer(t);
       });
       const r = await Promise.race([Promise.all(workers.map((x) => x.exited)), timeout]);
+      if (vsockPath !== null) removeVsockSocket(vsockPath);
       if (r === "timeout") {
         log.warn("virtio device workers did not stop in time; terminating them");
         for (const x of workers) x.w.terminate();
       } else {
         for (const x of workers) x.w.terminate();
         for (const fd of owned) shim().kvs_close(fd);
+        pmem.close();
       }
     },
   };

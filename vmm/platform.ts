@@ -20,6 +20,8 @@ import {
 import { Layout, lowRamEnd } from "./layout.ts";
 import { VmEvent, type VmEvents } from "./vcpu_control.ts";
 import { buildPciBuses, createPci, type PciDescriptors, type PciHost, wantsPci } from "./pci_platform.ts";
+import type { BalloonControl } from "../devices/virtio/balloon.ts";
+import { type HostEnd, openPty, openSocketEnd } from "./host_end.ts";
 
 /** Everything a thread needs to rebuild the platform: structured-cloneable. */
 export interface PlatformDescriptors {
@@ -27,6 +29,8 @@ export interface PlatformDescriptors {
   vcpuMmapSize: number;
   /** Raw fd the serial port writes to, or -1 to discard output. */
   serialOutFd: number;
+  /** Output the fd does not take at once is dropped (pty and socket modes: never wait on a reader). */
+  serialOutDrops: boolean;
   legacy: LegacyDescriptors;
   /** PCI segment with virtio devices, or null when the VM has none. */
   pci: PciDescriptors | null;
@@ -44,8 +48,9 @@ export function writeAllFd(fd: number, bytes: Uint8Array): void {
   }
 }
 
-function fdSink(fd: number): ByteSink {
+function fdSink(fd: number, drops = false): ByteSink {
   if (fd < 0) return { write() {} };
+  if (drops) return { write: (b) => void shim().kvs_write_i32(fd, b, b.length) };
   return { write: (b) => writeAllFd(fd, b) };
 }
 
@@ -71,7 +76,7 @@ function build(d: PlatformDescriptors, events: VmEvents, pio = new PioBus()): Le
   const vm = vmOf(d);
   return buildLegacyDevices(d.legacy, {
     serialIrq: irqLine(vm, d.legacy.serial.irq),
-    serialOut: fdSink(d.serialOutFd),
+    serialOut: fdSink(d.serialOutFd, d.serialOutDrops),
     events: eventSink(events),
     gedIrq: d.legacy.acpiPm ? irqLine(vm, d.legacy.acpiPm.gedGsi) : undefined,
     kbdIrq: irqLine(vm, 1),
@@ -103,6 +108,8 @@ export interface Platform {
   powerButton(): void;
   counters(): Record<string, Record<string, number>>;
   deviceTree(): Record<string, unknown>;
+  /** The virtio-balloon's target and actual size, or null when the VM has none. */
+  readonly balloon: BalloonControl | null;
   /** Stops the device workers and releases fds (after the vCPUs have stopped). */
   close(): Promise<void>;
 }
@@ -116,13 +123,7 @@ function checkSupported(cfg: VmConfig): void {
   const missing = (what: string, option: string) => {
     throw new Error(`${what} is not implemented in dvmm yet (${option})`);
   };
-  if (cfg.disks?.some((d) => d.vhost_user)) missing("vhost-user-blk", "--disk vhost_user=on");
-  if (cfg.fs?.length) missing("virtio-fs", "--fs / fs");
-  if (cfg.pmem?.length) missing("virtio-pmem", "--pmem / pmem");
-  if (cfg.vsock) missing("virtio-vsock", "--vsock / vsock");
   if (cfg.devices?.length) missing("VFIO device passthrough", "--device / devices");
-  if (cfg.balloon) missing("virtio-balloon", "--balloon / balloon");
-  if (cfg.generic_vhost_user?.length) missing("generic vhost-user devices", "generic_vhost_user");
   if (cfg.user_devices?.length) missing("vfio-user devices", "--user-device / user_devices");
   if (cfg.vdpa?.length) missing("vDPA devices", "--vdpa / vdpa");
   if (cfg.numa?.length) missing("guest NUMA nodes", "--numa / numa");
@@ -137,7 +138,12 @@ function checkSupported(cfg: VmConfig): void {
     missing("the debug console (port 0xe9)", "--debug-console / debug_console");
   }
   if (cfg.memory.zones?.length) missing("memory zones", "--memory-zone / memory.zones");
-  if (cfg.memory.hotplug_size) missing("memory hotplug", "--memory hotplug_size=");
+  // hotplug_size only reserves address space after RAM (layout.ts hotplugRegion) until hot-adding
+  // memory is built; what would plug memory at boot is refused.
+  if (cfg.memory.hotplug_size && cfg.memory.hotplug_method === "VirtioMem") {
+    missing("virtio-mem memory hotplug", "--memory hotplug_method=virtio-mem");
+  }
+  if (cfg.memory.hotplugged_size) missing("memory plugged at boot", "--memory hotplugged_size=");
   if (cfg.payload.firmware) missing("booting firmware", "--firmware / payload.firmware");
   const console = cfg.console?.mode ?? "Off";
   if (console === "Pty" || console === "Socket") {
@@ -146,8 +152,6 @@ function checkSupported(cfg: VmConfig): void {
       `--console ${console.toLowerCase()}; use tty, file=PATH or off`,
     );
   }
-  const serial = cfg.serial?.mode ?? "Null";
-  if (serial === "Pty" || serial === "Socket") missing(`serial mode ${serial}`, "--serial");
 
   // Settings that dvmm reads but has no machinery for: refused unless they ask for what dvmm does anyway.
   const c = cfg.cpus;
@@ -168,7 +172,9 @@ function checkSupported(cfg: VmConfig): void {
     ...(cfg.disks ?? []),
     ...(cfg.net ?? []),
     ...(cfg.fs ?? []),
+    ...(cfg.generic_vhost_user ?? []),
     ...(cfg.pmem ?? []),
+    ...(cfg.balloon ? [cfg.balloon] : []),
     cfg.rng,
     cfg.console,
     ...(cfg.vsock ? [cfg.vsock] : []),
@@ -204,7 +210,7 @@ export function createPlatform(
   cfg: VmConfig,
   vmFd: VmFd,
   events: VmEvents,
-  ram: { gpa: number; size: number; hostAddr: bigint }[] = [],
+  ram: { gpa: number; size: number; hostAddr: bigint; fd?: number }[] = [],
 ): Platform {
   checkSupported(cfg);
   const memSize = cfg.memory.size;
@@ -218,16 +224,28 @@ export function createPlatform(
   const mode = cfg.serial?.mode ?? "Null";
   let serialOutFd = -1;
   let ownFd = false;
+  // pty and socket: a host end of dvmm's own; what the user types there goes to the UART.
+  let hostEnd: HostEnd | null = null;
+  const toUart = (bytes: Uint8Array) => void host.serial.enqueueInput(bytes);
   if (mode === "Tty") serialOutFd = 1;
   else if (mode === "File") {
     if (!cfg.serial?.file) throw new Error("serial mode File needs a file path");
     serialOutFd = openOutput(cfg.serial.file);
     ownFd = true;
+  } else if (mode === "Pty") {
+    hostEnd = openPty(toUart);
+    // As Cloud Hypervisor, vm.info reports the terminal's path in `file`.
+    cfg.serial.file = hostEnd.path;
+  } else if (mode === "Socket") {
+    if (!cfg.serial?.socket) throw new Error("serial mode Socket needs a socket path");
+    hostEnd = openSocketEnd(cfg.serial.socket, toUart);
   }
+  if (hostEnd) serialOutFd = hostEnd.outFd;
   const descriptors: PlatformDescriptors = {
     vmFd: vmFd.fd,
     vcpuMmapSize: vmFd.descriptor().vcpuMmapSize,
     serialOutFd,
+    serialOutDrops: hostEnd !== null,
     legacy,
     pci: null,
   };
@@ -238,6 +256,7 @@ export function createPlatform(
       pci = createPci(cfg, vmFd, ram, host.pio, new MmioBus());
     } catch (e) {
       if (ownFd) shim().kvs_close(serialOutFd);
+      void hostEnd?.close();
       throw e;
     }
     descriptors.pci = pci.descriptors;
@@ -257,6 +276,7 @@ export function createPlatform(
       host.acpiPm.powerButton();
     },
     counters: () => pci?.counters() ?? {},
+    balloon: pci?.balloon ?? null,
     deviceTree: () => ({
       ...pci?.deviceTree(),
       __serial: {
@@ -270,6 +290,7 @@ export function createPlatform(
       clearInterval(flusher);
       host.serial.flush();
       if (ownFd) shim().kvs_close(serialOutFd);
+      await hostEnd?.close();
     },
   };
 }

@@ -17,6 +17,8 @@ export const CTL_READY = 3;
 const CTL_INT32S = 8;
 /** Int32 slot holding the worker thread's kernel tid. */
 const CTL_TID = 4;
+/** Int32 slot set to 1 when an NMI is to be injected before the vCPU next runs. */
+const CTL_NMI = 5;
 
 /** Commands the main thread gives a vCPU. */
 export const Cmd = { Run: 0, Pause: 1, Stop: 2 } as const;
@@ -54,6 +56,14 @@ export class VcpuControl {
     Atomics.store(this.i32, CTL_TID, tid);
     Atomics.store(this.i32, CTL_READY, 1);
     Atomics.notify(this.i32, CTL_READY);
+  }
+  /** Main thread: asks for an NMI (the caller then kicks the vCPU out of KVM_RUN). */
+  requestNmi(): void {
+    Atomics.store(this.i32, CTL_NMI, 1);
+  }
+  /** Worker side: whether an NMI was asked for since the last call. */
+  takeNmi(): boolean {
+    return Atomics.exchange(this.i32, CTL_NMI, 0) === 1;
   }
   /** The worker's kernel tid, or null before it started. */
   get thread(): number | null {

@@ -69,6 +69,8 @@ function runVcpu(init: VcpuWorkerInit): string {
       ctl.setState(State.Running);
       continue;
     }
+    // vm.nmi: injected from this thread, where the vCPU's ioctls belong, before it runs again.
+    if (ctl.takeNmi()) vcpu.nmi();
     const r = vcpu.run();
     if (r < 0) {
       if (r === -EINTR || r === -EAGAIN) continue;

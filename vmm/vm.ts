@@ -14,14 +14,14 @@ import {
   type VcpuFd,
   type VmFd,
 } from "../ffi/kvm.ts";
-import type { VmConfig } from "./vm_config.ts";
-import type { GuestEvent, VmBackend } from "./control.ts";
+import type { VmConfig, VmResize } from "./vm_config.ts";
+import { type GuestEvent, type VmBackend, VmmError } from "./control.ts";
 import { GuestMemory } from "./memory.ts";
 import { vcpuCpuid } from "./cpuid.ts";
 import { Cmd, State, VcpuControl, VmEvent, VmEvents } from "./vcpu_control.ts";
 import type { VcpuWorkerExit, VcpuWorkerInit } from "./vcpu_worker.ts";
 import { layout, ramRegions } from "./layout.ts";
-import { loadPayload } from "./loader/payload.ts";
+import { checkPayloadFiles, loadPayload } from "./loader/payload.ts";
 import { writeAcpiTables } from "./acpi/tables.ts";
 import { bspRegisters } from "./boot_cpu.ts";
 import { writeResetVector } from "./reset_vector.ts";
@@ -81,7 +81,31 @@ export class Vm implements VmBackend {
   }
 
   memoryActualSize(): number {
-    return this.#mem?.size ?? this.config.memory.size;
+    // As Cloud Hypervisor: guest RAM less what the balloon holds.
+    const ram = this.#mem?.size ?? this.config.memory.size;
+    return Math.max(0, ram - (this.#platform?.balloon?.actualBytes() ?? 0));
+  }
+
+  /** vm.resize of the running VM: the balloon's target (resizing vCPUs or RAM is not built yet). */
+  resize(r: VmResize): Promise<void> {
+    try {
+      const c = this.config;
+      const todo = (what: string) => new VmmError("NotImplemented", `${what} is not implemented in dvmm yet`);
+      if (r.desired_vcpus !== undefined && r.desired_vcpus !== c.cpus.boot_vcpus) {
+        throw todo("resizing the vCPUs of a running VM");
+      }
+      if (r.desired_ram !== undefined && r.desired_ram !== c.memory.size) {
+        throw todo("resizing the RAM of a running VM");
+      }
+      if (r.desired_balloon !== undefined) {
+        const balloon = this.#platform?.balloon;
+        if (!balloon) throw new VmmError("BadRequest", "the VM has no balloon device");
+        balloon.setTarget(r.desired_balloon);
+      }
+      return Promise.resolve();
+    } catch (e) {
+      return Promise.reject(e);
+    }
   }
 
   async boot(): Promise<void> {
@@ -89,6 +113,9 @@ export class Vm implements VmBackend {
     const boot = cfg.cpus.boot_vcpus;
     const max = cfg.cpus.max_vcpus;
     if (!cfg.payload?.kernel) throw new Error("no kernel in the VM config (payload.kernel)");
+    // Cheap checks before any expensive set-up: a missing kernel must not first start 255 workers.
+    await checkPayloadFiles(cfg.payload, cfg.memory.size);
+    if (cfg.memory.hugepages) checkHugePages(cfg.memory.size, cfg.memory.hugepage_size);
     // vCPU threads first: a Worker needs its own V8 isolate and module graph, which costs more than
     // the rest of the set-up when the host is slow (the lab runs this ~20x slower than hardware), so
     // they load while this thread maps RAM and loads the kernel. Each gets its vCPU later.
@@ -124,7 +151,8 @@ export class Vm implements VmBackend {
           memorySize: BigInt(r.size),
           userspaceAddr: m.hostAddr,
         });
-        hostRegions.push({ gpa: r.gpa, size: r.size, hostAddr: m.hostAddr });
+        // With memory shared=on, `fd` is the region's memfd (vhost-user back-ends map it).
+        hostRegions.push({ gpa: r.gpa, size: r.size, hostAddr: m.hostAddr, fd: m.fd });
         slot++;
       }
       const mem = this.#mem = GuestMemory.fromHost(hostRegions);
@@ -144,6 +172,7 @@ export class Vm implements VmBackend {
         vcpus: boot,
         maxVcpus: max,
         memSize: cfg.memory.size,
+        hotplugSize: cfg.memory.hotplug_size,
         pci: this.#platform.pciAcpi,
       });
 
@@ -268,8 +297,11 @@ export class Vm implements VmBackend {
     }
   }
 
+  /** An NMI to every vCPU (as Cloud Hypervisor's vm.nmi); a paused vCPU takes it when resumed. */
   nmi(): Promise<void> {
-    return Promise.reject(new Error("NMI injection is not implemented in dvmm yet"));
+    for (const v of this.#vcpus) v.control.requestNmi();
+    this.#kickAll();
+    return Promise.resolve();
   }
 
   counters(): Record<string, Record<string, number>> {
@@ -305,6 +337,29 @@ export class Vm implements VmBackend {
     for (const m of this.#maps) unmap(m);
     this.#maps = [];
     this.#mem = undefined;
+  }
+}
+
+/**
+ * Guest RAM on huge pages must find them free now: the kernel hands out a hugetlb mapping without
+ * reserving it, and the first access past the free pages is a SIGBUS that kills the VMM.
+ */
+export function checkHugePages(bytes: number, pageSize?: number, meminfo?: string): void {
+  const text = meminfo ?? Deno.readTextFileSync("/proc/meminfo");
+  const field = (name: string) => Number(text.match(new RegExp(`^${name}:\\s+(\\d+)`, "m"))?.[1] ?? NaN);
+  const size = field("Hugepagesize") * 1024;
+  if (pageSize !== undefined && pageSize !== size) {
+    throw new Error(
+      `memory hugepage_size=${pageSize}: only the default huge page size (${size} bytes) is supported`,
+    );
+  }
+  const free = field("HugePages_Free") * size;
+  if (!(free >= bytes)) {
+    throw new Error(
+      `memory hugepages=on: ${bytes >> 20} MiB of huge pages needed, ${
+        Number.isNaN(free) ? 0 : free >> 20
+      } MiB free (raise /proc/sys/vm/nr_hugepages)`,
+    );
   }
 }
 

@@ -646,6 +646,16 @@ function checkVmConfig(c: z.infer<typeof VmConfigObject>, ctx: z.RefinementCtx):
   if (c.balloon && c.balloon.size >= ram) {
     issue(["balloon", "size"], "the balloon must be smaller than guest memory");
   }
+  // As Cloud Hypervisor: no more virtio-net queue pairs than boot vCPUs.
+  c.net?.forEach((n, i) => {
+    if (n.num_queues / 2 > c.cpus.boot_vcpus) {
+      const pairs = n.num_queues / 2;
+      issue(
+        ["net", i, "num_queues"],
+        `num_queues=${n.num_queues} is ${pairs} queue pairs, more than the ${c.cpus.boot_vcpus} boot vCPU(s)`,
+      );
+    }
+  });
 }
 
 /**

@@ -133,7 +133,11 @@ export const NET_F = {
   MRG_RXBUF: 15,
   STATUS: 16,
   CTRL_VQ: 17,
+  CTRL_RX: 18,
+  CTRL_VLAN: 19,
+  GUEST_ANNOUNCE: 21,
   MQ: 22,
+  CTRL_MAC_ADDR: 23,
 } as const;
 
 /** virtio-console feature bits. */

@@ -16,6 +16,7 @@
 import { shim } from "../../ffi/shim.ts";
 import { SharedLock } from "../shared.ts";
 import { type VirtioDeviceSpec, VirtioPciDevice, type VirtioPciShared } from "./pci_transport.ts";
+import type { VhostUserDescriptor } from "./vhost_user.ts";
 
 export const CTL_EPOCH = 3;
 export const CTL_STOP = 4;
@@ -23,7 +24,7 @@ export const CTL_WORKER_STATE = 5;
 const CTL_IOEVENT_BASE_F64 = 3; // Float64 index (byte offset 24)
 export const CONTROL_BYTES = 32;
 
-export type VirtioKind = "rng" | "blk" | "net" | "console";
+export type VirtioKind = "rng" | "blk" | "net" | "console" | "pmem" | "balloon" | "vhost_user" | "vsock";
 
 /** Structured-cloneable description of one virtio-pci device (made once, on the main thread). */
 export interface VirtioDeviceDescriptor {
@@ -45,10 +46,21 @@ export interface VirtioDeviceDescriptor {
   blk?: { fd: number; size: number; readonly: boolean; serial: string };
   /** rng: entropy source path. */
   rng?: { src: string };
-  /** net: the tap fd (non-blocking, vnet header 12; owned by the main thread) and its name. */
-  net?: { tapFd: number; tap: string };
+  /**
+   * net: one tap queue fd per queue pair (non-blocking, vnet header 12; owned by the main thread), the
+   * tap's name and MTU.
+   */
+  net?: { tapFds: number[]; tap: string; mtu: number };
   /** console: output fd (-1: discard; not owned by the worker) and the input ring (ConsoleInput). */
   console?: { outFd: number; input: SharedArrayBuffer };
+  /** vsock: the guest CID, the listening socket (owned by the main thread) and its path. */
+  vsock?: { cid: number; listenFd: number; path: string };
+  /** vhost_user: the back-end connection (virtio-fs, vhost-user-blk, generic), set up at creation. */
+  vhostUser?: VhostUserDescriptor;
+  /** pmem: the backing file (owned by the main thread), for flushes; discard_writes. */
+  pmem?: { fd: number; discardWrites: boolean };
+  /** balloon: whether guest RAM is a shared memfd (pages are then released with MADV_REMOVE). */
+  balloon?: { sharedMemory: boolean };
   /**
    * Counters (Float64Array over this buffer): blk read_bytes, write_bytes, read_ops, write_ops; net
    * rx_bytes, rx_frames, tx_bytes, tx_frames.

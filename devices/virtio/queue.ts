@@ -115,6 +115,8 @@ export class DescriptorChain {
 
   #mem: GuestMemory;
   #bytes: Uint8Array[];
+  /** Host address of each region as a number (exact: user-space addresses are below 2^47). */
+  #hostNum: number[];
   #rReg: Int32Array = new Int32Array(16);
   #rOff: Float64Array = new Float64Array(16);
   #rLen: Float64Array = new Float64Array(16);
@@ -125,6 +127,7 @@ export class DescriptorChain {
   constructor(mem: GuestMemory) {
     this.#mem = mem;
     this.#bytes = mem.regions.map((r) => r.bytes);
+    this.#hostNum = mem.regions.map((r) => Number(r.hostAddr));
   }
 
   /** @internal */
@@ -228,6 +231,28 @@ export class DescriptorChain {
       pos = 0;
     }
     return done;
+  }
+
+  /** Host address of readable segment i as a number (no BigInt: for iovecs filled as u32 halves). */
+  readableAddr(i: number): number {
+    return this.#hostNum[this.#rReg[i]] + this.#rOff[i];
+  }
+  writableAddr(i: number): number {
+    return this.#hostNum[this.#wReg[i]] + this.#wOff[i];
+  }
+
+  /** Region index (into the guest memory's regions) of writable segment i. */
+  writableRegion(i: number): number {
+    return this.#wReg[i];
+  }
+  /** Offset inside its region of writable segment i. */
+  writableOffset(i: number): number {
+    return this.#wOff[i];
+  }
+
+  /** The bytes of guest memory region `reg` (writes reach the guest). */
+  regionBytes(reg: number): Uint8Array {
+    return this.#bytes[reg];
   }
 
   /** Writes one byte at writable stream offset pos; false when out of range. */
@@ -475,13 +500,27 @@ export class SplitQueue {
 
   /** Puts a completed chain on the used ring and publishes the new used idx. */
   pushUsed(head: number, writtenLen: number): void {
+    this.addUsed(head, writtenLen);
+    this.publishUsed();
+  }
+
+  /**
+   * Puts a completed chain on the used ring without publishing it: the driver sees it (and every
+   * element added before it) at the next {@link publishUsed}. For elements that must appear together
+   * (a virtio-net frame spread over several chains).
+   */
+  addUsed(head: number, writtenLen: number): void {
     const slot = this.nextUsedIdx & (this.size - 1);
     const u = this.#used;
     u.setUint32(4 + 8 * slot, head, true);
     u.setUint32(8 + 8 * slot, writtenLen >>> 0, true);
     this.nextUsedIdx = (this.nextUsedIdx + 1) & 0xffff;
-    fence(); // the element must be visible before the index
-    u.setUint16(2, this.nextUsedIdx, true);
+  }
+
+  /** Publishes the used idx after {@link addUsed}. */
+  publishUsed(): void {
+    fence(); // the elements must be visible before the index
+    this.#used.setUint16(2, this.nextUsedIdx, true);
   }
 
   /**

@@ -3,8 +3,8 @@
  * A virtio device worker: one per device. Blocks in epoll_wait on the queue eventfds (registered as
  * KVM ioeventfds, so guest notifies never exit to userspace) plus the device's control eventfd, and
  * processes the queues with the device model (RngDevice / BlkDevice / NetDevice / ConsoleDevice),
- * signalling MSI-X vectors through their irqfds. A device may add one host fd to the epoll set (the
- * tap of virtio-net): its readiness is served like a notify of one queue.
+ * signalling MSI-X vectors through their irqfds. A device may add host fds to the epoll set (the tap
+ * queues of virtio-net, one per RX queue): their readiness is served like a notify of their queue.
  *
  * Commands never come by postMessage: activation and reset bump the epoch in the device's shared
  * control block (done by a vCPU worker inside the guest's register write, under the device lock) and
@@ -19,15 +19,20 @@ import { SplitQueue } from "./queue.ts";
 import { BlkCounters, BlkDevice } from "./blk.ts";
 import { FileEntropySource, RngCounters, RngDevice } from "./rng.ts";
 import { ShimFileDisk } from "./device_blk.ts";
-import { NetCounters } from "./net.ts";
-import { NetService } from "./device_net.ts";
+import { netService } from "./device_net.ts";
 import { type ByteSink, CONSOLE_RX_QUEUE, ConsoleCounters, ConsoleDevice, ConsoleInput } from "./console.ts";
 import { CTL_WORKER_STATE, type VirtioDeviceDescriptor, VirtioDeviceHandle } from "./device_shared.ts";
+import { vsockService } from "./device_vsock.ts";
+import { PmemCounters, PmemDevice } from "./pmem.ts";
+import { FdPmemBackend } from "./device_pmem.ts";
+import { BalloonCounters, BalloonDevice, hostMemoryReleaser } from "./balloon.ts";
+import { runVhostUser } from "./device_vhost_user.ts";
 
 /** The one message a device worker receives, at start. */
 export interface DeviceWorkerInit {
   device: VirtioDeviceDescriptor;
-  ram: { gpa: number; size: number; hostAddr: bigint }[];
+  /** Guest RAM; `fd` is the region's memfd when memory is shared (vhost-user back-ends map it). */
+  ram: { gpa: number; size: number; hostAddr: bigint; fd?: number }[];
 }
 
 /** The worker's last message. */
@@ -39,6 +44,8 @@ export interface DeviceWorkerExit {
 
 const CONTROL_TAG = 0xffff;
 const HOST_FD_TAG = 0xfffe;
+/** Tag of a host fd in `hostFds`: this plus the queue its readiness serves. */
+const HOST_QUEUE_TAG = 0x10000;
 
 /** How a device serves its queues. */
 interface Processor {
@@ -47,6 +54,8 @@ interface Processor {
   /** A host fd polled for input (readiness marks queue `hostQueue` as notified); polling starts off. */
   hostFd?: number;
   hostQueue?: number;
+  /** More host fds, each serving its own queue (virtio-net: a tap queue per RX queue); polling starts off. */
+  hostFds?: { fd: number; queue: number }[];
   /** DRIVER_OK (with the negotiated features) / reset or a broken queue. */
   activate?(features: bigint): void;
   deactivate?(): void;
@@ -99,6 +108,8 @@ function run(init: DeviceWorkerInit): void {
   const d = init.device;
   const h = new VirtioDeviceHandle(d);
   Atomics.store(h.ctl, CTL_WORKER_STATE, 1);
+  // vhost-user: the queues belong to the back-end; this thread is its control plane.
+  if (d.kind === "vhost_user") return runVhostUser(init, h);
   const dev = h.transport;
   const mem = GuestMemory.fromHost(init.ram);
   const s = shim();
@@ -112,20 +123,26 @@ function run(init: DeviceWorkerInit): void {
     );
     proc = drainingProcessor((q) => blk.processQueue(q));
   } else if (d.kind === "net") {
-    const tapFd = d.net!.tapFd;
-    let polling = false;
-    proc = new NetService(tapFd, new NetCounters(d.counters), {
-      setPolling(on) {
-        if (on === polling) return;
-        polling = on;
-        s.kvs_epoll_ctl(epfd, EPOLL_CTL_MOD, tapFd, on ? EPOLLIN : 0, HOST_FD_TAG);
-      },
-      warn: (m) => console.warn(`dvmm: virtio-net ${d.id} (${d.net!.tap}): ${m}`),
-    });
-    proc.hostFd = tapFd;
-    proc.hostQueue = 0;
+    // Every queue pair in this one worker (see device_net.ts for why not a worker per pair).
+    proc = netService(
+      d,
+      (fd, q, on) => s.kvs_epoll_ctl(epfd, EPOLL_CTL_MOD, fd, on ? EPOLLIN : 0, HOST_QUEUE_TAG + q),
+    );
   } else if (d.kind === "console") {
     proc = consoleProcessor(d);
+  } else if (d.kind === "vsock") {
+    // Host sockets sit in the device's nested epoll set: its readiness serves the rx queue.
+    proc = vsockService(
+      d,
+      mem,
+      (fd, on) => s.kvs_epoll_ctl(epfd, EPOLL_CTL_MOD, fd, on ? EPOLLIN : 0, HOST_FD_TAG),
+    );
+  } else if (d.kind === "pmem") {
+    const p = d.pmem!;
+    proc = new PmemDevice(new FdPmemBackend(p.fd), p.discardWrites, new PmemCounters(d.counters));
+  } else if (d.kind === "balloon") {
+    const releaser = hostMemoryReleaser(mem, d.balloon!.sharedMemory);
+    proc = new BalloonDevice(releaser, mem, new BalloonCounters(d.counters));
   } else {
     const src = new FileEntropySource(d.rng?.src ?? "/dev/urandom");
     const rng = new RngDevice(src, new RngCounters(d.counters));
@@ -139,6 +156,9 @@ function run(init: DeviceWorkerInit): void {
   const hostQueue = proc.hostQueue ?? -1;
   if (proc.hostFd !== undefined) {
     check(s.kvs_epoll_ctl(epfd, EPOLL_CTL_ADD, proc.hostFd, 0, HOST_FD_TAG), "epoll_ctl host fd");
+  }
+  for (const { fd, queue } of proc.hostFds ?? []) {
+    check(s.kvs_epoll_ctl(epfd, EPOLL_CTL_ADD, fd, 0, HOST_QUEUE_TAG + queue), "epoll_ctl host fd");
   }
   const out = new BigUint64Array(16);
   const outBytes = new Uint8Array(out.buffer);
@@ -165,6 +185,8 @@ function run(init: DeviceWorkerInit): void {
         if (tag === CONTROL_TAG) s.kvs_read_i32(d.controlFd, drain, 8);
         else if (tag === HOST_FD_TAG) {
           if (hostQueue >= 0) notified[hostQueue] = 1;
+        } else if (tag >= HOST_QUEUE_TAG) {
+          if (tag - HOST_QUEUE_TAG < notified.length) notified[tag - HOST_QUEUE_TAG] = 1;
         } else if (tag < d.queueFds.length) {
           s.kvs_read_i32(d.queueFds[tag], drain, 8);
           notified[tag] = 1;

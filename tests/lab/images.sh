@@ -39,6 +39,9 @@ ensure_packages() {
 	command -v xz >/dev/null || want+=(xz-utils)
 	command -v curl >/dev/null || want+=(curl)
 	command -v dbus-daemon >/dev/null || want+=(dbus) # the D-Bus API lab test
+	[[ -f /usr/lib/x86_64-linux-gnu/libc.a ]] && command -v gcc >/dev/null || want+=(gcc libc6-dev) # guest tools
+	# vhost-user back-ends for the virtio-fs and vhost-user-blk lab test
+	{ command -v qemu-storage-daemon >/dev/null && [[ -x /usr/lib/qemu/virtiofsd ]]; } || want+=(qemu-system-common)
 	if [[ -z ${LAB_KERNEL:-} ]] && ! compgen -G '/boot/vmlinuz-*-cloud-amd64' >/dev/null; then
 		want+=(linux-image-cloud-amd64)
 	fi
@@ -81,7 +84,7 @@ key_common() {
 	fstamp "$KERNEL" "$MODDIR/modules.dep" /bin/busybox "$HERE/images.sh"
 	echo "kver $KVER"
 }
-key_guest() { key_common; fstamp "$HERE/guest-init.sh"; }
+key_guest() { key_common; fstamp "$HERE/guest-init.sh" "$HERE/guest-tools/vsock.c"; }
 key_initrd() { key_common; fstamp "$HERE/lab-initrd-init.sh"; }
 key_rootfs() {
 	key_guest
@@ -179,7 +182,8 @@ base_tree() { # minimal skeleton with /dev/console (the kernel opens it before /
 
 extra_bins() { # host binaries copied into the lab rootfs when present (plus $LAB_EXTRA_BINS)
 	local b
-	for b in qemu-img bash ip strace curl dbus-daemon dbus-send dbus-monitor ${LAB_EXTRA_BINS:-}; do command -v "$b" 2>/dev/null || true; done
+	for b in qemu-img bash ip strace curl dbus-daemon dbus-send dbus-monitor qemu-storage-daemon \
+		/usr/lib/qemu/virtiofsd ${LAB_EXTRA_BINS:-}; do command -v "$b" 2>/dev/null || true; done
 }
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,6 +199,8 @@ build_guest() {
 	base_tree "$t"
 	install_busybox "$t"
 	install_mods "$t" $GUEST_MODULES
+	# Guest tools busybox lacks: `vsock` (AF_VSOCK listen/connect/echo-test), static.
+	gcc -static -O2 -o "$t/bin/vsock" "$HERE/guest-tools/vsock.c" || die "cannot build guest-tools/vsock.c"
 	install -m 755 "$HERE/guest-init.sh" "$t/init"
 	mkcpio_gz "$t" "$LAB_DIR/guest/initramfs.gz"
 	rm -rf "$t"

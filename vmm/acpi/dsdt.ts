@@ -45,6 +45,8 @@ export interface DsdtOptions {
   pci?: boolean;
   /** Guest RAM size: places the 64-bit MMIO window of the PCI host bridge. */
   memSize?: number;
+  /** Address space kept after RAM for memory hotplug (the 64-bit window goes after it). */
+  hotplugSize?: number;
   /** Extra AML appended inside Scope(\_SB) (e.g. devices of later features). */
   sbDevices?: Aml[];
   /** Extra AML appended inside Device(\_SB.PCI0) (e.g. _PRT, slots). */
@@ -95,8 +97,8 @@ export function ged(): Aml {
 }
 
 /** PCI Express host bridge for segment 0 with its bus, I/O and memory windows. */
-export function pciHostBridge(memSize: number | undefined, extra: Aml[] = []): Aml {
-  const m64 = mmio64Window(memSize ?? Layout.mmioHoleStart);
+export function pciHostBridge(memSize: number | undefined, extra: Aml[] = [], hotplugSize = 0): Aml {
+  const m64 = mmio64Window(memSize ?? Layout.mmioHoleStart, hotplugSize);
   return device(
     "PCI0",
     name("_HID", eisaId("PNP0A08")),
@@ -132,7 +134,7 @@ export function motherboardResources(): Aml {
 /** The DSDT body (AML after the table header). */
 export function dsdtAml(o: DsdtOptions = {}): Aml {
   const sb: Aml[] = [];
-  if (o.pci ?? true) sb.push(pciHostBridge(o.memSize, o.pciDevices), motherboardResources());
+  if (o.pci ?? true) sb.push(pciHostBridge(o.memSize, o.pciDevices, o.hotplugSize), motherboardResources());
   if (o.serial ?? true) sb.push(com1());
   sb.push(powerButton(), ged(), ...(o.sbDevices ?? []));
   return cat(s5Package(), scope("\\_SB", ...sb));

@@ -16,6 +16,8 @@ export interface AcpiOptions {
   maxVcpus?: number;
   /** Guest RAM size (places the 64-bit PCI window). */
   memSize?: number;
+  /** Address space kept after RAM for memory hotplug (the 64-bit PCI window goes after it). */
+  hotplugSize?: number;
   /** COM1 in the DSDT (default true). */
   serial?: boolean;
   /** PCI host bridge in the DSDT plus MCFG (default true). */
@@ -65,6 +67,7 @@ export function placeAcpiTables(mem: GuestMemory, opts: AcpiOptions): AcpiPlacem
         serial: opts.serial,
         pci,
         memSize: opts.memSize ?? mem.size,
+        hotplugSize: opts.hotplugSize,
         sbDevices: opts.sbDevices,
         pciDevices: opts.pciDevices,
       }),

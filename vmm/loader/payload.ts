@@ -22,6 +22,46 @@ export interface PayloadFiles {
   rsdpAddr?: number;
 }
 
+/** Largest kernel image dvmm reads (Linux bzImages and vmlinux files are tens of MiB). */
+export const MAX_KERNEL_BYTES = 512 * 1024 * 1024;
+
+/**
+ * Checks the payload's files before anything expensive is set up: each must be a regular file (a FIFO
+ * would block the boot forever, a device like /dev/zero never ends), readable, and of a size that can
+ * fit (the kernel within {@link MAX_KERNEL_BYTES}, the initramfs within guest RAM). Errors name the
+ * option and the path.
+ */
+export async function checkPayloadFiles(
+  p: { kernel?: string; initramfs?: string },
+  memSize: number,
+): Promise<void> {
+  const check = async (path: string, what: string, option: string, limit: number) => {
+    let st: Deno.FileInfo;
+    try {
+      st = await Deno.stat(path);
+    } catch (e) {
+      const why = e instanceof Deno.errors.NotFound ? "no such file" : (e as Error).message;
+      throw new KernelLoadError(`${option}: cannot use ${what} ${path}: ${why}`);
+    }
+    if (!st.isFile) {
+      throw new KernelLoadError(`${option}: ${what} ${path} is not a regular file`);
+    }
+    if (st.size === 0) throw new KernelLoadError(`${option}: ${what} ${path} is empty`);
+    if (st.size > limit) {
+      throw new KernelLoadError(
+        `${option}: ${what} ${path} is ${st.size} bytes, more than the ${limit} that fit`,
+      );
+    }
+    try {
+      (await Deno.open(path, { read: true })).close();
+    } catch (e) {
+      throw new KernelLoadError(`${option}: cannot read ${what} ${path}: ${(e as Error).message}`);
+    }
+  };
+  if (p.kernel !== undefined) await check(p.kernel, "kernel", "--kernel", MAX_KERNEL_BYTES);
+  if (p.initramfs !== undefined) await check(p.initramfs, "initramfs", "--initramfs", memSize);
+}
+
 async function readFile(path: string, what: string): Promise<Uint8Array> {
   try {
     return await Deno.readFile(path);
