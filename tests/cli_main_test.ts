@@ -1,6 +1,8 @@
 /** The real `main.ts` as a subprocess: option errors, the API lifetime, the socket file, events. */
 import assert from "node:assert/strict";
 import { CLI_OPTIONS, CliError, DEFAULT_LOG_FORMAT, logFormatProblem, parseCli } from "../main.ts";
+import { kvmAvailable } from "./helpers/realmode.ts";
+import { pvhElf } from "./helpers/tiny_guest.ts";
 
 const MAIN = new URL("../main.ts", import.meta.url).pathname;
 const dec = new TextDecoder();
@@ -149,6 +151,45 @@ Deno.test("cli: SIGTERM shuts dvmm down cleanly", async () => {
   const child = dvmm(["--api-socket", `path=${sock}`]).spawn();
   try {
     await waitFor(sock);
+    child.kill("SIGTERM");
+    const out = await child.output();
+    assert.equal(out.code, 0, dec.decode(out.stderr));
+    await assert.rejects(() => Deno.lstat(sock), Deno.errors.NotFound);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test({
+  name: "cli: SIGTERM while a VM runs stops the guest and exits cleanly",
+  ignore: !kvmAvailable(),
+}, async () => {
+  const dir = await Deno.makeTempDir({ prefix: "dvmm-cli-" });
+  const sock = `${dir}/api.sock`;
+  await Deno.writeFile(`${dir}/spin.elf`, pvhElf(new Uint8Array([0xeb, 0xfe]))); // jmp $
+  const child = dvmm([
+    "--api-socket",
+    `path=${sock}`,
+    "--kernel",
+    `${dir}/spin.elf`,
+    "--cpus",
+    "boot=2",
+    "--memory",
+    "size=64M",
+    "--console",
+    "off",
+  ]).spawn();
+  try {
+    await waitFor(sock);
+    // Running: both vCPU threads exist.
+    let names: string[] = [];
+    for (let i = 0; i < 100 && names.filter((n) => n.startsWith("vcpu")).length < 2; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+      names = [...Deno.readDirSync(`/proc/${child.pid}/task`)].map((t) =>
+        Deno.readTextFileSync(`/proc/${child.pid}/task/${t.name}/comm`).trim()
+      );
+    }
+    assert.ok(names.includes("vcpu0") && names.includes("vcpu1"), names.join(","));
     child.kill("SIGTERM");
     const out = await child.output();
     assert.equal(out.code, 0, dec.decode(out.stderr));
