@@ -131,3 +131,29 @@ Deno.test(
     assert.throws(() => Deno.lstatSync(`${g.dir}/serial.sock`), "the socket is removed with the VM");
   },
 );
+
+Deno.test(
+  { name: "console pty: the virtio console gets a pseudo-terminal, reported in file", ignore },
+  async () => {
+    const dir = await Deno.makeTempDir({ prefix: "dvmm-console-" });
+    await Deno.writeFile(`${dir}/guest.elf`, pvhElf(ECHO_GUEST));
+    const config = VmConfigSchema.parse({
+      memory: { size: 64 << 20 },
+      payload: { kernel: `${dir}/guest.elf` },
+      serial: { mode: "Null" },
+      console: { mode: "Pty" },
+    });
+    const vm = new Vm(config);
+    try {
+      await vm.boot();
+      const path = config.console.file;
+      assert.match(path ?? "", /^\/dev\/pts\/\d+$/, "the console's pty path is recorded in console.file");
+      const tty = await Deno.open(path!, { read: true, write: true });
+      tty.close();
+      assert.ok(Object.keys(vm.deviceTree()).includes("__console"));
+    } finally {
+      await vm.shutdown();
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+);

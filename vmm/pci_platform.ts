@@ -94,6 +94,7 @@ import type { DeviceWorkerExit, DeviceWorkerInit } from "../devices/virtio/worke
 import { connectVhostUser, waitVhostUserStopped } from "../devices/virtio/device_vhost_user.ts";
 import { Layout, mmio64Window } from "./layout.ts";
 import { log } from "./log.ts";
+import { type HostEnd, openPty } from "./host_end.ts";
 
 const IRQCHIP_PIC_MASTER = 0;
 const IRQCHIP_PIC_SLAVE = 1;
@@ -452,6 +453,9 @@ export function createPci(
   const pmem = new PmemRegions(vm, m64); // device memory at the start of the 64-bit window
   const devices: VirtioDeviceDescriptor[] = [];
   let consoleIn: ConsoleInput | null = null;
+  // `--console pty`: the terminal dvmm opens; what is typed there goes to the console's RX queue.
+  let consolePty: HostEnd | null = null;
+  let toConsole: ((bytes: Uint8Array) => void) | null = null;
   let nextGsi = FIRST_MSI_GSI;
   let slot = 1;
   try {
@@ -503,6 +507,10 @@ export function createPci(
           `open ${c.file}`,
         );
         owned.push(outFd);
+      } else if (c.mode === "Pty") {
+        consolePty = openPty((bytes) => toConsole?.(bytes), log);
+        c.file = consolePty.path; // as Cloud Hypervisor, vm.info reports the terminal's path
+        outFd = consolePty.outFd;
       } else if (c.mode !== "Null") {
         throw new Error(`virtio-console mode ${c.mode} is not implemented in dvmm yet (--console)`);
       }
@@ -517,7 +525,7 @@ export function createPci(
           maxQueueSize: 256,
           config: consoleConfigSpace(),
         },
-        { console: { outFd, input: consoleIn.buffer } },
+        { console: { outFd, input: consoleIn.buffer, drops: consolePty !== null } },
         new SharedArrayBuffer(16),
       );
     }
@@ -692,6 +700,7 @@ export function createPci(
     }
   } catch (e) {
     for (const fd of owned) shim().kvs_close(fd);
+    void consolePty?.close();
     pmem.close();
     if (vsockPath !== null) removeVsockSocket(vsockPath);
     throw e;
@@ -737,6 +746,14 @@ export function createPci(
   });
 
   let closed = false;
+  const consoleInput = (bytes: Uint8Array): number => {
+    if (consoleIn === null) return -1;
+    const n = consoleIn.push(bytes);
+    const h = primary.devices.find((x) => x.desc.kind === "console");
+    if (n > 0 && h) h.signal(h.desc.queueFds[0]);
+    return n;
+  };
+  toConsole = (bytes) => void consoleInput(bytes);
   return {
     descriptors,
     counters: () => {
@@ -775,13 +792,7 @@ export function createPci(
       return out;
     },
     balloon,
-    consoleInput: (bytes) => {
-      if (consoleIn === null) return -1;
-      const n = consoleIn.push(bytes);
-      const h = primary.devices.find((x) => x.desc.kind === "console");
-      if (n > 0 && h) h.signal(h.desc.queueFds[0]);
-      return n;
-    },
+    consoleInput,
     close: async () => {
       if (closed) return;
       closed = true;
@@ -802,6 +813,8 @@ export function createPci(
         for (const x of workers) x.w.terminate();
         for (const fd of owned) shim().kvs_close(fd);
         pmem.close();
+        // Closed only once no worker can write to it (a reused descriptor number would get the output).
+        await consolePty?.close();
       }
     },
   };

@@ -146,11 +146,8 @@ function checkSupported(cfg: VmConfig): void {
   if (cfg.memory.hotplugged_size) missing("memory plugged at boot", "--memory hotplugged_size=");
   if (cfg.payload.firmware) missing("booting firmware", "--firmware / payload.firmware");
   const console = cfg.console?.mode ?? "Off";
-  if (console === "Pty" || console === "Socket") {
-    missing(
-      `virtio-console mode ${console}`,
-      `--console ${console.toLowerCase()}; use tty, file=PATH or off`,
-    );
+  if (console === "Socket") {
+    missing("virtio-console mode Socket (Cloud Hypervisor has none either)", "--console socket=; use pty, tty, file=PATH or off");
   }
 
   // Settings that dvmm reads but has no machinery for: refused unless they ask for what dvmm does anyway.

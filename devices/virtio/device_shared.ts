@@ -52,7 +52,8 @@ export interface VirtioDeviceDescriptor {
    */
   net?: { tapFds: number[]; tap: string; mtu: number };
   /** console: output fd (-1: discard; not owned by the worker) and the input ring (ConsoleInput). */
-  console?: { outFd: number; input: SharedArrayBuffer };
+  /** `drops`: output the fd does not take at once is dropped (a pty nobody reads must not stall). */
+  console?: { outFd: number; input: SharedArrayBuffer; drops?: boolean };
   /** vsock: the guest CID, the listening socket (owned by the main thread) and its path. */
   vsock?: { cid: number; listenFd: number; path: string };
   /** vhost_user: the back-end connection (virtio-fs, vhost-user-blk, generic), set up at creation. */

@@ -78,9 +78,10 @@ function drainingProcessor(processQueue: (q: SplitQueue) => boolean, close?: () 
 }
 
 /** Writes all of `bytes` to a raw fd (waiting while a non-blocking fd is full); drops them on error. */
-function fdSink(fd: number): ByteSink {
+function fdSink(fd: number, drops = false): ByteSink {
   if (fd < 0) return { write() {} };
   const s = shim();
+  if (drops) return { write: (bytes) => void s.kvs_write_i32(fd, bytes, bytes.length) };
   return {
     write(bytes) {
       let off = 0;
@@ -96,7 +97,11 @@ function fdSink(fd: number): ByteSink {
 
 function consoleProcessor(d: VirtioDeviceDescriptor): Processor {
   const c = d.console!;
-  const dev = new ConsoleDevice(fdSink(c.outFd), new ConsoleInput(c.input), new ConsoleCounters(d.counters));
+  const dev = new ConsoleDevice(
+    fdSink(c.outFd, c.drops),
+    new ConsoleInput(c.input),
+    new ConsoleCounters(d.counters),
+  );
   const tx = drainingProcessor((q) => dev.processTx(q));
   return {
     // RX is served once per notify: input may be waiting for buffers, or buffers for input.
