@@ -89,3 +89,35 @@ Deno.test(
     }
   },
 );
+
+Deno.test(
+  { name: "disk images: a FIFO or a missing file is refused naming the option and path", ignore },
+  async () => {
+    const dir = await Deno.makeTempDir({ prefix: "dvmm-disk-" });
+    try {
+      await Deno.writeFile(`${dir}/guest.elf`, pvhElf(new Uint8Array([0xf4])));
+      const mk = await new Deno.Command("mkfifo", { args: [`${dir}/fifo.img`] }).output();
+      assert.ok(mk.success);
+      for (
+        const [path, want] of [
+          [
+            `${dir}/fifo.img`,
+            /--disk _disk0: cannot open the image .*fifo\.img: not a regular file or a block device/,
+          ],
+          [`${dir}/none.img`, /--disk _disk0: cannot open the image .*none\.img: .*No such file/],
+        ] as [string, RegExp][]
+      ) {
+        const vm = new Vm(VmConfigSchema.parse({
+          memory: { size: 64 << 20 },
+          payload: { kernel: `${dir}/guest.elf` },
+          disks: [{ path, id: "_disk0" }],
+          console: { mode: "Off" },
+        }));
+        await assert.rejects(vm.boot(), want);
+        await vm.shutdown();
+      }
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+);

@@ -542,7 +542,13 @@ export function createPci(
       }
       if (!disk.path) throw new Error(`disk ${i} has no path`);
       const id = disk.id ?? `_disk${i}`;
-      const { fd, size, format } = openDiskImage(disk.path, { readonly: disk.readonly, direct: disk.direct });
+      let image: ReturnType<typeof openDiskImage>;
+      try {
+        image = openDiskImage(disk.path, { readonly: disk.readonly, direct: disk.direct });
+      } catch (e) {
+        throw new Error(`--disk ${id}: cannot open the image ${disk.path}: ${(e as Error).message}`);
+      }
+      const { fd, size, format } = image;
       owned.push(fd);
       // As Cloud Hypervisor: the image's own format is recorded in the config, a contradiction refused.
       if (disk.image_type !== "Unknown" && disk.image_type !== format) {

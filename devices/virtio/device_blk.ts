@@ -24,6 +24,9 @@ export function openDiskImage(
   let size: number;
   let format: ImageFormat;
   {
+    // A FIFO would block this open forever, a character device never ends: images are files or disks.
+    const st = Deno.statSync(path);
+    if (!st.isFile && !st.isBlockDevice) throw new Error("not a regular file or a block device");
     const f = Deno.openSync(path, { read: true });
     try {
       const head = new Uint8Array(8);
