@@ -130,9 +130,9 @@ Deno.test("aml: resource descriptors", () => {
 
 // ---- Tables ----
 
-function tables(vcpus = 2, maxVcpus = 4, pci = true) {
+function tables(vcpus = 2, maxVcpus = 4, pci = true, pciSegments = 1) {
   const mem = GuestMemory.fromBuffers(ramRegions(256 * MiB));
-  const p = placeAcpiTables(mem, { vcpus, maxVcpus, pci });
+  const p = placeAcpiTables(mem, { vcpus, maxVcpus, pci, pciSegments });
   const table = (addr: number) => mem.read(addr, mem.readU32(addr + 4));
   return { mem, p, table };
 }
@@ -283,7 +283,8 @@ Deno.test({
   name: "acpi: iasl disassembles every table and recompiles the DSDT without errors or warnings",
   ignore: !iasl,
   async fn() {
-    const { mem, p } = tables(2, 4);
+    // Three PCI segments: a host bridge each (PCI0, PC01, PC02) and an MCFG entry each.
+    const { mem, p } = tables(2, 4, true, 3);
     const dir = await Deno.makeTempDir({ prefix: "dvmm-acpi-" });
     try {
       const all: [string, number][] = [
@@ -306,6 +307,12 @@ Deno.test({
       for (const s of ["_S5", "PNP0501", "PNP0C0C", "ACPI0013", "PNP0A08", "Notify (\\_SB.PWRB, 0x80)"]) {
         assert.ok(dsl.includes(s), `DSDT disassembly lacks ${s}`);
       }
+      for (const s of ["Device (PC01)", "Device (PC02)", "Name (_SEG, 0x02)"]) {
+        assert.ok(dsl.includes(s), `DSDT disassembly lacks ${s}`);
+      }
+      const mcfgDsl = await Deno.readTextFile(`${dir}/mcfg.dsl`);
+      assert.match(mcfgDsl, /Segment Group Number : 0002/, "MCFG has an entry for segment 2");
+      assert.match(mcfgDsl, /Base Address : 00000000F8100000/, "segment 2's ECAM");
       const c = await new Deno.Command("iasl", { args: ["-p", `${dir}/re`, `${dir}/dsdt.dsl`], cwd: dir })
         .output();
       const ctext = new TextDecoder().decode(c.stdout) + new TextDecoder().decode(c.stderr);

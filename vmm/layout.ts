@@ -13,7 +13,8 @@
  * 0x0010_0000  high RAM; the kernel is loaded at its pref_address (16 MiB for relocatable kernels)
  *              ... initramfs at the top of low RAM, 4 KiB aligned
  * 0xC000_0000  32-bit MMIO hole: device window 0xC000_0000..0xE800_0000,
- *              PCI ECAM 0xE800_0000..0xF800_0000 (256 buses), IOAPIC 0xFEC0_0000, LAPIC 0xFEE0_0000
+ *              PCI ECAM 0xE800_0000..0xF800_0000 (256 buses), ECAM of segments 1.. from 0xF800_0000
+ *              (1 MiB each), IOAPIC 0xFEC0_0000, LAPIC 0xFEE0_0000
  * 0x1_0000_0000  RAM above 4 GiB (whatever does not fit below the hole)
  * after RAM    64-bit MMIO window (1 GiB aligned, 64 GiB)
  * ```
@@ -167,6 +168,24 @@ export function lowRamEnd(sizeBytes: number): number {
 /** First address after all RAM (above 4 GiB when RAM spills over the hole). */
 export function ramEnd(sizeBytes: number): number {
   return sizeBytes > MMIO_HOLE_START ? FOUR_GIB + (sizeBytes - MMIO_HOLE_START) : sizeBytes;
+}
+
+/** ECAM of PCI segments 1..: bus 0 only (1 MiB each), in the hole above segment 0's, below the IOAPIC. */
+const PCI_ECAM_EXTRA_START = PCI_ECAM_START + PCI_ECAM_SIZE;
+/** Most PCI segments (Cloud Hypervisor's limit too). */
+export const MAX_PCI_SEGMENTS = 96;
+
+/** The ECAM window of PCI segment `segment` (segment 0: all 256 buses; the others: bus 0). */
+export function pciSegmentEcam(segment: number): { base: number; size: number } {
+  if (segment === 0) return { base: PCI_ECAM_START, size: PCI_ECAM_SIZE };
+  if (segment < 0 || segment >= MAX_PCI_SEGMENTS) throw new RangeError(`PCI segment ${segment} out of range`);
+  return { base: PCI_ECAM_EXTRA_START + (segment - 1) * MiB, size: MiB };
+}
+
+/** Segment `segment`'s slice of the 32-bit BAR window, when it is shared by `count` segments (1 MiB aligned). */
+export function pciSegmentMmio32(segment: number, count: number): { base: number; size: number } {
+  const slice = Math.floor(Layout.mmio32Size / count / MiB) * MiB;
+  return { base: Layout.mmio32Start + segment * slice, size: slice };
 }
 
 /**

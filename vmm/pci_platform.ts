@@ -92,7 +92,7 @@ import {
 } from "../devices/virtio/device_shared.ts";
 import type { DeviceWorkerExit, DeviceWorkerInit } from "../devices/virtio/worker.ts";
 import { connectVhostUser, waitVhostUserStopped } from "../devices/virtio/device_vhost_user.ts";
-import { Layout, mmio64Window } from "./layout.ts";
+import { Layout, mmio64Window, pciSegmentEcam, pciSegmentMmio32 } from "./layout.ts";
 import { log } from "./log.ts";
 import { type HostEnd, openPty } from "./host_end.ts";
 
@@ -111,11 +111,25 @@ export interface PciDescriptors {
   busLock: SharedArrayBuffer;
   /** GSI routing state: lock (3 words), then per MSI GSI: valid, addressLo, addressHi, data. */
   routing: SharedArrayBuffer;
+  /** The whole 32-bit BAR window (every segment's BARs are found through it). */
   mmio32: Window;
   mmio64: Window;
+  /** Segment 0's slice of `mmio32` when there are several segments. */
+  segment0Mmio32?: Window;
+  /** PCI segments 1.. (`platform.num_pci_segments`). */
+  extraSegments?: PciSegmentDescriptor[];
   /** Access length for queue-notify ioeventfds: 0 (any, when KVM supports it) or 2 (iowrite16). */
   ioeventLen: number;
   devices: VirtioDeviceDescriptor[];
+}
+
+/** A PCI segment's shared state: bus 0 with its host bridge, its ECAM and its BAR window. */
+export interface PciSegmentDescriptor {
+  busState: SharedArrayBuffer;
+  hostBridgeState: SharedArrayBuffer | ArrayBuffer;
+  mmio32: Window;
+  /** ECAM (bus 0 only); null for segment 0, whose ECAM is the layout's. */
+  ecam: Window | null;
 }
 
 const R_LOCK = 0;
@@ -231,108 +245,128 @@ export function buildPciBuses(
   mmio: MmioBus,
   primary = false,
 ): PciThread {
-  const params = { mmio32: d.mmio32, state: d.busState };
-  const bus = new PciBus(params);
-  bus.add(0, PciBus.hostBridge(params, d.hostBridgeState as SharedArrayBuffer), primary);
   const busLock = new SharedLock(new Int32Array(d.busLock), 0);
   const routing = new GsiRouting(vm, d.routing);
   const devices: VirtioDeviceHandle[] = [];
-  const bySlot: (VirtioDeviceHandle | undefined)[] = new Array(32);
-  for (const desc of d.devices) {
-    const h = new VirtioDeviceHandle(desc);
-    const t = h.transport;
-    // Queue-notify ioeventfds exist only while the driver is live: registering one waits for an SRCU
-    // grace period in KVM, and Linux toggles BAR decode around every BAR it sizes during enumeration.
-    t.onActivate = () => {
-      h.bumpEpoch();
-      moveIoeventfds(vm, h, d.ioeventLen, t.config.barDecodeAddress(BAR_INDEX));
+  // Segment 0, then any further PCI segments (`platform.num_pci_segments`): each its own bus 0 with a
+  // host bridge, its own ECAM window and its own slice of the 32-bit BAR window.
+  const segments: PciSegmentDescriptor[] = [
+    {
+      busState: d.busState,
+      hostBridgeState: d.hostBridgeState,
+      mmio32: d.segment0Mmio32 ?? d.mmio32,
+      ecam: null,
+    },
+    ...(d.extraSegments ?? []),
+  ];
+  const buses = segments.map((seg, segment) => {
+    const params = { mmio32: seg.mmio32, state: seg.busState };
+    const bus = new PciBus(params);
+    bus.add(0, PciBus.hostBridge(params, seg.hostBridgeState as SharedArrayBuffer), primary);
+    const bySlot: (VirtioDeviceHandle | undefined)[] = new Array(32);
+    for (const desc of d.devices) {
+      if ((desc.segment ?? 0) !== segment) continue;
+      const h = new VirtioDeviceHandle(desc);
+      const t = h.transport;
+      // Queue-notify ioeventfds exist only while the driver is live: registering one waits for an SRCU
+      // grace period in KVM, and Linux toggles BAR decode around every BAR it sizes during enumeration.
+      t.onActivate = () => {
+        h.bumpEpoch();
+        moveIoeventfds(vm, h, d.ioeventLen, t.config.barDecodeAddress(BAR_INDEX));
+      };
+      t.onReset = () => {
+        h.bumpEpoch();
+        moveIoeventfds(vm, h, d.ioeventLen, -1);
+        // A vhost-user back-end must have let go of the rings before the driver frees them.
+        if (desc.vhostUser) waitVhostUserStopped(desc, h.epoch);
+      };
+      t.onNotify = (q) => {
+        if (q < desc.queueFds.length) h.signal(desc.queueFds[q]);
+      };
+      t.msix.onVectorChange = (v, vec) => routing.update(desc.gsiBase + v, vec);
+      t.msix.onDeliverPending = (v) => h.signal(desc.irqFds[v]);
+      if (desc.kind === "balloon") t.onConfigWrite = (off, data) => balloonConfigWrite(t, off, data);
+      bus.add(desc.slot, t, primary);
+      devices.push(h);
+      bySlot[desc.slot] = h;
+    }
+    // Runs inside a config write (bus + device locks held): a live device's ioeventfds follow BAR 0.
+    bus.onBarChange = (addr, _fn, bar, _old, now) => {
+      const h = bySlot[addr.device];
+      if (!h || bar !== BAR_INDEX || !h.transport.activated) return;
+      moveIoeventfds(vm, h, d.ioeventLen, now);
     };
-    t.onReset = () => {
-      h.bumpEpoch();
-      moveIoeventfds(vm, h, d.ioeventLen, -1);
-      // A vhost-user back-end must have let go of the rings before the driver frees them.
-      if (desc.vhostUser) waitVhostUserStopped(desc, h.epoch);
-    };
-    t.onNotify = (q) => {
-      if (q < desc.queueFds.length) h.signal(desc.queueFds[q]);
-    };
-    t.msix.onVectorChange = (v, vec) => routing.update(desc.gsiBase + v, vec);
-    t.msix.onDeliverPending = (v) => h.signal(desc.irqFds[v]);
-    if (desc.kind === "balloon") t.onConfigWrite = (off, data) => balloonConfigWrite(t, off, data);
-    bus.add(desc.slot, t, primary);
-    devices.push(h);
-    bySlot[desc.slot] = h;
-  }
-  // Runs inside a config write (bus + device locks held): a live device's ioeventfds follow BAR 0.
-  bus.onBarChange = (addr, _fn, bar, _old, now) => {
-    const h = bySlot[addr.device];
-    if (!h || bar !== BAR_INDEX || !h.transport.activated) return;
-    moveIoeventfds(vm, h, d.ioeventLen, now);
-  };
 
-  // The device lock a config access to (bus, device, function) needs: only bus 0, function 0 has devices.
-  const configLock = (b: number, dev: number, fn: number): SharedLock | null =>
-    b === 0 && fn === 0 ? bySlot[dev]?.lock ?? null : null;
-  // 0xCFC-0xCFF reach the function CONFIG_ADDRESS selects (read under the bus lock); 0xCF8-0xCFB none.
-  const pioLock = (offset: number): SharedLock | null => {
-    if (offset < 4) return null;
-    const a = bus.pioRead(0, 4);
-    return configLock((a >>> 16) & 0xff, (a >>> 11) & 0x1f, (a >>> 8) & 7);
-  };
-  const ecamLock = (offset: number) => configLock(offset >>> 20, (offset >>> 15) & 0x1f, (offset >>> 12) & 7);
-  const ones = (size: number) => size >= 4 ? 0xffffffff : (1 << (8 * size)) - 1;
-  pio.register(PCI_CONFIG_ADDRESS_PORT, 8, {
-    pioRead(offset, size) {
-      busLock.lock();
-      let dl: SharedLock | null = null;
-      try {
-        dl = pioLock(offset);
+    // The device lock a config access to (bus, device, function) needs: only bus 0, function 0 has devices.
+    const configLock = (b: number, dev: number, fn: number): SharedLock | null =>
+      b === 0 && fn === 0 ? bySlot[dev]?.lock ?? null : null;
+    // 0xCFC-0xCFF reach the function CONFIG_ADDRESS selects (read under the bus lock); 0xCF8-0xCFB none.
+    const pioLock = (offset: number): SharedLock | null => {
+      if (offset < 4) return null;
+      const a = bus.pioRead(0, 4);
+      return configLock((a >>> 16) & 0xff, (a >>> 11) & 0x1f, (a >>> 8) & 7);
+    };
+    const ecamLock = (offset: number) =>
+      configLock(offset >>> 20, (offset >>> 15) & 0x1f, (offset >>> 12) & 7);
+    const ones = (size: number) => size >= 4 ? 0xffffffff : (1 << (8 * size)) - 1;
+    // 0xCF8/0xCFC reach segment 0 only (the legacy mechanism has no segment).
+    if (segment === 0) {
+      pio.register(PCI_CONFIG_ADDRESS_PORT, 8, {
+        pioRead(offset, size) {
+          busLock.lock();
+          let dl: SharedLock | null = null;
+          try {
+            dl = pioLock(offset);
+            dl?.lock();
+            return bus.pioRead(offset, size);
+          } catch {
+            return ones(size);
+          } finally {
+            dl?.unlock();
+            busLock.unlock();
+          }
+        },
+        pioWrite(offset, size, value) {
+          busLock.lock();
+          let dl: SharedLock | null = null;
+          try {
+            dl = pioLock(offset);
+            dl?.lock();
+            bus.pioWrite(offset, size, value);
+          } finally {
+            dl?.unlock();
+            busLock.unlock();
+          }
+        },
+      }, "pci-config-io");
+    }
+    const ecam = seg.ecam ?? { base: Layout.pciEcamStart, size: Layout.pciEcamSize };
+    mmio.register(ecam.base, ecam.size, {
+      mmioRead(offset, data) {
+        busLock.lock();
+        const dl = ecamLock(offset);
         dl?.lock();
-        return bus.pioRead(offset, size);
-      } catch {
-        return ones(size);
-      } finally {
-        dl?.unlock();
-        busLock.unlock();
-      }
-    },
-    pioWrite(offset, size, value) {
-      busLock.lock();
-      let dl: SharedLock | null = null;
-      try {
-        dl = pioLock(offset);
+        try {
+          bus.mmioRead(offset, data);
+        } finally {
+          dl?.unlock();
+          busLock.unlock();
+        }
+      },
+      mmioWrite(offset, data) {
+        busLock.lock();
+        const dl = ecamLock(offset);
         dl?.lock();
-        bus.pioWrite(offset, size, value);
-      } finally {
-        dl?.unlock();
-        busLock.unlock();
-      }
-    },
-  }, "pci-config-io");
-  mmio.register(Layout.pciEcamStart, Layout.pciEcamSize, {
-    mmioRead(offset, data) {
-      busLock.lock();
-      const dl = ecamLock(offset);
-      dl?.lock();
-      try {
-        bus.mmioRead(offset, data);
-      } finally {
-        dl?.unlock();
-        busLock.unlock();
-      }
-    },
-    mmioWrite(offset, data) {
-      busLock.lock();
-      const dl = ecamLock(offset);
-      dl?.lock();
-      try {
-        bus.mmioWrite(offset, data);
-      } finally {
-        dl?.unlock();
-        busLock.unlock();
-      }
-    },
-  }, "pci-ecam");
+        try {
+          bus.mmioWrite(offset, data);
+        } finally {
+          dl?.unlock();
+          busLock.unlock();
+        }
+      },
+    }, segment === 0 ? "pci-ecam" : `pci-ecam-${segment}`);
+    return bus;
+  });
   const barWindow = (base: number) => ({
     mmioRead(offset: number, data: Uint8Array) {
       const addr = base + offset;
@@ -365,7 +399,7 @@ export function buildPciBuses(
   });
   mmio.register(d.mmio32.base, d.mmio32.size, barWindow(d.mmio32.base), "pci-mmio32");
   mmio.register(d.mmio64.base, d.mmio64.size, barWindow(d.mmio64.base), "pci-mmio64");
-  return { bus, devices };
+  return { bus: buses[0], devices };
 }
 
 /** Re-registers a device's queue-notify ioeventfds at BAR base `now` (-1: not decoded, remove them). */
@@ -407,8 +441,8 @@ export interface PciHost {
   close(): Promise<void>;
 }
 
-function bdf(slot: number): string {
-  return `0000:00:${slot.toString(16).padStart(2, "0")}.0`;
+function bdf(slot: number, segment = 0): string {
+  return `${segment.toString(16).padStart(4, "0")}:00:${slot.toString(16).padStart(2, "0")}.0`;
 }
 
 /** Whether the config asks for a virtio-console (every console mode but Off). */
@@ -457,7 +491,18 @@ export function createPci(
   let consolePty: HostEnd | null = null;
   let toConsole: ((bytes: Uint8Array) => void) | null = null;
   let nextGsi = FIRST_MSI_GSI;
-  let slot = 1;
+  // PCI segments: slot numbers per segment (0 is each segment's host bridge); a device's segment comes
+  // from its config (`pci_segment`), found by the identifier boot gave it.
+  const segmentCount = cfg.platform?.num_pci_segments ?? 1;
+  const nextSlot = new Array(segmentCount).fill(1);
+  const segmentOf = new Map<string, number>();
+  for (const list of [cfg.disks, cfg.net, cfg.fs, cfg.pmem, cfg.generic_vhost_user, cfg.vdpa]) {
+    for (const dev of list ?? []) if (dev.id !== undefined) segmentOf.set(dev.id, dev.pci_segment);
+  }
+  if (cfg.vsock?.id !== undefined) segmentOf.set(cfg.vsock.id, cfg.vsock.pci_segment);
+  segmentOf.set(cfg.console.id ?? "__console", cfg.console.pci_segment);
+  segmentOf.set(cfg.rng.id ?? "__rng", cfg.rng.pci_segment);
+  if (cfg.balloon) segmentOf.set(cfg.balloon.id ?? "__balloon", cfg.balloon.pci_segment);
   try {
     const addDevice = (
       id: string,
@@ -466,6 +511,8 @@ export function createPci(
       extra: Partial<VirtioDeviceDescriptor>,
       counters: SharedArrayBuffer,
     ) => {
+      const segment = segmentOf.get(id) ?? 0;
+      if (nextSlot[segment] > 31) throw new Error(`PCI segment ${segment} has no free slot for ${id}`);
       const t = new VirtioPciDevice(spec);
       const vectors = t.msix.vectors;
       const mk = () => {
@@ -480,7 +527,8 @@ export function createPci(
       const desc: VirtioDeviceDescriptor = {
         id,
         kind,
-        slot: slot++,
+        slot: nextSlot[segment]++,
+        segment,
         spec,
         shared: t.shared,
         control: newControlBlock(),
@@ -726,6 +774,20 @@ export function createPci(
   // The primary build creates the host bridge state; later builds reuse it.
   const hb = PciBus.hostBridge({ mmio32 });
   descriptors.hostBridgeState = hb.config.state;
+  if (segmentCount > 1) {
+    // Each segment allocates its BARs from its own slice of the 32-bit window (the slices are what the
+    // segments' host bridges describe in the DSDT).
+    descriptors.segment0Mmio32 = pciSegmentMmio32(0, segmentCount);
+    descriptors.extraSegments = Array.from({ length: segmentCount - 1 }, (_, i) => {
+      const window = pciSegmentMmio32(i + 1, segmentCount);
+      return {
+        busState: new SharedArrayBuffer(8),
+        hostBridgeState: PciBus.hostBridge({ mmio32: window }).config.state,
+        mmio32: window,
+        ecam: pciSegmentEcam(i + 1),
+      };
+    });
+  }
   const primary = buildPciBuses(descriptors, vm, pio, mmio, true);
   const balloonHandle = primary.devices.find((h) => h.desc.kind === "balloon");
   const balloon = balloonHandle ? new BalloonControl(balloonHandle) : null;
@@ -792,7 +854,7 @@ export function createPci(
             PciBar: { index: BAR_INDEX, base, size: BAR_SIZE, type_: "Mmio64", prefetchable: false },
           }],
           children: [desc.id],
-          pci_bdf: bdf(desc.slot),
+          pci_bdf: bdf(desc.slot, desc.segment),
         };
       }
       return out;

@@ -132,7 +132,13 @@ function checkSupported(cfg: VmConfig): void {
   if (cfg.watchdog) missing("the virtio watchdog", "--watchdog / watchdog");
   if (cfg.pvpanic) missing("the pvpanic device", "--pvpanic / pvpanic");
   if (cfg.rate_limit_groups?.length) missing("rate-limit groups", "rate_limit_groups");
-  if ((cfg.pci_segments?.length ?? 0) > 0) missing("PCI segments other than 0", "pci_segments");
+  // Segments share the 32-bit BAR window equally: CH's default weights, and no others.
+  if (cfg.pci_segments?.some((p) => p.mmio32_aperture_weight !== 1 || p.mmio64_aperture_weight !== 1)) {
+    missing(
+      "PCI aperture weights other than 1",
+      "--pci-segment mmio32_aperture_weight=/mmio64_aperture_weight=",
+    );
+  }
   if (cfg.landlock_enable) missing("Landlock sandboxing", "--landlock / landlock_enable");
   if (cfg.debug_console && cfg.debug_console.mode !== "Off") {
     missing("the debug console (port 0xe9)", "--debug-console / debug_console");
@@ -147,7 +153,10 @@ function checkSupported(cfg: VmConfig): void {
   if (cfg.payload.firmware) missing("booting firmware", "--firmware / payload.firmware");
   const console = cfg.console?.mode ?? "Off";
   if (console === "Socket") {
-    missing("virtio-console mode Socket (Cloud Hypervisor has none either)", "--console socket=; use pty, tty, file=PATH or off");
+    missing(
+      "virtio-console mode Socket (Cloud Hypervisor has none either)",
+      "--console socket=; use pty, tty, file=PATH or off",
+    );
   }
 
   // Settings that dvmm reads but has no machinery for: refused unless they ask for what dvmm does anyway.
@@ -163,8 +172,6 @@ function checkSupported(cfg: VmConfig): void {
   if (t && (t.threads_per_core !== 1 || t.dies_per_package !== 1 || t.packages !== 1)) {
     missing("CPU topologies other than one package of single-threaded cores", "--cpus topology=");
   }
-  const segments = cfg.platform?.num_pci_segments ?? 1;
-  if (segments > 1) missing("PCI segments other than 0", "--platform num_pci_segments=");
   const devices = [
     ...(cfg.disks ?? []),
     ...(cfg.net ?? []),
@@ -176,7 +183,6 @@ function checkSupported(cfg: VmConfig): void {
     cfg.console,
     ...(cfg.vsock ? [cfg.vsock] : []),
   ];
-  if (devices.some((d) => d.pci_segment !== 0)) missing("PCI segments other than 0", "pci_segment=");
   if (devices.some((d) => d.pci_device_id !== undefined)) {
     missing("choosing a device's PCI slot", "pci_device_id=");
   }

@@ -173,6 +173,7 @@ export class Vm implements VmBackend {
         maxVcpus: max,
         memSize: cfg.memory.size,
         hotplugSize: cfg.memory.hotplug_size,
+        pciSegments: cfg.platform?.num_pci_segments ?? 1,
         pci: this.#platform.pciAcpi,
       });
 

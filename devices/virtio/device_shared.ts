@@ -31,8 +31,10 @@ export interface VirtioDeviceDescriptor {
   /** Device id as the API names it ("_disk0", "__rng", or the user's id). */
   id: string;
   kind: VirtioKind;
-  /** PCI slot on bus 0 (function 0). */
+  /** PCI slot on bus 0 (function 0) of its segment. */
   slot: number;
+  /** PCI segment (0 unless `platform.num_pci_segments` > 1). */
+  segment?: number;
   spec: VirtioDeviceSpec;
   shared: VirtioPciShared;
   control: SharedArrayBuffer;

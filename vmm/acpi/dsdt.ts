@@ -4,7 +4,7 @@
  * own \_SB devices (hook for PCI slots, hotplug, virtio-mmio...).
  */
 
-import { Layout, mmio64Window } from "../layout.ts";
+import { Layout, mmio64Window, pciSegmentEcam, pciSegmentMmio32 } from "../layout.ts";
 import {
   type Aml,
   and,
@@ -47,6 +47,8 @@ export interface DsdtOptions {
   memSize?: number;
   /** Address space kept after RAM for memory hotplug (the 64-bit window goes after it). */
   hotplugSize?: number;
+  /** PCI segments (default 1): one host bridge each (PCI0, PC01, …), as Cloud Hypervisor describes them. */
+  pciSegments?: number;
   /** Extra AML appended inside Scope(\_SB) (e.g. devices of later features). */
   sbDevices?: Aml[];
   /** Extra AML appended inside Device(\_SB.PCI0) (e.g. _PRT, slots). */
@@ -97,8 +99,14 @@ export function ged(): Aml {
 }
 
 /** PCI Express host bridge for segment 0 with its bus, I/O and memory windows. */
-export function pciHostBridge(memSize: number | undefined, extra: Aml[] = [], hotplugSize = 0): Aml {
+export function pciHostBridge(
+  memSize: number | undefined,
+  extra: Aml[] = [],
+  hotplugSize = 0,
+  segments = 1,
+): Aml {
   const m64 = mmio64Window(memSize ?? Layout.mmioHoleStart, hotplugSize);
+  const w32 = pciSegmentMmio32(0, segments);
   return device(
     "PCI0",
     name("_HID", eisaId("PNP0A08")),
@@ -113,7 +121,7 @@ export function pciHostBridge(memSize: number | undefined, extra: Aml[] = [], ho
         ioPort(0xcf8, 0xcf8, 1, 8),
         wordIo(0x0000, 0x0cf7),
         wordIo(0x0d00, 0xffff),
-        dwordMemory(Layout.mmio32Start, Layout.mmio32Start + Layout.mmio32Size - 1),
+        dwordMemory(w32.base, w32.base + w32.size - 1),
         qwordMemory(m64.start, m64.start + m64.size - 1),
       ),
     ),
@@ -121,20 +129,47 @@ export function pciHostBridge(memSize: number | undefined, extra: Aml[] = [], ho
   );
 }
 
+/** The host bridge of PCI segment `segment` (1..): its bus 0 and its slice of the 32-bit window. */
+export function pciSegmentHostBridge(segment: number, segments: number): Aml {
+  const w32 = pciSegmentMmio32(segment, segments);
+  return device(
+    `PC${segment.toString(16).toUpperCase().padStart(2, "0")}`,
+    name("_HID", eisaId("PNP0A08")),
+    name("_CID", eisaId("PNP0A03")),
+    name("_SEG", int(segment)),
+    name("_UID", int(segment)),
+    name("_BBN", int(0)),
+    name("_CRS", resourceTemplate(wordBusNumber(0, 0), dwordMemory(w32.base, w32.base + w32.size - 1))),
+  );
+}
+
 /** Motherboard resources (PNP0C02): reserves the ECAM so the OS accepts the MCFG region. */
-export function motherboardResources(): Aml {
+export function motherboardResources(segments = 1): Aml {
   return device(
     "MBRD",
     name("_HID", eisaId("PNP0C02")),
     name("_UID", int(0)),
-    name("_CRS", resourceTemplate(memory32Fixed(Layout.pciEcamStart, Layout.pciEcamSize, true))),
+    name(
+      "_CRS",
+      resourceTemplate(
+        memory32Fixed(Layout.pciEcamStart, Layout.pciEcamSize, true),
+        ...(segments > 1
+          ? [memory32Fixed(pciSegmentEcam(1).base, (segments - 1) * pciSegmentEcam(1).size, true)]
+          : []),
+      ),
+    ),
   );
 }
 
 /** The DSDT body (AML after the table header). */
 export function dsdtAml(o: DsdtOptions = {}): Aml {
   const sb: Aml[] = [];
-  if (o.pci ?? true) sb.push(pciHostBridge(o.memSize, o.pciDevices, o.hotplugSize), motherboardResources());
+  if (o.pci ?? true) {
+    const segments = o.pciSegments ?? 1;
+    sb.push(pciHostBridge(o.memSize, o.pciDevices, o.hotplugSize, segments));
+    for (let s = 1; s < segments; s++) sb.push(pciSegmentHostBridge(s, segments));
+    sb.push(motherboardResources(segments));
+  }
   if (o.serial ?? true) sb.push(com1());
   sb.push(powerButton(), ged(), ...(o.sbDevices ?? []));
   return cat(s5Package(), scope("\\_SB", ...sb));

@@ -4,7 +4,7 @@
  * `writeAcpiTables` in `tables.ts`.
  */
 
-import { Layout } from "../layout.ts";
+import { Layout, pciSegmentEcam } from "../layout.ts";
 
 export const OEM_ID = "DVMM  ";
 export const CREATOR_ID = "DVMM";
@@ -235,9 +235,14 @@ export function madt(o: MadtOptions): Uint8Array {
 }
 
 /** MCFG with one ECAM allocation: segment 0, buses Layout.pciBusStart..pciBusEnd. */
-export function mcfg(): Uint8Array {
-  const t = new TableBuf(HEADER_SIZE + 8 + 16);
-  const p = HEADER_SIZE + 8;
+export function mcfg(segments = 1): Uint8Array {
+  const t = new TableBuf(HEADER_SIZE + 8 + 16 * segments);
+  let p = HEADER_SIZE + 8;
   t.u64(p, Layout.pciEcamStart).u16(p + 8, 0).u8(p + 10, Layout.pciBusStart).u8(p + 11, Layout.pciBusEnd);
+  // Further segments (PCI segment groups) have bus 0 only.
+  for (let s = 1; s < segments; s++) {
+    p += 16;
+    t.u64(p, pciSegmentEcam(s).base).u16(p + 8, s).u8(p + 10, 0).u8(p + 11, 0);
+  }
   return finishTable(t, "MCFG", 1, "DVMMMCFG");
 }

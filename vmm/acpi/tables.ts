@@ -18,6 +18,8 @@ export interface AcpiOptions {
   memSize?: number;
   /** Address space kept after RAM for memory hotplug (the 64-bit PCI window goes after it). */
   hotplugSize?: number;
+  /** PCI segments (default 1): a host bridge and an MCFG entry each. */
+  pciSegments?: number;
   /** COM1 in the DSDT (default true). */
   serial?: boolean;
   /** PCI host bridge in the DSDT plus MCFG (default true). */
@@ -68,6 +70,7 @@ export function placeAcpiTables(mem: GuestMemory, opts: AcpiOptions): AcpiPlacem
         pci,
         memSize: opts.memSize ?? mem.size,
         hotplugSize: opts.hotplugSize,
+        pciSegments: opts.pciSegments,
         sbDevices: opts.sbDevices,
         pciDevices: opts.pciDevices,
       }),
@@ -78,7 +81,7 @@ export function placeAcpiTables(mem: GuestMemory, opts: AcpiOptions): AcpiPlacem
   const entries = [fadtAddr, madtAddr];
   let mcfgAddr: number | undefined;
   if (pci) {
-    mcfgAddr = put(mcfg());
+    mcfgAddr = put(mcfg(opts.pciSegments));
     entries.push(mcfgAddr);
   }
   const xsdtAddr = put(xsdt(entries));
