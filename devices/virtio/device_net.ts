@@ -3,8 +3,8 @@
  * the tap and guest memory), and the service policy around one {@link NetDevice} per queue pair and
  * the control queue.
  *
- * One worker serves every queue pair of a device: its epoll set holds every queue eventfd and every
- * tap queue fd (readiness of tap queue k serves receiveq 2k). Cloud Hypervisor runs a thread per pair;
+ * One worker serves every queue pair of a device: its epoll set holds every queue eventfd and the tap
+ * queue fds being polled (readiness of tap queue k serves receiveq 2k). Cloud Hypervisor runs a thread per pair;
  * dvmm does not, because here a thread is a Worker, i.e. a V8 isolate of its own: measured at about
  * 10 MiB of resident memory and 17 ms of start-up (module graph, compile) per extra device worker on
  * the development host, ~18x the time in the lab; before its JIT warms up, each runs slowly. With 8
@@ -15,7 +15,8 @@
  * kept: a TX queue per vCPU without a shared lock, RX interrupts spread over vCPUs, and one tap queue
  * per pair so a flow keeps its queue.
  *
- * A tap fd's readiness means "serve that pair's RX queue". Its polling is off while the device is not
+ * A tap fd's readiness means "serve that pair's RX queue". Polling it means having it in the epoll set
+ * (a detached tap queue reports EPOLLERR whatever the interest mask). It is off while the device is not
  * active, while its pair is not in use (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET; the tap queue is detached
  * then), before the driver first notified that RX queue (so a queue the driver never set up cannot
  * make the worker spin), and while the guest has no RX buffers (level-triggered epoll would spin):
@@ -97,8 +98,6 @@ interface Pair {
 /** The worker-side policy of one virtio-net device over its tap queues. */
 export class NetService {
   readonly pairs: Pair[];
-  /** Tap queue fds for the worker's epoll set, each serving its RX queue. */
-  readonly hostFds: { fd: number; queue: number }[];
   readonly control: NetControl;
   readonly #host: NetServiceHost;
   readonly #tap: TapControl;
@@ -120,7 +119,6 @@ export class NetService {
       rxSeen: false,
       attached: true,
     }));
-    this.hostFds = tapFds.map((fd, k) => ({ fd, queue: 2 * k }));
     this.control = new NetControl(tapFds.length, {
       setQueuePairs: (n) => this.#setActive(n),
       setGuestOffloads: (f) => this.#setOffloads(f),

@@ -19,7 +19,8 @@ import { SplitQueue } from "./queue.ts";
 import { BlkCounters, BlkDevice } from "./blk.ts";
 import { FileEntropySource, RngCounters, RngDevice } from "./rng.ts";
 import { ShimFileDisk } from "./device_blk.ts";
-import { netService } from "./device_net.ts";
+import { NetCounters } from "./net.ts";
+import { NetService } from "./device_net.ts";
 import { type ByteSink, CONSOLE_RX_QUEUE, ConsoleCounters, ConsoleDevice, ConsoleInput } from "./console.ts";
 import { CTL_WORKER_STATE, type VirtioDeviceDescriptor, VirtioDeviceHandle } from "./device_shared.ts";
 import { vsockService } from "./device_vsock.ts";
@@ -128,11 +129,18 @@ function run(init: DeviceWorkerInit): void {
     );
     proc = drainingProcessor((q) => blk.processQueue(q));
   } else if (d.kind === "net") {
-    // Every queue pair in this one worker (see device_net.ts for why not a worker per pair).
-    proc = netService(
-      d,
-      (fd, q, on) => s.kvs_epoll_ctl(epfd, EPOLL_CTL_MOD, fd, on ? EPOLLIN : 0, HOST_QUEUE_TAG + q),
-    );
+    const tapFd = d.net!.tapFd;
+    let polling = false;
+    proc = new NetService(tapFd, new NetCounters(d.counters), {
+      setPolling(on) {
+        if (on === polling) return;
+        polling = on;
+        s.kvs_epoll_ctl(epfd, EPOLL_CTL_MOD, tapFd, on ? EPOLLIN : 0, HOST_FD_TAG);
+      },
+      warn: (m) => console.warn(`dvmm: virtio-net ${d.id} (${d.net!.tap}): ${m}`),
+    });
+    proc.hostFd = tapFd;
+    proc.hostQueue = 0;
   } else if (d.kind === "console") {
     proc = consoleProcessor(d);
   } else if (d.kind === "vsock") {
