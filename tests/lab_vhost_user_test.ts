@@ -93,7 +93,7 @@ echo "=== QSD"; cat $D/qsd.log
 # The same guest under QEMU with vhost-user-fs-pci and a fresh virtiofsd (it exits with its client).
 rm -f $D/share/guest.txt
 start_vfs
-timeout 900 qemu-system-x86_64 -accel kvm \\
+timeout 300 qemu-system-x86_64 -accel kvm \\
   -M microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on,pcie=on,memory-backend=mem \\
   -cpu host -smp 2 -m 384M -object memory-backend-memfd,id=mem,size=384M,share=on \\
   -nodefaults -no-user-config -display none -no-reboot -serial stdio \\
