@@ -31,8 +31,6 @@ const TCGETS = 0x5401;
 const TCSETS = 0x5402;
 const TIOCGPTN = 0x80045430;
 const TIOCSPTLCK = 0x40045431;
-const F_GETFL = 3;
-const F_SETFL = 4;
 // termios flags (asm-generic): the cfmakeraw set.
 const IGNBRK = 0o1, BRKINT = 0o2, PARMRK = 0o10, ISTRIP = 0o40, INLCR = 0o100, IGNCR = 0o200, ICRNL = 0o400;
 const IXON = 0o2000, OPOST = 0o1, ECHO = 0o10, ECHONL = 0o100, ICANON = 0o2, ISIG = 0o1, IEXTEN = 0o100000;
@@ -155,11 +153,4 @@ export function openSocketEnd(
       await Deno.remove(path).catch(() => {});
     },
   };
-}
-
-/** Makes `fd` non-blocking (the device must never wait on a reader). */
-export function setNonBlocking(fd: number): void {
-  const s = shim();
-  const fl = check(s.kvs_fcntl(fd, F_GETFL, 0), "F_GETFL");
-  check(s.kvs_fcntl(fd, F_SETFL, fl | O_NONBLOCK), "F_SETFL");
 }
