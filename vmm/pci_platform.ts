@@ -44,7 +44,13 @@ import { VIRTIO_ID } from "../devices/virtio/constants.ts";
 import { BLK_COUNTERS, blkConfigSpace, BlkCounters, blkFeatures } from "../devices/virtio/blk.ts";
 import { rngFeatures } from "../devices/virtio/rng.ts";
 import { openDiskImage } from "../devices/virtio/device_blk.ts";
-import { NET_COUNTERS, netConfigSpace, NetCounters, netFeatures } from "../devices/virtio/net.ts";
+import {
+  DEFAULT_MTU,
+  NET_COUNTERS,
+  netConfigSpace,
+  NetCounters,
+  netFeatures,
+} from "../devices/virtio/net.ts";
 import { formatMac, openTap, parseMac, randomMac } from "../devices/virtio/tap.ts";
 import {
   VSOCK_COUNTERS,
@@ -455,14 +461,12 @@ export function wantsPci(cfg: VmConfig): boolean {
 function checkNet(n: NetConfig, i: number): void {
   const what = `net ${n.id ?? i}`;
   if (n.vhost_user) throw new Error(`${what}: vhost-user-net is not implemented in dvmm yet (vhost_user=on)`);
-  if (n.num_queues > 2) {
+  if (n.fds?.length && n.tap) throw new Error(`${what}: give either tap= or fd=, not both`);
+  if (n.fds?.length && n.fds.length * 2 !== n.num_queues) {
     throw new Error(
-      `${what}: num_queues=${n.num_queues}: multi-queue virtio-net is not implemented in dvmm yet`,
+      `${what}: ${n.fds.length} tap fd(s) for num_queues=${n.num_queues}: one fd per queue pair`,
     );
   }
-  if ((n.fds?.length ?? 0) > 1) throw new Error(`${what}: one tap fd per device (no multi-queue)`);
-  if (n.fds?.length && n.tap) throw new Error(`${what}: give either tap= or fd=, not both`);
-  if (n.mtu !== undefined) throw new Error(`${what}: mtu is not implemented in dvmm yet`);
 }
 
 /**
@@ -622,27 +626,40 @@ export function createPci(
     });
     (cfg.net ?? []).forEach((n: NetConfig, i: number) => {
       checkNet(n, i);
-      // A tap handed over as an fd is already set up by whoever opened it: only its vnet header and
-      // non-blocking mode are ours to set. A tap dvmm opens by name gets the host address.
+      // Taps handed over as fds (one per queue pair) are set up by whoever opened them: their vnet
+      // header, non-blocking mode and the MTU are ours to set. A tap dvmm opens by name gets one queue
+      // per pair, the host address (when dvmm creates it), host_mac and the MTU, as in Cloud Hypervisor.
+      const pairs = n.num_queues / 2;
       const tap = n.fds?.length
-        ? openTap({ fd: n.fds[0] })
-        : openTap({ name: n.tap, ip: n.ip, mask: n.mask, hostMac: n.host_mac });
-      if (n.fds?.[0] === undefined) owned.push(tap.fd);
+        ? openTap({ fds: n.fds, mtu: n.mtu })
+        : openTap({ name: n.tap, ip: n.ip, mask: n.mask, hostMac: n.host_mac, mtu: n.mtu, queues: pairs });
+      if (!n.fds?.length) owned.push(...tap.fds);
       const mac = n.mac ? parseMac(n.mac) : randomMac();
-      const offloads = { csum: n.offload_csum, tso: n.offload_csum && n.offload_tso };
+      // Offloads as Cloud Hypervisor maps them (TSO and UFO ride on checksum offload); the MTU is the
+      // tap's. Mergeable RX buffers are dvmm's own, offered only with DVMM_NET_MRG_RXBUF=on: in the lab
+      // they did not speed up guest RX (tests/lab_net_mq_test.ts), so the default is Cloud Hypervisor's.
+      const features = netFeatures({
+        csum: n.offload_csum,
+        tso: n.offload_tso,
+        ufo: n.offload_ufo,
+        mtu: tap.mtu !== null,
+        mrgRxbuf: Deno.env.get("DVMM_NET_MRG_RXBUF") === "on",
+      });
       const id = n.id ?? `_net${i}`;
-      log.debug(`${id}: tap ${tap.name}, guest MAC ${formatMac(mac)}`);
+      log.debug(
+        `${id}: tap ${tap.name} (${pairs} queue pair(s), MTU ${tap.mtu}), guest MAC ${formatMac(mac)}`,
+      );
       addDevice(
         id,
         "net",
         {
           type: VIRTIO_ID.NET,
-          features: netFeatures(offloads),
-          numQueues: 2,
+          features,
+          numQueues: n.num_queues + 1, // the pairs, then the control queue
           maxQueueSize: n.queue_size,
-          config: netConfigSpace(mac, 1),
+          config: netConfigSpace(mac, pairs, tap.mtu ?? 0),
         },
-        { net: { tapFd: tap.fd, tap: tap.name } },
+        { net: { tapFds: tap.fds, tap: tap.name, mtu: tap.mtu ?? DEFAULT_MTU } },
         new SharedArrayBuffer(8 * NET_COUNTERS.length),
       );
     });

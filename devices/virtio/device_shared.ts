@@ -52,7 +52,7 @@ export interface VirtioDeviceDescriptor {
    * net: one tap queue fd per queue pair (non-blocking, vnet header 12; owned by the main thread), the
    * tap's name and MTU.
    */
-  net?: { tapFd: number; tap: string };
+  net?: { tapFds: number[]; tap: string; mtu: number };
   /** console: output fd (-1: discard; not owned by the worker) and the input ring (ConsoleInput). */
   /** `drops`: output the fd does not take at once is dropped (a pty nobody reads must not stall). */
   console?: { outFd: number; input: SharedArrayBuffer; drops?: boolean };

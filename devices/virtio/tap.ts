@@ -9,18 +9,32 @@
  *
  * Offloads (TUNSETOFFLOAD) are set by the device worker once the guest's features are known: the tap
  * may only hand the guest what the guest accepted.
+ *
+ * Multi-queue (a device with several queue pairs): the tap is created with IFF_MULTI_QUEUE and opened
+ * once per pair, each fd being one tap queue; or the caller hands over one fd per pair. The device
+ * worker detaches the queues of the pairs the driver does not use (TUNSETQUEUE), so the kernel never
+ * steers a flow to a queue nobody reads.
+ *
+ * As Cloud Hypervisor: a tap opened by name that already existed keeps its IP configuration (ip/mask
+ * are only given to a tap dvmm creates), while host_mac and mtu are set either way; for taps handed
+ * over as fds only the MTU is set. The device advertises the tap's MTU as it stands after that.
  */
 import { check, cstr, OsError, shim } from "../../ffi/shim.ts";
 import { O_RDWR } from "../../ffi/kvm_constants.ts";
+import { log } from "../../vmm/log.ts";
 
 // ioctl numbers (_IOW('T', n, int) etc.) and flags from <linux/if_tun.h> and <linux/sockios.h>.
 export const TUNSETIFF = 0x400454ca;
 export const TUNGETIFF = 0x800454d2;
 export const TUNSETOFFLOAD = 0x400454d0;
 export const TUNSETVNETHDRSZ = 0x400454d8;
+export const TUNSETQUEUE = 0x400454d9;
 export const IFF_TAP = 0x0002;
 export const IFF_NO_PI = 0x1000;
 export const IFF_VNET_HDR = 0x4000;
+export const IFF_MULTI_QUEUE = 0x0100;
+export const IFF_ATTACH_QUEUE = 0x0200;
+export const IFF_DETACH_QUEUE = 0x0400;
 export const TUN_F_CSUM = 0x01;
 export const TUN_F_TSO4 = 0x02;
 export const TUN_F_TSO6 = 0x04;
@@ -28,6 +42,8 @@ export const TUN_F_TSO_ECN = 0x08;
 export const TUN_F_UFO = 0x10;
 const SIOCGIFFLAGS = 0x8913;
 const SIOCSIFFLAGS = 0x8914;
+const SIOCGIFMTU = 0x8921;
+const SIOCSIFMTU = 0x8922;
 const SIOCSIFADDR = 0x8916;
 const SIOCSIFNETMASK = 0x891c;
 const SIOCSIFHWADDR = 0x8924;
@@ -87,71 +103,188 @@ export function randomMac(): Uint8Array {
 
 /** Options for opening a tap. */
 export interface TapOptions {
-  /** Interface name; "" lets the kernel pick (tapN). */
+  /** Interface name; "" lets the kernel pick (vmtapN). */
   name?: string;
   /** An already-open tap fd (e.g. passed by a management tool) instead of a name. */
   fd?: number;
-  /** Host-side IPv4 address and netmask (skipped when absent). */
+  /** Already-open tap fds, one per queue pair (a multi-queue tap when more than one). */
+  fds?: number[];
+  /** Queue pairs of a tap opened by name: that many fds, IFF_MULTI_QUEUE when more than one. */
+  queues?: number;
+  /** Host-side IPv4 address and netmask (skipped when absent, and for a tap that already exists). */
   ip?: string;
   mask?: string;
-  /** Host-side MAC of the tap interface. */
+  /** Host-side MAC of the tap interface (a tap opened by name). */
   hostMac?: string;
+  /** MTU to give the interface. */
+  mtu?: number;
 }
 
-/** An open tap: its fd (non-blocking, owned by the caller after open) and interface name. */
+/** An open tap: its queue fds (non-blocking, owned by the caller after open), name and MTU. */
 export interface Tap {
+  /** The first queue's fd (fds[0]). */
   fd: number;
+  /** One fd per queue pair. */
+  fds: number[];
   name: string;
+  /** The interface's MTU after set-up, or null when it could not be read. */
+  mtu: number | null;
+}
+
+/** TUNSETIFF on a fresh /dev/net/tun fd; returns the interface name the kernel gave. */
+function tunSetIff(fd: number, name: string, flags: number): string {
+  const req = ifreq(name);
+  new DataView(req.buffer).setUint16(IFNAMSIZ, flags, true);
+  check(shim().kvs_ioctl(fd, TUNSETIFF, req), `TUNSETIFF ${name || "(new tap)"}`);
+  return new TextDecoder().decode(req.subarray(0, req.indexOf(0)));
+}
+
+/** A tap queue fd made ready for the worker: 12-byte vnet header, no offloads yet, non-blocking. */
+function prepareQueue(fd: number, name: string): void {
+  const s = shim();
+  const sz = new Int32Array([VNET_HDR_SIZE]);
+  check(s.kvs_ioctl(fd, TUNSETVNETHDRSZ, sz), `${name}: TUNSETVNETHDRSZ`);
+  // No offloads until the guest negotiates them (the worker calls setTapOffload).
+  check(s.kvs_ioctl_val(fd, TUNSETOFFLOAD, 0), `${name}: TUNSETOFFLOAD`);
+  const fl = check(s.kvs_fcntl(fd, F_GETFL, 0), `${name}: F_GETFL`);
+  check(s.kvs_fcntl(fd, F_SETFL, fl | O_NONBLOCK), `${name}: F_SETFL O_NONBLOCK`);
+}
+
+/** TUNGETIFF: the interface name and flags of a tap fd. */
+function tapInfo(fd: number): { name: string; flags: number } {
+  const req = new Uint8Array(IFREQ_SIZE);
+  check(shim().kvs_ioctl(fd, TUNGETIFF, req), `tap fd ${fd}: TUNGETIFF (is it a tap?)`);
+  const flags = new DataView(req.buffer).getUint16(IFNAMSIZ, true);
+  return { name: new TextDecoder().decode(req.subarray(0, req.indexOf(0))), flags };
+}
+
+/** The tun flags of an existing interface (from sysfs), or null when it does not exist. */
+function existingTunFlags(name: string): number | null {
+  if (!name || name.includes("%")) return null;
+  try {
+    return parseInt(Deno.readTextFileSync(`/sys/class/net/${name}/tun_flags`).trim(), 16);
+  } catch {
+    try {
+      Deno.statSync(`/sys/class/net/${name}`);
+      return 0; // an interface, but not a tun/tap one: TUNSETIFF will say so
+    } catch {
+      return null;
+    }
+  }
 }
 
 /**
- * Creates or attaches to a tap and configures it; throws with the failing step named. The returned fd
- * is non-blocking and has a 12-byte vnet header.
+ * Creates or attaches to a tap and configures it; throws with the failing step named. The returned fds
+ * are non-blocking and have a 12-byte vnet header.
  */
 export function openTap(o: TapOptions): Tap {
   const s = shim();
-  let fd: number;
+  const given = o.fds ?? (o.fd !== undefined ? [o.fd] : null);
+  const fds: number[] = [];
   let name: string;
-  let owned = false;
-  if (o.fd !== undefined) {
-    fd = o.fd;
-    const req = new Uint8Array(IFREQ_SIZE);
-    check(s.kvs_ioctl(fd, TUNGETIFF, req), `tap fd ${fd}: TUNGETIFF (is it a tap?)`);
-    const flags = new DataView(req.buffer).getUint16(IFNAMSIZ, true);
-    name = new TextDecoder().decode(req.subarray(0, req.indexOf(0)));
-    if (!(flags & IFF_TAP)) throw new Error(`fd ${fd} is a tun device, not a tap`);
-    if (!(flags & IFF_VNET_HDR)) throw new Error(`tap fd ${fd} (${name}) was opened without IFF_VNET_HDR`);
-  } else {
-    fd = check(s.kvs_open(cstr("/dev/net/tun"), O_RDWR, 0), "open /dev/net/tun");
-    owned = true;
-    name = o.name || "vmtap%d"; // like Cloud Hypervisor: the kernel picks the number
-  }
   try {
-    if (owned) {
-      const req = ifreq(name);
-      new DataView(req.buffer).setUint16(IFNAMSIZ, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, true);
-      check(s.kvs_ioctl(fd, TUNSETIFF, req), `TUNSETIFF ${name || "(new tap)"}`);
-      name = new TextDecoder().decode(req.subarray(0, req.indexOf(0)));
+    if (given !== null) {
+      if (given.length === 0) throw new Error("no tap fd given");
+      name = "";
+      for (const fd of given) {
+        const info = tapInfo(fd);
+        if (!(info.flags & IFF_TAP)) throw new Error(`fd ${fd} is a tun device, not a tap`);
+        if (!(info.flags & IFF_VNET_HDR)) {
+          throw new Error(`tap fd ${fd} (${info.name}) was opened without IFF_VNET_HDR`);
+        }
+        if (given.length > 1 && !(info.flags & IFF_MULTI_QUEUE)) {
+          throw new Error(
+            `tap fd ${fd} (${info.name}) was opened without IFF_MULTI_QUEUE, but ${given.length} fds are given`,
+          );
+        }
+        if (name && info.name !== name) {
+          throw new Error(`tap fds belong to different taps (${name}, ${info.name})`);
+        }
+        name = info.name;
+        prepareQueue(fd, name);
+      }
+      if (o.mtu !== undefined) setMtu(name, o.mtu);
+      return { fd: given[0], fds: [...given], name, mtu: getMtu(name) };
     }
-    const sz = new Int32Array([VNET_HDR_SIZE]);
-    check(s.kvs_ioctl(fd, TUNSETVNETHDRSZ, sz), `${name}: TUNSETVNETHDRSZ`);
-    // No offloads until the guest negotiates them (the worker calls setTapOffload).
-    check(s.kvs_ioctl_val(fd, TUNSETOFFLOAD, 0), `${name}: TUNSETOFFLOAD`);
-    const fl = check(s.kvs_fcntl(fd, F_GETFL, 0), `${name}: F_GETFL`);
-    check(s.kvs_fcntl(fd, F_SETFL, fl | O_NONBLOCK), `${name}: F_SETFL O_NONBLOCK`);
-    configureInterface(name, o);
+    const queues = o.queues ?? 1;
+    const mq = queues > 1;
+    name = o.name || "vmtap%d"; // like Cloud Hypervisor: the kernel picks the number
+    const existing = existingTunFlags(name);
+    if (existing !== null && existing !== 0) {
+      if (mq && !(existing & IFF_MULTI_QUEUE)) {
+        throw new Error(
+          `tap ${name} exists without multi-queue support, but ${queues} queue pairs are asked for`,
+        );
+      }
+      if (!mq && (existing & IFF_MULTI_QUEUE)) {
+        throw new Error(`tap ${name} is a multi-queue tap, but one queue pair is asked for (num_queues=2)`);
+      }
+    }
+    const flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (mq ? IFF_MULTI_QUEUE : 0);
+    for (let q = 0; q < queues; q++) {
+      fds.push(check(s.kvs_open(cstr("/dev/net/tun"), O_RDWR, 0), "open /dev/net/tun"));
+      name = tunSetIff(fds[q], name, flags);
+      prepareQueue(fds[q], name);
+    }
+    if (existing !== null && o.ip) {
+      log.warn(`tap ${name} already exists; its IP configuration is left as it is`);
+    }
+    configureInterface(name, {
+      ...o,
+      ip: existing === null ? o.ip : undefined,
+      mask: existing === null ? o.mask : undefined,
+    });
+    return { fd: fds[0], fds, name, mtu: getMtu(name) };
   } catch (e) {
-    if (owned) s.kvs_close(fd);
+    for (const fd of fds) s.kvs_close(fd);
     throw e;
   }
-  return { fd, name };
 }
 
-/** Host side of the interface: MAC, IPv4 address, netmask, up. */
-function configureInterface(name: string, o: TapOptions): void {
+/** Runs `f` with an AF_INET datagram socket (the handle interface ioctls go through). */
+function withSocket<T>(f: (sock: number) => T): T {
   const s = shim();
   const sock = check(s.kvs_socket(AF_INET, SOCK_DGRAM, 0), "socket(AF_INET)");
   try {
+    return f(sock);
+  } finally {
+    s.kvs_close(sock);
+  }
+}
+
+/** The interface's MTU, or null when it cannot be read. */
+export function getMtu(name: string): number | null {
+  return withSocket((sock) => {
+    const req = ifreq(name);
+    if (Number(shim().kvs_ioctl(sock, SIOCGIFMTU, req)) < 0) return null;
+    return new DataView(req.buffer).getInt32(IFNAMSIZ, true);
+  });
+}
+
+/** Sets the interface's MTU. */
+export function setMtu(name: string, mtu: number): void {
+  withSocket((sock) => {
+    const req = ifreq(name);
+    new DataView(req.buffer).setInt32(IFNAMSIZ, mtu, true);
+    check(shim().kvs_ioctl(sock, SIOCSIFMTU, req), `${name}: set MTU ${mtu}`);
+  });
+}
+
+/**
+ * Attaches or detaches one queue of a multi-queue tap (TUNSETQUEUE): a detached queue gets no frames
+ * and cannot be read or written. Returns 0 or -errno.
+ */
+export function setTapQueue(fd: number, attach: boolean): number {
+  const req = new Uint8Array(IFREQ_SIZE);
+  new DataView(req.buffer).setUint16(IFNAMSIZ, attach ? IFF_ATTACH_QUEUE : IFF_DETACH_QUEUE, true);
+  const r = Number(shim().kvs_ioctl(fd, TUNSETQUEUE, req));
+  return r < 0 ? r : 0;
+}
+
+/** Host side of the interface: MAC, IPv4 address, netmask, MTU, up. */
+function configureInterface(name: string, o: TapOptions): void {
+  const s = shim();
+  withSocket((sock) => {
     const sockaddrIn = (ip: string) => {
       const req = ifreq(name);
       new DataView(req.buffer).setUint16(IFNAMSIZ, AF_INET, true);
@@ -170,14 +303,13 @@ function configureInterface(name: string, o: TapOptions): void {
     if (o.mask) {
       check(s.kvs_ioctl(sock, SIOCSIFNETMASK, sockaddrIn(o.mask)), `${name}: set netmask ${o.mask}`);
     }
+    if (o.mtu !== undefined) setMtu(name, o.mtu);
     const req = ifreq(name);
     check(s.kvs_ioctl(sock, SIOCGIFFLAGS, req), `${name}: get flags`);
     const v = new DataView(req.buffer);
     v.setUint16(IFNAMSIZ, v.getUint16(IFNAMSIZ, true) | IFF_UP, true);
     check(s.kvs_ioctl(sock, SIOCSIFFLAGS, req), `${name}: set up`);
-  } finally {
-    s.kvs_close(sock);
-  }
+  });
 }
 
 /** Sets the tap's offloads (TUN_F_* bits): what the tap may hand over not fully checksummed / segmented. */

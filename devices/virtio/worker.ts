@@ -13,14 +13,13 @@
  */
 import { check, EAGAIN, EINTR, shim } from "../../ffi/shim.ts";
 import { setThreadName } from "../../ffi/socket.ts";
-import { EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLLIN, POLLOUT } from "../../ffi/kvm_constants.ts";
+import { EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, POLLOUT } from "../../ffi/kvm_constants.ts";
 import { GuestMemory } from "../../vmm/memory.ts";
 import { SplitQueue } from "./queue.ts";
 import { BlkCounters, BlkDevice } from "./blk.ts";
 import { FileEntropySource, RngCounters, RngDevice } from "./rng.ts";
 import { ShimFileDisk } from "./device_blk.ts";
-import { NetCounters } from "./net.ts";
-import { NetService } from "./device_net.ts";
+import { netService } from "./device_net.ts";
 import { type ByteSink, CONSOLE_RX_QUEUE, ConsoleCounters, ConsoleDevice, ConsoleInput } from "./console.ts";
 import { CTL_WORKER_STATE, type VirtioDeviceDescriptor, VirtioDeviceHandle } from "./device_shared.ts";
 import { vsockService } from "./device_vsock.ts";
@@ -45,7 +44,7 @@ export interface DeviceWorkerExit {
 
 const CONTROL_TAG = 0xffff;
 const HOST_FD_TAG = 0xfffe;
-/** Tag of a host fd in `hostFds`: this plus the queue its readiness serves. */
+/** Tag of a host fd added by a device for one of its queues: this plus the queue its readiness serves. */
 const HOST_QUEUE_TAG = 0x10000;
 
 /** How a device serves its queues. */
@@ -55,8 +54,6 @@ interface Processor {
   /** A host fd polled for input (readiness marks queue `hostQueue` as notified); polling starts off. */
   hostFd?: number;
   hostQueue?: number;
-  /** More host fds, each serving its own queue (virtio-net: a tap queue per RX queue); polling starts off. */
-  hostFds?: { fd: number; queue: number }[];
   /** DRIVER_OK (with the negotiated features) / reset or a broken queue. */
   activate?(features: bigint): void;
   deactivate?(): void;
@@ -129,18 +126,16 @@ function run(init: DeviceWorkerInit): void {
     );
     proc = drainingProcessor((q) => blk.processQueue(q));
   } else if (d.kind === "net") {
-    const tapFd = d.net!.tapFd;
-    let polling = false;
-    proc = new NetService(tapFd, new NetCounters(d.counters), {
-      setPolling(on) {
-        if (on === polling) return;
-        polling = on;
-        s.kvs_epoll_ctl(epfd, EPOLL_CTL_MOD, tapFd, on ? EPOLLIN : 0, HOST_FD_TAG);
-      },
-      warn: (m) => console.warn(`dvmm: virtio-net ${d.id} (${d.net!.tap}): ${m}`),
-    });
-    proc.hostFd = tapFd;
-    proc.hostQueue = 0;
+    // Every queue pair in this one worker (see device_net.ts for why not a worker per pair). A tap
+    // queue fd is in the epoll set only while polled: a detached tap queue reports EPOLLERR, which
+    // epoll delivers whatever the interest mask.
+    proc = netService(
+      d,
+      (fd, q, on) =>
+        on
+          ? s.kvs_epoll_ctl(epfd, EPOLL_CTL_ADD, fd, EPOLLIN, HOST_QUEUE_TAG + q)
+          : s.kvs_epoll_ctl(epfd, EPOLL_CTL_DEL, fd, 0, 0),
+    );
   } else if (d.kind === "console") {
     proc = consoleProcessor(d);
   } else if (d.kind === "vsock") {
@@ -169,9 +164,6 @@ function run(init: DeviceWorkerInit): void {
   const hostQueue = proc.hostQueue ?? -1;
   if (proc.hostFd !== undefined) {
     check(s.kvs_epoll_ctl(epfd, EPOLL_CTL_ADD, proc.hostFd, 0, HOST_FD_TAG), "epoll_ctl host fd");
-  }
-  for (const { fd, queue } of proc.hostFds ?? []) {
-    check(s.kvs_epoll_ctl(epfd, EPOLL_CTL_ADD, fd, 0, HOST_QUEUE_TAG + queue), "epoll_ctl host fd");
   }
   const out = new BigUint64Array(16);
   const outBytes = new Uint8Array(out.buffer);
