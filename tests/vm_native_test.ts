@@ -3,7 +3,7 @@
  * the 16550 over shared state, the ACPI sleep register (poweroff), pause/resume and shutdown.
  */
 import assert from "node:assert/strict";
-import { VmConfigSchema } from "../vmm/vm_config.ts";
+import { DiskConfigSchema, VmConfigSchema } from "../vmm/vm_config.ts";
 import type { GuestEvent } from "../vmm/control.ts";
 import { Vm } from "../vmm/vm.ts";
 import { printAndPoweroffCode, pvhElf } from "./helpers/tiny_guest.ts";
@@ -213,5 +213,79 @@ Deno.test(
       await assert.rejects(vm.boot(), what);
     }
     await Deno.remove(dir, { recursive: true });
+  },
+);
+
+Deno.test(
+  {
+    name: "PCI hotplug: add-disk and remove-device on a running VM, 20 cycles leave no fd or thread behind",
+    ignore,
+  },
+  async () => {
+    // The guest plays acpiphp's part: it polls the hotplug controller's eject-request register (PCID,
+    // port 0xAE04) and acknowledges each request through B0EJ (0xAE08), as the slots' _EJ0 do.
+    //   0: mov dx,0xae04; in eax,dx; test eax,eax; jz 0; mov dx,0xae08; out dx,eax; jmp 0
+    const code = new Uint8Array([
+      0x66,
+      0xba,
+      0x04,
+      0xae,
+      0xed,
+      0x85,
+      0xc0,
+      0x74,
+      0xf7,
+      0x66,
+      0xba,
+      0x08,
+      0xae,
+      0xef,
+      0xeb,
+      0xf0,
+    ]);
+    const g = await guestVm(code, 2);
+    const image = `${g.dir}/hp.img`;
+    await Deno.writeFile(image, new Uint8Array(1 << 20));
+    const disk = DiskConfigSchema.parse({ id: "hp0", path: image });
+    const fds = () => [...Deno.readDirSync("/proc/self/fd")].length;
+    const threads = () =>
+      [...Deno.readDirSync("/proc/self/task")].map((t) =>
+        Deno.readTextFileSync(`/proc/self/task/${t.name}/comm`).trim()
+      );
+    const settle = async (want: (names: string[]) => boolean) => {
+      for (let i = 0; i < 200 && !want(threads()); i++) await new Promise((r) => setTimeout(r, 10));
+    };
+    await g.vm.boot();
+    await settle((n) => n.includes("__rng"));
+    let before = { fds: 0, threads: 0 };
+    // Cycle 0 warms up what the runtime creates once (its first timer, its first worker's plumbing).
+    for (let cycle = 0; cycle <= 20; cycle++) {
+      if (cycle === 1) {
+        // A worker's own event loop descriptors go when its thread has ended, shortly after removal.
+        await settle((n) => !n.includes("hp0"));
+        await new Promise((r) => setTimeout(r, 200));
+        before = { fds: fds(), threads: threads().length };
+      }
+      const info = await g.vm.addDevice("disk", structuredClone(disk));
+      assert.equal(info.id, "hp0");
+      assert.match(info.bdf, /^0000:00:0[0-9a-f]\.0$/);
+      const tree = g.vm.deviceTree() as Record<string, { pci_bdf?: string }>;
+      assert.equal(tree["_virtio-pci-hp0"]?.pci_bdf, info.bdf);
+      await settle((n) => n.includes("hp0"));
+      assert.ok(threads().includes("hp0"), "the device's worker thread runs");
+      if (cycle === 0) assert.equal(g.vm.counters()["hp0"]?.read_ops, 0);
+      await g.vm.removeDevice("hp0");
+      assert.equal((g.vm.deviceTree() as Record<string, unknown>)["_virtio-pci-hp0"], undefined);
+      assert.equal(g.vm.counters()["hp0"], undefined);
+    }
+    await settle((n) => !n.includes("hp0"));
+    for (let i = 0; i < 100 && fds() !== before.fds; i++) await new Promise((r) => setTimeout(r, 20));
+    assert.equal(fds(), before.fds, "descriptors after 20 add/remove cycles");
+    assert.equal(threads().length, before.threads, "threads after 20 add/remove cycles");
+    // The slot and the identifier are free again; a kind dvmm cannot hot-add says so.
+    await g.vm.addDevice("disk", structuredClone(disk));
+    await assert.rejects(g.vm.addDevice("pmem", {}), /hot-adding pmem devices is not implemented/);
+    await g.vm.shutdown();
+    await Deno.remove(g.dir, { recursive: true });
   },
 );

@@ -571,8 +571,16 @@ export class ControlLoop {
     }
     const backend = this.#backend!;
     if (!backend.addDevice) throw notImplemented(`hot-adding ${kind} devices`);
-    const info = await backend.addDevice(kind, device);
-    this.#config = validated;
+    if (this.#state === "Paused") {
+      throw new VmmError("WrongState", "cannot hot-add a device while the VM is paused: resume it first");
+    }
+    // Named as boot names devices (`_disk3`, …), from the same counter.
+    const named = withBootIdentities(validated, this.#deviceCounter);
+    const list = named.config[key] as unknown;
+    const added = Array.isArray(list) ? list[list.length - 1] : list;
+    const info = await backend.addDevice(kind, added);
+    this.#deviceCounter = named.counter;
+    this.#config = named.config;
     return info;
   }
 
@@ -590,8 +598,14 @@ export class ControlLoop {
     }
     const backend = this.#backend!;
     if (!backend.removeDevice) throw notImplemented("hot-removing devices");
+    if (this.#state === "Paused") {
+      throw new VmmError("WrongState", "cannot remove a device while the VM is paused: resume it first");
+    }
+    const node = backend.deviceTree()[`_virtio-pci-${id}`] as { pci_bdf?: string } | undefined;
     await backend.removeDevice(id);
+    closeNetFds({ net: config.net?.filter((n) => n.id === id) });
     this.#config = next;
+    this.#events.emit("vm", "device-removed", { id, bdf: node?.pci_bdf ?? "" });
   }
 
   async #resize(r: VmResize): Promise<void> {

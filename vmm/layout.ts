@@ -135,11 +135,19 @@ export const Layout = {
     /** GED event status register: read by the GED _EVT method; bit 0 = power button. Read clears. */
     gedStatusPort: 0x608,
     gedPowerButtonBit: 0x01,
+    /** GED event bit: the PCI hotplug controller has slots to scan (devices arrived or to eject). */
+    gedPciHotplugBit: 0x02,
     /** GSI (IOAPIC pin) of the GED interrupt: edge-triggered, active high. */
     gedGsi: 5,
     /** GSI given as SCI_INT in the FADT (unused by hardware-reduced ACPI, but must be sane). */
     sciGsi: 9,
   },
+
+  /**
+   * The PCI hotplug controller (devices/pci_hotplug.ts): 16 I/O ports per PCI segment from here, which
+   * the DSDT's PHPR device claims. Outside the PCI I/O window dvmm's devices use (they have no I/O BARs).
+   */
+  pciHotplugPort: 0xae00,
 } as const;
 
 /** Alias of {@link Layout}. */

@@ -28,7 +28,16 @@ import {
   O_TRUNC,
   O_WRONLY,
 } from "../ffi/kvm_constants.ts";
-import type { DiskConfig, NetConfig, VmConfig } from "./vm_config.ts";
+import type {
+  BalloonConfig,
+  DiskConfig,
+  FsConfig,
+  GenericVhostUserConfig,
+  NetConfig,
+  PmemConfig,
+  VmConfig,
+  VsockConfig,
+} from "./vm_config.ts";
 import type { MmioBus, PioBus } from "../devices/bus.ts";
 import { PCI_CONFIG_ADDRESS_PORT, PciBus, type Window } from "../devices/pci/bus.ts";
 import type { MsixVector } from "../devices/pci/msix.ts";
@@ -93,6 +102,7 @@ import {
 import type { DeviceWorkerExit, DeviceWorkerInit } from "../devices/virtio/worker.ts";
 import { connectVhostUser, waitVhostUserStopped } from "../devices/virtio/device_vhost_user.ts";
 import { Layout, mmio64Window, pciSegmentEcam, pciSegmentMmio32 } from "./layout.ts";
+import { PciHotplug, type PciHotplugDescriptor } from "../devices/pci_hotplug.ts";
 import { log } from "./log.ts";
 import { type HostEnd, openPty } from "./host_end.ts";
 
@@ -121,6 +131,8 @@ export interface PciDescriptors {
   /** Access length for queue-notify ioeventfds: 0 (any, when KVM supports it) or 2 (iowrite16). */
   ioeventLen: number;
   devices: VirtioDeviceDescriptor[];
+  /** The ACPI PCI hotplug controller's registers (every thread dispatches them). */
+  hotplug?: PciHotplugDescriptor;
 }
 
 /** A PCI segment's shared state: bus 0 with its host bridge, its ECAM and its BAR window. */
@@ -185,6 +197,18 @@ class GsiRouting {
     return t;
   }
 
+  /** Forgets the routes of `count` GSIs from `gsi` (a removed device's vectors). */
+  clear(gsi: number, count: number): void {
+    const a = this.#i32;
+    this.#lock.lock();
+    try {
+      for (let i = 0; i < count; i++) a[R_ENTRIES + R_STRIDE * (gsi + i - FIRST_MSI_GSI)] = 0;
+      this.vm.setGsiRouting(this.#table());
+    } finally {
+      this.#lock.unlock();
+    }
+  }
+
   /** Installs the table as it stands (boot). */
   install(): void {
     this.#lock.lock();
@@ -221,8 +245,14 @@ class GsiRouting {
 
 /** One thread's PCI objects. */
 export interface PciThread {
+  /** Segment 0's bus (the 0xCF8 mechanism and the reset control register live on it). */
   bus: PciBus;
+  /** Every virtio device on every segment, in the order they were attached. */
   devices: VirtioDeviceHandle[];
+  /** Puts a device on its segment's bus (hot-add); the primary thread also places its BAR. */
+  attach(desc: VirtioDeviceDescriptor): VirtioDeviceHandle;
+  /** Takes device `id` off its bus (hot removal); the primary thread also frees its BAR. */
+  detach(id: string): VirtioDeviceHandle | undefined;
 }
 
 /** Finds the device whose BAR 0 decodes `addr` (or null). Reads shared config state; no lock needed. */
@@ -259,44 +289,83 @@ export function buildPciBuses(
     },
     ...(d.extraSegments ?? []),
   ];
-  const buses = segments.map((seg, segment) => {
+  const perSegment = segments.map((seg) => {
     const params = { mmio32: seg.mmio32, state: seg.busState };
     const bus = new PciBus(params);
     bus.add(0, PciBus.hostBridge(params, seg.hostBridgeState as SharedArrayBuffer), primary);
     const bySlot: (VirtioDeviceHandle | undefined)[] = new Array(32);
-    for (const desc of d.devices) {
-      if ((desc.segment ?? 0) !== segment) continue;
-      const h = new VirtioDeviceHandle(desc);
-      const t = h.transport;
-      // Queue-notify ioeventfds exist only while the driver is live: registering one waits for an SRCU
-      // grace period in KVM, and Linux toggles BAR decode around every BAR it sizes during enumeration.
-      t.onActivate = () => {
-        h.bumpEpoch();
-        moveIoeventfds(vm, h, d.ioeventLen, t.config.barDecodeAddress(BAR_INDEX));
-      };
-      t.onReset = () => {
-        h.bumpEpoch();
-        moveIoeventfds(vm, h, d.ioeventLen, -1);
-        // A vhost-user back-end must have let go of the rings before the driver frees them.
-        if (desc.vhostUser) waitVhostUserStopped(desc, h.epoch);
-      };
-      t.onNotify = (q) => {
-        if (q < desc.queueFds.length) h.signal(desc.queueFds[q]);
-      };
-      t.msix.onVectorChange = (v, vec) => routing.update(desc.gsiBase + v, vec);
-      t.msix.onDeliverPending = (v) => h.signal(desc.irqFds[v]);
-      if (desc.kind === "balloon") t.onConfigWrite = (off, data) => balloonConfigWrite(t, off, data);
-      bus.add(desc.slot, t, primary);
-      devices.push(h);
-      bySlot[desc.slot] = h;
-    }
     // Runs inside a config write (bus + device locks held): a live device's ioeventfds follow BAR 0.
     bus.onBarChange = (addr, _fn, bar, _old, now) => {
       const h = bySlot[addr.device];
       if (!h || bar !== BAR_INDEX || !h.transport.activated) return;
       moveIoeventfds(vm, h, d.ioeventLen, now);
     };
+    return { bus, bySlot };
+  });
+  const segmentOf = (desc: VirtioDeviceDescriptor) => {
+    const s = perSegment[desc.segment ?? 0];
+    if (!s) throw new Error(`${desc.id}: no PCI segment ${desc.segment}`);
+    return s;
+  };
 
+  const attach = (desc: VirtioDeviceDescriptor): VirtioDeviceHandle => {
+    const { bus, bySlot } = segmentOf(desc);
+    const h = new VirtioDeviceHandle(desc);
+    const t = h.transport;
+    // Queue-notify ioeventfds exist only while the driver is live: registering one waits for an SRCU
+    // grace period in KVM, and Linux toggles BAR decode around every BAR it sizes during enumeration.
+    t.onActivate = () => {
+      h.bumpEpoch();
+      moveIoeventfds(vm, h, d.ioeventLen, t.config.barDecodeAddress(BAR_INDEX));
+    };
+    t.onReset = () => {
+      h.bumpEpoch();
+      moveIoeventfds(vm, h, d.ioeventLen, -1);
+      // A vhost-user back-end must have let go of the rings before the driver frees them.
+      if (desc.vhostUser) waitVhostUserStopped(desc, h.epoch);
+    };
+    t.onNotify = (q) => {
+      if (q < desc.queueFds.length) h.signal(desc.queueFds[q]);
+    };
+    t.msix.onVectorChange = (v, vec) => routing.update(desc.gsiBase + v, vec);
+    t.msix.onDeliverPending = (v) => h.signal(desc.irqFds[v]);
+    if (desc.kind === "balloon") t.onConfigWrite = (off, data) => balloonConfigWrite(t, off, data);
+    // Under the bus lock: a vCPU's config access may be walking the slots right now.
+    busLock.lock();
+    try {
+      bus.add(desc.slot, t, primary);
+      bySlot[desc.slot] = h;
+      devices.push(h);
+    } finally {
+      busLock.unlock();
+    }
+    return h;
+  };
+  const detach = (id: string): VirtioDeviceHandle | undefined => {
+    const i = devices.findIndex((h) => h.desc.id === id);
+    if (i < 0) return undefined;
+    const h = devices[i];
+    const { bus, bySlot } = segmentOf(h.desc);
+    busLock.lock();
+    h.lock.lock();
+    try {
+      bus.remove(h.desc.slot, primary);
+      bySlot[h.desc.slot] = undefined;
+      devices.splice(i, 1);
+    } finally {
+      h.lock.unlock();
+      busLock.unlock();
+    }
+    return h;
+  };
+  for (const desc of d.devices) attach(desc);
+  if (d.hotplug) {
+    const hp = new PciHotplug(d.hotplug);
+    pio.register(hp.base, hp.len, hp, "pci-hotplug");
+  }
+
+  const buses = perSegment.map(({ bus, bySlot }, segment) => {
+    const seg = segments[segment];
     // The device lock a config access to (bus, device, function) needs: only bus 0, function 0 has devices.
     const configLock = (b: number, dev: number, fn: number): SharedLock | null =>
       b === 0 && fn === 0 ? bySlot[dev]?.lock ?? null : null;
@@ -399,7 +468,7 @@ export function buildPciBuses(
   });
   mmio.register(d.mmio32.base, d.mmio32.size, barWindow(d.mmio32.base), "pci-mmio32");
   mmio.register(d.mmio64.base, d.mmio64.size, barWindow(d.mmio64.base), "pci-mmio64");
-  return { bus: buses[0], devices };
+  return { bus: buses[0], devices, attach, detach };
 }
 
 /** Re-registers a device's queue-notify ioeventfds at BAR base `now` (-1: not decoded, remove them). */
@@ -429,7 +498,14 @@ function moveIoeventfds(vm: VmFd, h: VirtioDeviceHandle, len: number, now: numbe
   }
 }
 
-/** Main-thread handle on the PCI segment. */
+/** Device kinds that can be hot-added, with the config each takes. */
+export type PciHotplugRequest =
+  | { kind: "disk"; config: DiskConfig }
+  | { kind: "net"; config: NetConfig }
+  | { kind: "fs"; config: FsConfig }
+  | { kind: "generic-vhost-user"; config: GenericVhostUserConfig };
+
+/** Main-thread handle on the PCI segments. */
 export interface PciHost {
   readonly descriptors: PciDescriptors;
   counters(): Record<string, Record<string, number>>;
@@ -438,6 +514,19 @@ export interface PciHost {
   consoleInput(bytes: Uint8Array): number;
   /** The balloon's target and actual size, or null when the VM has no balloon. */
   readonly balloon: BalloonControl | null;
+  /**
+   * Hot-add, step 1: builds the device (its backing opened, slot, GSIs, eventfds, BAR) and starts its
+   * worker. The caller then attaches the returned descriptor on every vCPU thread and calls `announce`.
+   */
+  hotAdd(req: PciHotplugRequest): VirtioDeviceDescriptor;
+  /** Hot-add, step 2: tells the guest (ACPI PCI hotplug) that the device is in its slot. */
+  announce(id: string): void;
+  /** Removal, step 1: asks the guest to let go of device `id`; resolves with whether it did in time. */
+  requestEject(id: string, timeoutMs: number): Promise<boolean>;
+  /** Removal, step 2 (once every vCPU thread has detached it): stops the worker, frees everything. */
+  release(id: string): Promise<void>;
+  /** The device's slot address (`pci_bdf`). */
+  bdfOf(id: string): string | null;
   close(): Promise<void>;
 }
 
@@ -450,7 +539,10 @@ function wantsConsole(cfg: VmConfig): boolean {
   return (cfg.console?.mode ?? "Off") !== "Off";
 }
 
-/** The virtio devices the config asks for, in Cloud Hypervisor's order (console, disks, net, rng). */
+/**
+ * Whether the VM gets PCI segments. Always, since the VM config always has an rng source by default;
+ * without any device, devices can still be hot-added.
+ */
 export function wantsPci(cfg: VmConfig): boolean {
   return wantsConsole(cfg) || (cfg.disks?.length ?? 0) > 0 || (cfg.net?.length ?? 0) > 0 || !!cfg.rng?.src ||
     (cfg.pmem?.length ?? 0) > 0 || !!cfg.balloon || (cfg.fs?.length ?? 0) > 0 || !!cfg.vsock ||
@@ -458,7 +550,7 @@ export function wantsPci(cfg: VmConfig): boolean {
 }
 
 /** Refuses the parts of a --net this VMM does not implement, naming them. */
-function checkNet(n: NetConfig, i: number): void {
+function checkNet(n: NetConfig, i: number | string): void {
   const what = `net ${n.id ?? i}`;
   if (n.vhost_user) throw new Error(`${what}: vhost-user-net is not implemented in dvmm yet (vhost_user=on)`);
   if (n.fds?.length && n.tap) throw new Error(`${what}: give either tap= or fd=, not both`);
@@ -469,9 +561,22 @@ function checkNet(n: NetConfig, i: number): void {
   }
 }
 
+/** What a device holds besides its descriptor, released when it goes. */
+interface DeviceResources {
+  /** Descriptors the main thread opened for it (image, taps, eventfds, sockets). */
+  fds: number[];
+  /** Anything else to undo (a socket path to remove). */
+  cleanup: (() => void)[];
+  worker?: { w: Worker; exited: Promise<void> };
+}
+
+/** How long a stopping device worker gets before it is terminated. */
+const WORKER_STOP_MS = 3000;
+
 /**
- * Creates the PCI segment and its devices (main thread), and starts the device workers.
- * `ram` is guest RAM as host mappings (the workers map it by address).
+ * Creates the PCI segments and their devices (main thread), and starts the device workers.
+ * `ram` is guest RAM as host mappings (the workers map it by address). `raiseGed` raises GED event
+ * bits (the PCI hotplug event among them).
  */
 export function createPci(
   cfg: VmConfig,
@@ -479,22 +584,33 @@ export function createPci(
   ram: { gpa: number; size: number; hostAddr: bigint; fd?: number }[],
   pio: PioBus,
   mmio: MmioBus,
+  raiseGed: (bits: number) => void = () => {},
 ): PciHost {
   const m64 = mmio64Window(cfg.memory.size, cfg.memory.hotplug_size ?? 0);
   const mmio32: Window = { base: Layout.mmio32Start, size: Layout.mmio32Size };
-  const owned: number[] = [];
-  let vsockPath: string | null = null; // the vsock listener's path, removed at close
+  const resources = new Map<string, DeviceResources>();
+  // Descriptors opened for the device being built; addDevice hands them to that device.
+  let pending: DeviceResources = { fds: [], cleanup: [] };
   const pmem = new PmemRegions(vm, m64); // device memory at the start of the 64-bit window
   const devices: VirtioDeviceDescriptor[] = [];
   let consoleIn: ConsoleInput | null = null;
   // `--console pty`: the terminal dvmm opens; what is typed there goes to the console's RX queue.
-  let consolePty: HostEnd | null = null;
+  let consolePty = null as HostEnd | null;
   let toConsole: ((bytes: Uint8Array) => void) | null = null;
+  // MSI GSIs: handed out from FIRST_MSI_GSI; a removed device's run goes back to the free list.
   let nextGsi = FIRST_MSI_GSI;
-  // PCI segments: slot numbers per segment (0 is each segment's host bridge); a device's segment comes
-  // from its config (`pci_segment`), found by the identifier boot gave it.
+  const freeGsis: { base: number; count: number }[] = [];
+  const takeGsis = (count: number): number => {
+    const i = freeGsis.findIndex((r) => r.count === count);
+    if (i >= 0) return freeGsis.splice(i, 1)[0].base;
+    if (nextGsi + count > FIRST_MSI_GSI + MAX_MSI_GSIS) throw new Error("too many MSI-X vectors");
+    nextGsi += count;
+    return nextGsi - count;
+  };
+  // PCI segments: a device's segment comes from its config (`pci_segment`); it takes the lowest free
+  // slot there (0 is each segment's host bridge).
   const segmentCount = cfg.platform?.num_pci_segments ?? 1;
-  const nextSlot = new Array(segmentCount).fill(1);
+  const usedSlots = Array.from({ length: segmentCount }, () => new Set<number>([0]));
   const segmentOf = new Map<string, number>();
   for (const list of [cfg.disks, cfg.net, cfg.fs, cfg.pmem, cfg.generic_vhost_user, cfg.vdpa]) {
     for (const dev of list ?? []) if (dev.id !== undefined) segmentOf.set(dev.id, dev.pci_segment);
@@ -503,275 +619,321 @@ export function createPci(
   segmentOf.set(cfg.console.id ?? "__console", cfg.console.pci_segment);
   segmentOf.set(cfg.rng.id ?? "__rng", cfg.rng.pci_segment);
   if (cfg.balloon) segmentOf.set(cfg.balloon.id ?? "__balloon", cfg.balloon.pci_segment);
-  try {
-    const addDevice = (
-      id: string,
-      kind: VirtioDeviceDescriptor["kind"],
-      spec: VirtioDeviceDescriptor["spec"],
-      extra: Partial<VirtioDeviceDescriptor>,
-      counters: SharedArrayBuffer,
-    ) => {
-      const segment = segmentOf.get(id) ?? 0;
-      if (nextSlot[segment] > 31) throw new Error(`PCI segment ${segment} has no free slot for ${id}`);
-      const t = new VirtioPciDevice(spec);
-      const vectors = t.msix.vectors;
-      const mk = () => {
-        const e = EventFd.create(EFD_NONBLOCK);
-        owned.push(e.fd);
-        return e.fd;
-      };
-      const queueFds = Array.from({ length: spec.numQueues }, mk);
-      const irqFds = Array.from({ length: vectors }, mk);
-      const controlFd = mk();
-      if (nextGsi + vectors > FIRST_MSI_GSI + MAX_MSI_GSIS) throw new Error("too many MSI-X vectors");
-      const desc: VirtioDeviceDescriptor = {
-        id,
-        kind,
-        slot: nextSlot[segment]++,
-        segment,
-        spec,
-        shared: t.shared,
-        control: newControlBlock(),
-        queueFds,
-        irqFds,
-        controlFd,
-        gsiBase: nextGsi,
-        counters,
-        ...extra,
-      };
-      irqFds.forEach((fd, v) => vm.irqfd(fd, desc.gsiBase + v));
-      nextGsi += vectors;
-      devices.push(desc);
-    };
 
-    if (wantsConsole(cfg)) {
-      const c = cfg.console!;
-      let outFd = -1;
-      if (c.mode === "Tty") outFd = 1;
-      else if (c.mode === "File") {
-        if (!c.file) throw new Error("console mode File needs a file path");
-        outFd = check(
-          shim().kvs_open(cstr(c.file), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND, 0o644),
-          `open ${c.file}`,
-        );
-        owned.push(outFd);
-      } else if (c.mode === "Pty") {
-        consolePty = openPty((bytes) => toConsole?.(bytes), log);
-        c.file = consolePty.path; // as Cloud Hypervisor, vm.info reports the terminal's path
-        outFd = consolePty.outFd;
-      } else if (c.mode !== "Null") {
-        throw new Error(`virtio-console mode ${c.mode} is not implemented in dvmm yet (--console)`);
-      }
-      consoleIn = new ConsoleInput(ConsoleInput.create());
-      addDevice(
-        c.id ?? "__console",
-        "console",
-        {
-          type: VIRTIO_ID.CONSOLE,
-          features: consoleFeatures(),
-          numQueues: 2,
-          maxQueueSize: 256,
-          config: consoleConfigSpace(),
-        },
-        { console: { outFd, input: consoleIn.buffer, drops: consolePty !== null } },
-        new SharedArrayBuffer(16),
-      );
-    }
-
-    (cfg.disks ?? []).forEach((disk: DiskConfig, i: number) => {
-      if (disk.vhost_user) {
-        // vhost-user-blk: the back-end owns the image; its features and config come from it.
-        const id = disk.id ?? `_disk${i}`;
-        const queueSizes = Array<number>(disk.num_queues).fill(disk.queue_size);
-        const vu = connectVhostUser({ kind: "blk", id, socket: disk.vhost_socket!, queueSizes, ram });
-        owned.push(vu.vhostUser.socketFd);
-        addDevice(id, "vhost_user", vu.spec, { vhostUser: vu.vhostUser }, new SharedArrayBuffer(8));
-        return;
-      }
-      if (!disk.path) throw new Error(`disk ${i} has no path`);
-      const id = disk.id ?? `_disk${i}`;
-      let image: ReturnType<typeof openDiskImage>;
+  /** Closes what a device (or a device that failed half-way) holds. */
+  const releaseResources = (r: DeviceResources) => {
+    for (const fd of r.fds) shim().kvs_close(fd);
+    for (const f of r.cleanup) {
       try {
-        image = openDiskImage(disk.path, { readonly: disk.readonly, direct: disk.direct });
+        f();
       } catch (e) {
-        throw new Error(`--disk ${id}: cannot open the image ${disk.path}: ${(e as Error).message}`);
+        log.warn(`releasing a device: ${(e as Error).message}`);
       }
-      const { fd, size, format } = image;
-      owned.push(fd);
-      // As Cloud Hypervisor: the image's own format is recorded in the config, a contradiction refused.
-      if (disk.image_type !== "Unknown" && disk.image_type !== format) {
-        throw new Error(`disk ${id}: image_type ${disk.image_type} given, but ${disk.path} is ${format}`);
-      }
-      if (format !== "Raw") {
-        throw new Error(
-          `disk ${id}: ${format} images are not implemented in dvmm yet (${disk.path}); use a raw image`,
-        );
-      }
-      disk.image_type = format;
-      const opts = { numQueues: disk.num_queues };
-      const serial = disk.serial ?? disk.path.split("/").pop()!.slice(0, 20);
-      addDevice(
-        id,
-        "blk",
-        {
-          type: VIRTIO_ID.BLOCK,
-          features: blkFeatures({ readonly: disk.readonly }, opts),
-          numQueues: disk.num_queues,
-          maxQueueSize: disk.queue_size,
-          config: blkConfigSpace({ size }, opts),
-        },
-        { blk: { fd, size, readonly: disk.readonly, serial } },
-        new SharedArrayBuffer(8 * BLK_COUNTERS.length),
-      );
-    });
-    (cfg.net ?? []).forEach((n: NetConfig, i: number) => {
-      checkNet(n, i);
-      // Taps handed over as fds (one per queue pair) are set up by whoever opened them: their vnet
-      // header, non-blocking mode and the MTU are ours to set. A tap dvmm opens by name gets one queue
-      // per pair, the host address (when dvmm creates it), host_mac and the MTU, as in Cloud Hypervisor.
-      const pairs = n.num_queues / 2;
-      const tap = n.fds?.length
-        ? openTap({ fds: n.fds, mtu: n.mtu })
-        : openTap({ name: n.tap, ip: n.ip, mask: n.mask, hostMac: n.host_mac, mtu: n.mtu, queues: pairs });
-      if (!n.fds?.length) owned.push(...tap.fds);
-      const mac = n.mac ? parseMac(n.mac) : randomMac();
-      // Offloads as Cloud Hypervisor maps them (TSO and UFO ride on checksum offload); the MTU is the
-      // tap's. Mergeable RX buffers are dvmm's own, offered only with DVMM_NET_MRG_RXBUF=on: in the lab
-      // they did not speed up guest RX (tests/lab_net_mq_test.ts), so the default is Cloud Hypervisor's.
-      const features = netFeatures({
-        csum: n.offload_csum,
-        tso: n.offload_tso,
-        ufo: n.offload_ufo,
-        mtu: tap.mtu !== null,
-        mrgRxbuf: Deno.env.get("DVMM_NET_MRG_RXBUF") === "on",
-      });
-      const id = n.id ?? `_net${i}`;
-      log.debug(
-        `${id}: tap ${tap.name} (${pairs} queue pair(s), MTU ${tap.mtu}), guest MAC ${formatMac(mac)}`,
-      );
-      addDevice(
-        id,
-        "net",
-        {
-          type: VIRTIO_ID.NET,
-          features,
-          numQueues: n.num_queues + 1, // the pairs, then the control queue
-          maxQueueSize: n.queue_size,
-          config: netConfigSpace(mac, pairs, tap.mtu ?? 0),
-        },
-        { net: { tapFds: tap.fds, tap: tap.name, mtu: tap.mtu ?? DEFAULT_MTU } },
-        new SharedArrayBuffer(8 * NET_COUNTERS.length),
-      );
-    });
+    }
+    r.fds = [];
+    r.cleanup = [];
+  };
 
-    if (cfg.rng?.src) {
-      // Fail at boot, not in the worker, when the source cannot be opened.
-      Deno.openSync(cfg.rng.src, { read: true }).close();
-      addDevice(
-        cfg.rng.id ?? "__rng",
-        "rng",
-        {
-          type: VIRTIO_ID.RNG,
-          features: rngFeatures(),
-          numQueues: 1,
-          maxQueueSize: 256,
-          config: new Uint8Array(0),
-        },
-        { rng: { src: cfg.rng.src } },
-        new SharedArrayBuffer(16),
+  const addDevice = (
+    id: string,
+    kind: VirtioDeviceDescriptor["kind"],
+    spec: VirtioDeviceDescriptor["spec"],
+    extra: Partial<VirtioDeviceDescriptor>,
+    counters: SharedArrayBuffer,
+  ): VirtioDeviceDescriptor => {
+    const segment = segmentOf.get(id) ?? 0;
+    const used = usedSlots[segment];
+    if (!used) throw new Error(`${id}: no PCI segment ${segment}`);
+    let slot = 1;
+    while (slot < 32 && used.has(slot)) slot++;
+    if (slot > 31) throw new Error(`PCI segment ${segment} has no free slot for ${id}`);
+    const t = new VirtioPciDevice(spec);
+    const vectors = t.msix.vectors;
+    const mk = () => {
+      const e = EventFd.create(EFD_NONBLOCK);
+      pending.fds.push(e.fd);
+      return e.fd;
+    };
+    const queueFds = Array.from({ length: spec.numQueues }, mk);
+    const irqFds = Array.from({ length: vectors }, mk);
+    const controlFd = mk();
+    const gsiBase = takeGsis(vectors);
+    const desc: VirtioDeviceDescriptor = {
+      id,
+      kind,
+      slot,
+      segment,
+      spec,
+      shared: t.shared,
+      control: newControlBlock(),
+      queueFds,
+      irqFds,
+      controlFd,
+      gsiBase,
+      counters,
+      ...extra,
+    };
+    try {
+      irqFds.forEach((fd, v) => vm.irqfd(fd, gsiBase + v));
+    } catch (e) {
+      freeGsis.push({ base: gsiBase, count: vectors });
+      throw e;
+    }
+    used.add(slot);
+    devices.push(desc);
+    resources.set(id, pending);
+    pending = { fds: [], cleanup: [] };
+    return desc;
+  };
+
+  const buildConsole = () => {
+    const c = cfg.console!;
+    let outFd = -1;
+    if (c.mode === "Tty") outFd = 1;
+    else if (c.mode === "File") {
+      if (!c.file) throw new Error("console mode File needs a file path");
+      outFd = check(
+        shim().kvs_open(cstr(c.file), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND, 0o644),
+        `open ${c.file}`,
+      );
+      pending.fds.push(outFd);
+    } else if (c.mode === "Pty") {
+      consolePty = openPty((bytes) => toConsole?.(bytes), log);
+      c.file = consolePty.path; // as Cloud Hypervisor, vm.info reports the terminal's path
+      outFd = consolePty.outFd;
+    } else if (c.mode !== "Null") {
+      throw new Error(`virtio-console mode ${c.mode} is not implemented in dvmm yet (--console)`);
+    }
+    consoleIn = new ConsoleInput(ConsoleInput.create());
+    return addDevice(
+      c.id ?? "__console",
+      "console",
+      {
+        type: VIRTIO_ID.CONSOLE,
+        features: consoleFeatures(),
+        numQueues: 2,
+        maxQueueSize: 256,
+        config: consoleConfigSpace(),
+      },
+      { console: { outFd, input: consoleIn.buffer, drops: consolePty !== null } },
+      new SharedArrayBuffer(16),
+    );
+  };
+
+  const buildDisk = (disk: DiskConfig, i: number) => {
+    const id = disk.id ?? `_disk${i}`;
+    if (disk.vhost_user) {
+      // vhost-user-blk: the back-end owns the image; its features and config come from it.
+      const queueSizes = Array<number>(disk.num_queues).fill(disk.queue_size);
+      const vu = connectVhostUser({ kind: "blk", id, socket: disk.vhost_socket!, queueSizes, ram });
+      pending.fds.push(vu.vhostUser.socketFd);
+      return addDevice(id, "vhost_user", vu.spec, { vhostUser: vu.vhostUser }, new SharedArrayBuffer(8));
+    }
+    if (!disk.path) throw new Error(`disk ${id} has no path`);
+    let image: ReturnType<typeof openDiskImage>;
+    try {
+      image = openDiskImage(disk.path, { readonly: disk.readonly, direct: disk.direct });
+    } catch (e) {
+      throw new Error(`--disk ${id}: cannot open the image ${disk.path}: ${(e as Error).message}`);
+    }
+    const { fd, size, format } = image;
+    pending.fds.push(fd);
+    // As Cloud Hypervisor: the image's own format is recorded in the config, a contradiction refused.
+    if (disk.image_type !== "Unknown" && disk.image_type !== format) {
+      throw new Error(`disk ${id}: image_type ${disk.image_type} given, but ${disk.path} is ${format}`);
+    }
+    if (format !== "Raw") {
+      throw new Error(
+        `disk ${id}: ${format} images are not implemented in dvmm yet (${disk.path}); use a raw image`,
       );
     }
-    // Generic vhost-user devices: type, features, queues and configuration are the back-end's.
-    (cfg.generic_vhost_user ?? []).forEach((g, i) => {
-      const id = g.id ?? `_generic_vhost_user${i}`;
-      const setup = { socket: g.socket, queueSizes: g.queue_sizes, deviceType: g.device_type, ram };
-      const vu = connectVhostUser({ kind: "generic", id, ...setup });
-      owned.push(vu.vhostUser.socketFd);
-      addDevice(id, "vhost_user", vu.spec, { vhostUser: vu.vhostUser }, new SharedArrayBuffer(8));
+    disk.image_type = format;
+    const opts = { numQueues: disk.num_queues };
+    const serial = disk.serial ?? disk.path.split("/").pop()!.slice(0, 20);
+    return addDevice(
+      id,
+      "blk",
+      {
+        type: VIRTIO_ID.BLOCK,
+        features: blkFeatures({ readonly: disk.readonly }, opts),
+        numQueues: disk.num_queues,
+        maxQueueSize: disk.queue_size,
+        config: blkConfigSpace({ size }, opts),
+      },
+      { blk: { fd, size, readonly: disk.readonly, serial } },
+      new SharedArrayBuffer(8 * BLK_COUNTERS.length),
+    );
+  };
+
+  const buildNet = (n: NetConfig, i: number) => {
+    checkNet(n, i);
+    // Taps handed over as fds (one per queue pair) are set up by whoever opened them: their vnet
+    // header, non-blocking mode and the MTU are ours to set. A tap dvmm opens by name gets one queue
+    // per pair, the host address (when dvmm creates it), host_mac and the MTU, as in Cloud Hypervisor.
+    const pairs = n.num_queues / 2;
+    const tap = n.fds?.length
+      ? openTap({ fds: n.fds, mtu: n.mtu })
+      : openTap({ name: n.tap, ip: n.ip, mask: n.mask, hostMac: n.host_mac, mtu: n.mtu, queues: pairs });
+    if (!n.fds?.length) pending.fds.push(...tap.fds);
+    const mac = n.mac ? parseMac(n.mac) : randomMac();
+    // Offloads as Cloud Hypervisor maps them (TSO and UFO ride on checksum offload); the MTU is the
+    // tap's. Mergeable RX buffers are dvmm's own, offered only with DVMM_NET_MRG_RXBUF=on: in the lab
+    // they did not speed up guest RX (tests/lab_net_mq_test.ts), so the default is Cloud Hypervisor's.
+    const features = netFeatures({
+      csum: n.offload_csum,
+      tso: n.offload_tso,
+      ufo: n.offload_ufo,
+      mtu: tap.mtu !== null,
+      mrgRxbuf: Deno.env.get("DVMM_NET_MRG_RXBUF") === "on",
     });
-    // virtio-fs: a vhost-user device; queue 0 is the high-priority queue, then the request queues.
-    (cfg.fs ?? []).forEach((f, i) => {
-      const id = f.id ?? `_fs${i}`;
-      const queueSizes = Array<number>(1 + f.num_queues).fill(f.queue_size);
-      const vu = connectVhostUser({ kind: "fs", id, socket: f.socket, tag: f.tag, queueSizes, ram });
-      owned.push(vu.vhostUser.socketFd);
-      addDevice(id, "vhost_user", vu.spec, { vhostUser: vu.vhostUser }, new SharedArrayBuffer(8));
-    });
-    // virtio-pmem: each file mapped into guest memory (a KVM slot of its own), then its device.
-    (cfg.pmem ?? []).forEach((p, i) => {
-      const id = p.id ?? `_pmem${i}`;
-      const r = pmem.add(p, id);
-      log.debug(`${id}: ${p.file} at 0x${r.gpa.toString(16)}, ${r.size} bytes (slot ${r.slot})`);
-      addDevice(
-        id,
-        "pmem",
-        {
-          type: VIRTIO_ID.PMEM,
-          features: pmemFeatures(),
-          numQueues: 1,
-          maxQueueSize: PMEM_QUEUE_SIZE,
-          config: pmemConfigSpace(r.gpa, r.size),
-        },
-        { pmem: { fd: r.fd, discardWrites: r.discardWrites } },
-        new SharedArrayBuffer(8 * PMEM_COUNTERS.length),
-      );
-    });
-    // virtio-vsock (after fs and pmem, as Cloud Hypervisor): its UNIX socket listens from boot on.
-    if (cfg.vsock) {
-      const v = cfg.vsock;
-      const listenFd = openVsockListener(v.socket);
-      owned.push(listenFd);
-      vsockPath = v.socket;
-      addDevice(
-        v.id ?? "_vsock",
-        "vsock",
-        {
-          type: VIRTIO_ID.VSOCK,
-          features: vsockFeatures(),
-          numQueues: VSOCK_NUM_QUEUES,
-          maxQueueSize: VSOCK_QUEUE_SIZE,
-          config: vsockConfigSpace(v.cid),
-        },
-        { vsock: { cid: v.cid, listenFd, path: v.socket } },
-        new SharedArrayBuffer(8 * VSOCK_COUNTERS.length),
-      );
-    }
-    // virtio-balloon: Cloud Hypervisor creates it after the other virtio devices.
-    if (cfg.balloon) {
-      const b = cfg.balloon;
-      const opts = { deflateOnOom: b.deflate_on_oom, freePageReporting: b.free_page_reporting };
-      addDevice(
-        b.id ?? "__balloon",
-        "balloon",
-        {
-          type: VIRTIO_ID.BALLOON,
-          features: balloonFeatures(opts),
-          numQueues: balloonQueues(opts),
-          maxQueueSize: BALLOON_QUEUE_SIZE,
-          config: balloonConfigSpace(b.size),
-        },
-        { balloon: { sharedMemory: cfg.memory.shared } },
-        new SharedArrayBuffer(8 * BALLOON_COUNTERS.length),
-      );
-    }
-  } catch (e) {
-    for (const fd of owned) shim().kvs_close(fd);
-    void consolePty?.close();
+    const id = n.id ?? `_net${i}`;
+    log.debug(
+      `${id}: tap ${tap.name} (${pairs} queue pair(s), MTU ${tap.mtu}), guest MAC ${formatMac(mac)}`,
+    );
+    return addDevice(
+      id,
+      "net",
+      {
+        type: VIRTIO_ID.NET,
+        features,
+        numQueues: n.num_queues + 1, // the pairs, then the control queue
+        maxQueueSize: n.queue_size,
+        config: netConfigSpace(mac, pairs, tap.mtu ?? 0),
+      },
+      { net: { tapFds: tap.fds, tap: tap.name, mtu: tap.mtu ?? DEFAULT_MTU } },
+      new SharedArrayBuffer(8 * NET_COUNTERS.length),
+    );
+  };
+
+  const buildRng = () => {
+    // Fail at boot, not in the worker, when the source cannot be opened.
+    Deno.openSync(cfg.rng.src, { read: true }).close();
+    return addDevice(
+      cfg.rng.id ?? "__rng",
+      "rng",
+      {
+        type: VIRTIO_ID.RNG,
+        features: rngFeatures(),
+        numQueues: 1,
+        maxQueueSize: 256,
+        config: new Uint8Array(0),
+      },
+      { rng: { src: cfg.rng.src } },
+      new SharedArrayBuffer(16),
+    );
+  };
+
+  // Generic vhost-user devices: type, features, queues and configuration are the back-end's.
+  const buildGenericVhostUser = (g: GenericVhostUserConfig, i: number) => {
+    const id = g.id ?? `_generic_vhost_user${i}`;
+    const setup = { socket: g.socket, queueSizes: g.queue_sizes, deviceType: g.device_type, ram };
+    const vu = connectVhostUser({ kind: "generic", id, ...setup });
+    pending.fds.push(vu.vhostUser.socketFd);
+    return addDevice(id, "vhost_user", vu.spec, { vhostUser: vu.vhostUser }, new SharedArrayBuffer(8));
+  };
+
+  // virtio-fs: a vhost-user device; queue 0 is the high-priority queue, then the request queues.
+  const buildFs = (f: FsConfig, i: number) => {
+    const id = f.id ?? `_fs${i}`;
+    const queueSizes = Array<number>(1 + f.num_queues).fill(f.queue_size);
+    const vu = connectVhostUser({ kind: "fs", id, socket: f.socket, tag: f.tag, queueSizes, ram });
+    pending.fds.push(vu.vhostUser.socketFd);
+    return addDevice(id, "vhost_user", vu.spec, { vhostUser: vu.vhostUser }, new SharedArrayBuffer(8));
+  };
+
+  // virtio-pmem: the file mapped into guest memory (a KVM slot of its own), then its device.
+  const buildPmem = (p: PmemConfig, i: number) => {
+    const id = p.id ?? `_pmem${i}`;
+    const r = pmem.add(p, id);
+    log.debug(`${id}: ${p.file} at 0x${r.gpa.toString(16)}, ${r.size} bytes (slot ${r.slot})`);
+    return addDevice(
+      id,
+      "pmem",
+      {
+        type: VIRTIO_ID.PMEM,
+        features: pmemFeatures(),
+        numQueues: 1,
+        maxQueueSize: PMEM_QUEUE_SIZE,
+        config: pmemConfigSpace(r.gpa, r.size),
+      },
+      { pmem: { fd: r.fd, discardWrites: r.discardWrites } },
+      new SharedArrayBuffer(8 * PMEM_COUNTERS.length),
+    );
+  };
+
+  // virtio-vsock: its UNIX socket listens from creation on.
+  const buildVsock = (v: VsockConfig) => {
+    const listenFd = openVsockListener(v.socket);
+    pending.fds.push(listenFd);
+    pending.cleanup.push(() => removeVsockSocket(v.socket));
+    return addDevice(
+      v.id ?? "_vsock",
+      "vsock",
+      {
+        type: VIRTIO_ID.VSOCK,
+        features: vsockFeatures(),
+        numQueues: VSOCK_NUM_QUEUES,
+        maxQueueSize: VSOCK_QUEUE_SIZE,
+        config: vsockConfigSpace(v.cid),
+      },
+      { vsock: { cid: v.cid, listenFd, path: v.socket } },
+      new SharedArrayBuffer(8 * VSOCK_COUNTERS.length),
+    );
+  };
+
+  const buildBalloon = (b: BalloonConfig) => {
+    const opts = { deflateOnOom: b.deflate_on_oom, freePageReporting: b.free_page_reporting };
+    return addDevice(
+      b.id ?? "__balloon",
+      "balloon",
+      {
+        type: VIRTIO_ID.BALLOON,
+        features: balloonFeatures(opts),
+        numQueues: balloonQueues(opts),
+        maxQueueSize: BALLOON_QUEUE_SIZE,
+        config: balloonConfigSpace(b.size),
+      },
+      { balloon: { sharedMemory: cfg.memory.shared } },
+      new SharedArrayBuffer(8 * BALLOON_COUNTERS.length),
+    );
+  };
+
+  /** Releases everything every device holds (boot failure, close). */
+  const releaseAll = () => {
+    releaseResources(pending);
+    for (const r of resources.values()) releaseResources(r);
     pmem.close();
-    if (vsockPath !== null) removeVsockSocket(vsockPath);
+  };
+
+  try {
+    // In Cloud Hypervisor's order: console, disks, net, rng, generic vhost-user, fs, pmem, vsock (after
+    // fs and pmem), balloon (after the other virtio devices).
+    if (wantsConsole(cfg)) buildConsole();
+    (cfg.disks ?? []).forEach(buildDisk);
+    (cfg.net ?? []).forEach(buildNet);
+    if (cfg.rng?.src) buildRng();
+    (cfg.generic_vhost_user ?? []).forEach(buildGenericVhostUser);
+    (cfg.fs ?? []).forEach(buildFs);
+    (cfg.pmem ?? []).forEach(buildPmem);
+    if (cfg.vsock) buildVsock(cfg.vsock);
+    if (cfg.balloon) buildBalloon(cfg.balloon);
+  } catch (e) {
+    releaseAll();
+    void consolePty?.close();
     throw e;
   }
 
-  const gsis = nextGsi - FIRST_MSI_GSI;
   const descriptors: PciDescriptors = {
     busState: new SharedArrayBuffer(8),
     hostBridgeState: new SharedArrayBuffer(0), // replaced below by the primary build's state
     busLock: new SharedArrayBuffer(4 * SharedLock.WORDS),
-    routing: new SharedArrayBuffer(GsiRouting.stateSize(Math.max(gsis, 1))),
+    // Room for every GSI a hot-added device may take later.
+    routing: new SharedArrayBuffer(GsiRouting.stateSize(MAX_MSI_GSIS)),
     mmio32,
     mmio64: { base: m64.start, size: m64.size },
     ioeventLen: vm.checkExtension(KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0 ? 0 : 2,
     devices,
+    hotplug: PciHotplug.createDescriptor(Layout.pciHotplugPort, segmentCount),
   };
   // The primary build creates the host bridge state; later builds reuse it.
   const hb = PciBus.hostBridge({ mmio32 });
@@ -791,12 +953,14 @@ export function createPci(
     });
   }
   const primary = buildPciBuses(descriptors, vm, pio, mmio, true);
+  const hotplug = new PciHotplug(descriptors.hotplug!);
   const balloonHandle = primary.devices.find((h) => h.desc.kind === "balloon");
   const balloon = balloonHandle ? new BalloonControl(balloonHandle) : null;
-  new GsiRouting(vm, descriptors.routing).install();
+  const routing = new GsiRouting(vm, descriptors.routing);
+  routing.install();
 
-  // Device workers.
-  const workers = devices.map((desc) => {
+  // Device workers, one per device, named after it.
+  const startWorker = (desc: VirtioDeviceDescriptor) => {
     const w = new Worker(new URL("../devices/virtio/worker.ts", import.meta.url).href, { type: "module" });
     const exited = new Promise<void>((resolve) => {
       w.onmessage = (ev: MessageEvent<DeviceWorkerExit>) => {
@@ -812,8 +976,33 @@ export function createPci(
     });
     const init: DeviceWorkerInit = { device: desc, ram };
     w.postMessage(init);
-    return { w, exited };
-  });
+    resources.get(desc.id)!.worker = { w, exited };
+  };
+  devices.forEach(startWorker);
+
+  /** Stops device workers (bounded); returns whether they all stopped by themselves. */
+  const stopWorkers = async (handles: VirtioDeviceHandle[]): Promise<boolean> => {
+    for (const h of handles) {
+      Atomics.store(h.ctl, CTL_STOP, 1);
+      h.kickWorker();
+    }
+    const ws = handles.map((h) => resources.get(h.desc.id)?.worker).filter((w) => w !== undefined);
+    let timer = 0;
+    const timeout = new Promise<"timeout">((r) => {
+      timer = setTimeout(() => r("timeout"), WORKER_STOP_MS) as unknown as number;
+      Deno.unrefTimer(timer);
+    });
+    const r = await Promise.race([Promise.all(ws.map((x) => x.exited)), timeout]);
+    clearTimeout(timer);
+    for (const x of ws) x.w.terminate();
+    return r !== "timeout";
+  };
+
+  const handleOf = (id: string) => {
+    const h = primary.devices.find((x) => x.desc.id === id);
+    if (!h) throw new Error(`no PCI device '${id}'`);
+    return h;
+  };
 
   let closed = false;
   const consoleInput = (bytes: Uint8Array): number => {
@@ -863,29 +1052,84 @@ export function createPci(
     },
     balloon,
     consoleInput,
+    bdfOf: (id) => {
+      const d = devices.find((x) => x.id === id);
+      return d ? bdf(d.slot, d.segment) : null;
+    },
+    hotAdd: (req) => {
+      if (closed) throw new Error("the VM's devices are shut down");
+      const c = req.config;
+      if (c.id === undefined) throw new Error("a hot-added device needs an identifier");
+      if (resources.has(c.id)) throw new Error(`a device '${c.id}' is already on the PCI bus`);
+      segmentOf.set(c.id, c.pci_segment ?? 0);
+      let desc: VirtioDeviceDescriptor;
+      try {
+        if (req.kind === "disk") desc = buildDisk(req.config, 0);
+        else if (req.kind === "net") desc = buildNet(req.config, 0);
+        else if (req.kind === "fs") desc = buildFs(req.config, 0);
+        else desc = buildGenericVhostUser(req.config, 0);
+      } catch (e) {
+        releaseResources(pending);
+        pending = { fds: [], cleanup: [] };
+        segmentOf.delete(c.id);
+        throw e;
+      }
+      primary.attach(desc);
+      startWorker(desc);
+      return desc;
+    },
+    announce: (id) => {
+      const h = handleOf(id);
+      hotplug.plug(h.desc.segment ?? 0, h.desc.slot);
+      raiseGed(Layout.acpiPm.gedPciHotplugBit);
+    },
+    requestEject: (id, timeoutMs) => {
+      const h = handleOf(id);
+      const segment = h.desc.segment ?? 0;
+      hotplug.requestEject(segment, h.desc.slot);
+      raiseGed(Layout.acpiPm.gedPciHotplugBit);
+      return hotplug.waitEjected(segment, h.desc.slot, timeoutMs);
+    },
+    release: async (id) => {
+      const h = handleOf(id);
+      const desc = h.desc;
+      const stopped = await stopWorkers([h]);
+      primary.detach(id);
+      moveIoeventfds(vm, h, descriptors.ioeventLen, -1);
+      const vectors = desc.irqFds.length;
+      desc.irqFds.forEach((fd, v) => {
+        try {
+          vm.irqfd(fd, desc.gsiBase + v, { deassign: true });
+        } catch (e) {
+          log.warn(`${id}: irqfd deassign: ${(e as Error).message}`);
+        }
+      });
+      routing.clear(desc.gsiBase, vectors);
+      freeGsis.push({ base: desc.gsiBase, count: vectors });
+      const r = resources.get(id)!;
+      resources.delete(id);
+      // A worker that had to be terminated may still be inside a system call on these descriptors.
+      if (stopped) releaseResources(r);
+      else log.warn(`${id}: its worker did not stop in time; its descriptors stay open`);
+      devices.splice(devices.indexOf(desc), 1);
+      usedSlots[desc.segment ?? 0].delete(desc.slot);
+      segmentOf.delete(id);
+    },
     close: async () => {
       if (closed) return;
       closed = true;
-      for (const h of primary.devices) {
-        Atomics.store(h.ctl, CTL_STOP, 1);
-        h.kickWorker();
+      const stopped = await stopWorkers(primary.devices);
+      if (!stopped) {
+        log.warn("virtio device workers did not stop in time; terminated them");
+        // Descriptors stay open: a terminated worker may still be blocked on one.
+        for (const r of resources.values()) {
+          for (const f of r.cleanup) f();
+        }
+        return;
       }
-      const timeout = new Promise<"timeout">((r) => {
-        const t = setTimeout(() => r("timeout"), 3000);
-        Deno.unrefTimer(t);
-      });
-      const r = await Promise.race([Promise.all(workers.map((x) => x.exited)), timeout]);
-      if (vsockPath !== null) removeVsockSocket(vsockPath);
-      if (r === "timeout") {
-        log.warn("virtio device workers did not stop in time; terminating them");
-        for (const x of workers) x.w.terminate();
-      } else {
-        for (const x of workers) x.w.terminate();
-        for (const fd of owned) shim().kvs_close(fd);
-        pmem.close();
-        // Closed only once no worker can write to it (a reused descriptor number would get the output).
-        await consolePty?.close();
-      }
+      releaseAll();
+      // Closed only once no worker can write to it (a reused descriptor number would get the output).
+      await consolePty?.close();
     },
   };
 }

@@ -19,7 +19,14 @@ import {
 } from "../devices/legacy.ts";
 import { Layout, lowRamEnd } from "./layout.ts";
 import { VmEvent, type VmEvents } from "./vcpu_control.ts";
-import { buildPciBuses, createPci, type PciDescriptors, type PciHost, wantsPci } from "./pci_platform.ts";
+import {
+  buildPciBuses,
+  createPci,
+  type PciDescriptors,
+  type PciHost,
+  type PciThread,
+  wantsPci,
+} from "./pci_platform.ts";
 import type { BalloonControl } from "../devices/virtio/balloon.ts";
 import { type HostEnd, openPty, openSocketEnd } from "./host_end.ts";
 
@@ -85,17 +92,21 @@ function build(d: PlatformDescriptors, events: VmEvents, pio = new PioBus()): Le
 }
 
 /** vCPU worker side: this thread's buses over the shared device state. */
-export function buildPlatformBuses(d: PlatformDescriptors, events: VmEvents): { pio: PioBus; mmio: MmioBus } {
+export function buildPlatformBuses(
+  d: PlatformDescriptors,
+  events: VmEvents,
+): { pio: PioBus; mmio: MmioBus; pci: PciThread | null } {
   const { pio } = build(d, events);
   const mmio = new MmioBus();
+  let pci: PciThread | null = null;
   if (d.pci) {
-    const { bus } = buildPciBuses(d.pci, vmOf(d), pio, mmio);
+    pci = buildPciBuses(d.pci, vmOf(d), pio, mmio);
     // 0xCF9, the PC's reset control register: bit 2 (RST_CPU) resets the machine (Linux's reboot=pci).
-    bus.onResetControl = (value) => {
+    pci.bus.onResetControl = (value) => {
       if (value & 0x04) events.raise(VmEvent.Reboot);
     };
   }
-  return { pio, mmio };
+  return { pio, mmio, pci };
 }
 
 /** Main-thread handle on the platform devices. */
@@ -110,6 +121,8 @@ export interface Platform {
   deviceTree(): Record<string, unknown>;
   /** The virtio-balloon's target and actual size, or null when the VM has none. */
   readonly balloon: BalloonControl | null;
+  /** The PCI segments (hotplug, device tree), or null when the VM has no PCI devices. */
+  readonly pci: PciHost | null;
   /** Stops the device workers and releases fds (after the vCPUs have stopped). */
   close(): Promise<void>;
 }
@@ -256,7 +269,7 @@ export function createPlatform(
   let pci: PciHost | null = null;
   if (wantsPci(cfg)) {
     try {
-      pci = createPci(cfg, vmFd, ram, host.pio, new MmioBus());
+      pci = createPci(cfg, vmFd, ram, host.pio, new MmioBus(), (bits) => host.acpiPm?.raiseEvent(bits));
     } catch (e) {
       if (ownFd) shim().kvs_close(serialOutFd);
       void hostEnd?.close();
@@ -280,6 +293,7 @@ export function createPlatform(
     },
     counters: () => pci?.counters() ?? {},
     balloon: pci?.balloon ?? null,
+    pci,
     deviceTree: () => ({
       ...pci?.deviceTree(),
       __serial: {

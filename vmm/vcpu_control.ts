@@ -19,9 +19,11 @@ const CTL_INT32S = 8;
 const CTL_TID = 4;
 /** Int32 slot set to 1 when an NMI is to be injected before the vCPU next runs. */
 const CTL_NMI = 5;
+/** Int32 slot: the last PCI change (hot-add or removal) this vCPU's buses have taken in. */
+const CTL_PCI_GEN = 6;
 
 /** Commands the main thread gives a vCPU. */
-export const Cmd = { Run: 0, Pause: 1, Stop: 2 } as const;
+export const Cmd = { Run: 0, Pause: 1, Stop: 2, Reload: 3 } as const;
 /** States a vCPU reports. */
 export const State = { Starting: 0, Running: 1, Paused: 2, Stopped: 3 } as const;
 
@@ -64,6 +66,26 @@ export class VcpuControl {
   /** Worker side: whether an NMI was asked for since the last call. */
   takeNmi(): boolean {
     return Atomics.exchange(this.i32, CTL_NMI, 0) === 1;
+  }
+  /** Generation of the last PCI change the worker applied (worker side sets it, then notifies). */
+  get pciGeneration(): number {
+    return Atomics.load(this.i32, CTL_PCI_GEN);
+  }
+  setPciGeneration(gen: number): void {
+    Atomics.store(this.i32, CTL_PCI_GEN, gen);
+    Atomics.notify(this.i32, CTL_PCI_GEN);
+  }
+  /** Main thread: resolves once the worker has applied PCI change `gen` (or has stopped). */
+  async waitPciGeneration(gen: number, timeoutMs: number): Promise<boolean> {
+    const deadline = performance.now() + timeoutMs;
+    for (;;) {
+      const now = this.pciGeneration;
+      if (now >= gen || this.state === State.Stopped) return true;
+      const left = deadline - performance.now();
+      if (left <= 0) return false;
+      const w = Atomics.waitAsync(this.i32, CTL_PCI_GEN, now, Math.min(left, 1000));
+      if (w.async) await w.value;
+    }
   }
   /** The worker's kernel tid, or null before it started. */
   get thread(): number | null {

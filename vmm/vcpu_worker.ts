@@ -2,7 +2,9 @@
 /**
  * A vCPU thread: blocks in a synchronous KVM_RUN and dispatches PIO/MMIO exits to buses built in
  * this worker over the devices' shared state. Commands come through the vCPU's control buffer (see
- * vcpu_control.ts); the only messages posted are the start-up acknowledgement and the final exit.
+ * vcpu_control.ts); the only message it posts is its final exit. PCI hotplug changes arrive as messages
+ * followed by the Reload command: the worker leaves KVM_RUN, returns to its event loop, takes the change
+ * into its buses, acknowledges it in the control buffer and runs again.
  */
 import {
   KVM_EXIT_FAIL_ENTRY,
@@ -21,6 +23,9 @@ import { kickInit, threadId, type VcpuDescriptor, VcpuFd } from "../ffi/kvm.ts";
 import { setThreadName } from "../ffi/socket.ts";
 import { Cmd, CTL_EXITS, State, VcpuControl, VmEvent, VmEvents } from "./vcpu_control.ts";
 import { buildPlatformBuses, type PlatformDescriptors } from "./platform.ts";
+import type { MmioBus, PioBus } from "../devices/bus.ts";
+import type { PciThread } from "./pci_platform.ts";
+import type { VirtioDeviceDescriptor } from "../devices/virtio/device_shared.ts";
 
 /** What the main thread sends a vCPU worker once, at start. */
 export interface VcpuWorkerInit {
@@ -29,6 +34,13 @@ export interface VcpuWorkerInit {
   events: SharedArrayBuffer;
   platform: PlatformDescriptors;
 }
+
+/** A PCI change for this vCPU's buses (hot-add or removal), generation `gen`. */
+export type VcpuPciChange = PciChange & { gen: number };
+/** The change itself: a device to attach, or the identifier of one to detach. */
+export type PciChange =
+  | { type: "pci-attach"; device: VirtioDeviceDescriptor }
+  | { type: "pci-detach"; id: string };
 
 /** The worker's last message. */
 export interface VcpuWorkerExit {
@@ -41,7 +53,21 @@ export interface VcpuWorkerExit {
 const EINTR = 4;
 const EAGAIN = 11;
 
-function runVcpu(init: VcpuWorkerInit): string {
+/** This thread's vCPU and buses, built once. */
+interface VcpuContext {
+  init: VcpuWorkerInit;
+  ctl: VcpuControl;
+  events: VmEvents;
+  vcpu: VcpuFd;
+  pio: PioBus;
+  mmio: MmioBus;
+  pci: PciThread | null;
+}
+
+/** Returned by runVcpu when the main thread asked for a reload (a PCI change is waiting as a message). */
+const RELOAD = "reload";
+
+function setUp(init: VcpuWorkerInit): VcpuContext {
   // Named as Cloud Hypervisor names its vCPU threads: orchestrators (Kata) find them by this name.
   setThreadName(`vcpu${init.vcpu.id}`);
   kickInit();
@@ -49,8 +75,13 @@ function runVcpu(init: VcpuWorkerInit): string {
   const events = new VmEvents(init.events);
   ctl.publishThread(threadId());
   const vcpu = VcpuFd.fromDescriptor(init.vcpu);
+  const { pio, mmio, pci } = buildPlatformBuses(init.platform, events);
+  return { init, ctl, events, vcpu, pio, mmio, pci };
+}
+
+function runVcpu(c: VcpuContext): string {
+  const { ctl, events, vcpu, pio, mmio } = c;
   const run = vcpu.kvmRun;
-  const { pio, mmio } = buildPlatformBuses(init.platform, events);
   const page = run.data;
   const dv = new DataView(page.buffer, page.byteOffset, page.byteLength);
   const mmioData = run.mmioData;
@@ -63,6 +94,7 @@ function runVcpu(init: VcpuWorkerInit): string {
     run.immediateExit = 0;
     const cmd = ctl.command;
     if (cmd === Cmd.Stop) return "stopped";
+    if (cmd === Cmd.Reload) return RELOAD;
     if (cmd === Cmd.Pause) {
       ctl.setState(State.Paused);
       while (ctl.command === Cmd.Pause) Atomics.wait(ctl.i32, 0, Cmd.Pause);
@@ -138,11 +170,15 @@ function runVcpu(init: VcpuWorkerInit): string {
   }
 }
 
-self.onmessage = (ev: MessageEvent<VcpuWorkerInit>) => {
-  const init = ev.data;
+let context: VcpuContext | null = null;
+
+/** Runs the vCPU until it stops for good (then posts the exit) or is asked to reload. */
+function runOrExit(c: VcpuContext): void {
+  const init = c.init;
   let msg: VcpuWorkerExit;
   try {
-    const reason = runVcpu(init);
+    const reason = runVcpu(c);
+    if (reason === RELOAD) return; // back to the event loop: the change's message comes next
     // Where the vCPU stood when it stopped: the first thing to look at when a guest hangs.
     const vcpu = VcpuFd.fromDescriptor(init.vcpu);
     const rip = vcpu.getRegs().rip;
@@ -161,7 +197,41 @@ self.onmessage = (ev: MessageEvent<VcpuWorkerInit>) => {
       error: e instanceof Error ? e.stack ?? e.message : String(e),
     };
   }
+  context = null;
   new VcpuControl(init.control).setState(State.Stopped);
   self.postMessage(msg);
   self.close();
+}
+
+/** Takes a PCI change into this thread's buses, acknowledges it and runs the vCPU again. */
+function applyPciChange(c: VcpuContext, m: VcpuPciChange): void {
+  try {
+    if (!c.pci) throw new Error("this VM has no PCI bus");
+    if (m.type === "pci-attach") c.pci.attach(m.device);
+    else c.pci.detach(m.id);
+    c.ctl.setPciGeneration(m.gen);
+  } catch (e) {
+    // No acknowledgement: the main thread times out waiting for it and reports the failure.
+    console.error(`vCPU ${c.init.vcpu.id}: PCI change failed: ${(e as Error).message}`);
+  }
+  Atomics.compareExchange(c.ctl.i32, 0, Cmd.Reload, Cmd.Run);
+  runOrExit(c);
+}
+
+self.onmessage = (ev: MessageEvent<VcpuWorkerInit | VcpuPciChange>) => {
+  const data = ev.data;
+  if ("type" in data) {
+    if (context) applyPciChange(context, data);
+    return;
+  }
+  try {
+    context = setUp(data);
+  } catch (e) {
+    new VmEvents(data.events).raise(VmEvent.Crash);
+    new VcpuControl(data.control).setState(State.Stopped);
+    self.postMessage({ type: "exit", id: data.vcpu.id, reason: "error", error: (e as Error).stack });
+    self.close();
+    return;
+  }
+  runOrExit(context);
 };

@@ -19,7 +19,10 @@ import { type GuestEvent, type VmBackend, VmmError } from "./control.ts";
 import { GuestMemory } from "./memory.ts";
 import { vcpuCpuid } from "./cpuid.ts";
 import { Cmd, State, VcpuControl, VmEvent, VmEvents } from "./vcpu_control.ts";
-import type { VcpuWorkerExit, VcpuWorkerInit } from "./vcpu_worker.ts";
+import type { PciChange, VcpuPciChange, VcpuWorkerExit, VcpuWorkerInit } from "./vcpu_worker.ts";
+import type { HotplugKind } from "./control.ts";
+import type { PciDeviceInfo } from "./vm_config.ts";
+import type { PciHotplugRequest } from "./pci_platform.ts";
 import { layout, ramRegions } from "./layout.ts";
 import { checkPayloadFiles, loadPayload } from "./loader/payload.ts";
 import { writeAcpiTables } from "./acpi/tables.ts";
@@ -47,6 +50,13 @@ const APIC_LVT_LINT1 = 0x360;
 const APIC_MODE_NMI = 0x4;
 const APIC_MODE_EXTINT = 0x7;
 
+/** How long the guest gets to let go of a device being removed (ACPI eject). */
+const EJECT_TIMEOUT_MS = 20_000;
+/** How long a vCPU thread gets to take a PCI change into its buses. */
+const PCI_CHANGE_TIMEOUT_MS = 10_000;
+/** Device kinds dvmm can hot-add (the others answer "not implemented"). */
+const HOTPLUG_KINDS: readonly HotplugKind[] = ["disk", "net", "fs", "generic-vhost-user"];
+
 interface VcpuThread {
   fd: VcpuFd;
   control: VcpuControl;
@@ -68,6 +78,8 @@ export class Vm implements VmBackend {
   #listeners: ((e: GuestEvent) => void)[] = [];
   #stopping = false;
   #closed = false;
+  /** Generation of the last PCI change sent to the vCPU threads. */
+  #pciGeneration = 0;
 
   constructor(readonly config: VmConfig) {}
 
@@ -106,6 +118,76 @@ export class Vm implements VmBackend {
     } catch (e) {
       return Promise.reject(e);
     }
+  }
+
+  /**
+   * Hot-adds a device (ACPI PCI hotplug): built and started on the host, taken in by every vCPU thread,
+   * then announced to the guest, which scans the slot. Answers once the device is in place, as Cloud
+   * Hypervisor does (the guest's driver binds it shortly after).
+   */
+  async addDevice(kind: HotplugKind, config: unknown): Promise<PciDeviceInfo> {
+    const pci = this.#platform?.pci;
+    if (!pci) throw new VmmError("Internal", "the VM has no PCI bus to add devices to");
+    if (!HOTPLUG_KINDS.includes(kind)) {
+      throw new VmmError("NotImplemented", `hot-adding ${kind} devices is not implemented in dvmm yet`);
+    }
+    let desc;
+    try {
+      desc = pci.hotAdd({ kind, config } as PciHotplugRequest);
+    } catch (e) {
+      throw new VmmError("Internal", [`failed to add the ${kind} device`, (e as Error).message]);
+    }
+    try {
+      await this.#changePci({ type: "pci-attach", device: desc });
+    } catch (e) {
+      await this.#changePci({ type: "pci-detach", id: desc.id }).catch(() => {});
+      await pci.release(desc.id);
+      throw new VmmError("Internal", [`failed to add the ${kind} device`, (e as Error).message]);
+    }
+    pci.announce(desc.id);
+    log.info(`hot-added ${kind} device ${desc.id} at ${pci.bdfOf(desc.id)}`);
+    return { id: desc.id, bdf: pci.bdfOf(desc.id)! };
+  }
+
+  /**
+   * Hot-removes a device: the guest is asked to eject it (ACPI), and once it has let go (its `_EJ0`),
+   * every vCPU thread drops it and its worker, BAR, GSIs, ioeventfds, irqfds and descriptors are freed.
+   * A guest that does not let go within EJECT_TIMEOUT_MS gets an error; the device stays.
+   */
+  async removeDevice(id: string): Promise<void> {
+    const pci = this.#platform?.pci;
+    const desc = pci?.descriptors.devices.find((d) => d.id === id);
+    if (!pci || !desc) throw new VmmError("NotFound", `no PCI device with identifier '${id}'`);
+    if (desc.kind === "pmem" || desc.kind === "balloon" || desc.kind === "console") {
+      throw new VmmError("NotImplemented", `removing ${desc.kind} devices is not implemented in dvmm yet`);
+    }
+    const ejected = await pci.requestEject(id, EJECT_TIMEOUT_MS);
+    if (!ejected) {
+      throw new VmmError(
+        "Internal",
+        `the guest did not release device '${id}' within ${EJECT_TIMEOUT_MS / 1000} s ` +
+          "(does it run ACPI PCI hotplug, acpiphp?); the device stays",
+      );
+    }
+    await this.#changePci({ type: "pci-detach", id });
+    await pci.release(id);
+    log.info(`removed device ${id}`);
+  }
+
+  /** Sends a PCI change to every vCPU thread and waits until each has taken it in. */
+  async #changePci(change: PciChange): Promise<void> {
+    const gen = ++this.#pciGeneration;
+    const msg: VcpuPciChange = { ...change, gen };
+    for (const v of this.#vcpus) {
+      v.worker.postMessage(msg);
+      // Only a running vCPU is asked to reload: a stopping one must not lose its Stop.
+      Atomics.compareExchange(v.control.i32, 0, Cmd.Run, Cmd.Reload);
+    }
+    this.#kickAll();
+    const ok = await Promise.all(
+      this.#vcpus.map((v) => v.control.waitPciGeneration(gen, PCI_CHANGE_TIMEOUT_MS)),
+    );
+    if (ok.includes(false)) throw new Error("a vCPU thread did not take in the PCI change");
   }
 
   async boot(): Promise<void> {

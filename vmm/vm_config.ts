@@ -817,6 +817,7 @@ export type PayloadConfig = z.infer<typeof PayloadConfigSchema>;
 export type DiskConfig = z.infer<typeof DiskConfigSchema>;
 export type NetConfig = z.infer<typeof NetConfigSchema>;
 export type RngConfig = z.infer<typeof RngConfigSchema>;
+export type BalloonConfig = z.infer<typeof BalloonConfigSchema>;
 export type FsConfig = z.infer<typeof FsConfigSchema>;
 export type PmemConfig = z.infer<typeof PmemConfigSchema>;
 export type ConsoleConfig = z.infer<typeof ConsoleConfigSchema>;

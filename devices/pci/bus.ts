@@ -70,6 +70,8 @@ export class PciBus {
   onResetControl: ((value: number) => void) | null = null;
   readonly #addr: Uint32Array;
   readonly #alloc: { mmio32: number; mmio64: number; io: number };
+  /** BAR ranges given back by removed functions, reused before the window's untouched end. */
+  readonly #freed: { key: "mmio32" | "mmio64" | "io"; at: number; size: number }[] = [];
   readonly #params: PciBusParams;
 
   constructor(params: PciBusParams) {
@@ -106,6 +108,31 @@ export class PciBus {
     return out;
   }
 
+  /**
+   * Takes the function out of `slot` (hot removal) and returns it. When `release` is true (the thread that
+   * allocates), its BAR ranges go back to the allocator for later functions.
+   */
+  remove(slot: number, release = true): PciFunction | undefined {
+    const fn = this.slots[slot];
+    if (slot < 1 || slot > 31 || !fn) return undefined;
+    this.slots[slot] = undefined;
+    fn.config.onBarChange = null;
+    if (release) {
+      for (let i = 0; i < 6; i++) {
+        const spec = fn.config.bars[i];
+        if (!spec || spec.index !== i || (spec.kind === "io" && !this.#params.io)) continue;
+        const key = spec.kind === "io"
+          ? "io"
+          : spec.kind === "mem64" && this.#params.mmio64
+          ? "mmio64"
+          : "mmio32";
+        const at = fn.config.barAddress(i);
+        if (at > 0) this.#freed.push({ key, at, size: spec.size });
+      }
+    }
+    return fn;
+  }
+
   /** First free slot from 1. */
   freeSlot(): number {
     for (let s = 1; s < 32; s++) if (!this.slots[s]) return s;
@@ -120,6 +147,8 @@ export class PciBus {
     else if (spec.kind === "mem64" && p.mmio64) [key, win] = ["mmio64", p.mmio64];
     else [key, win] = ["mmio32", p.mmio32];
     if (!win) throw new Error(`no window for ${spec.kind} BAR`);
+    const reuse = this.#freed.findIndex((f) => f.key === key && f.size === spec.size);
+    if (reuse >= 0) return this.#freed.splice(reuse, 1)[0].at;
     const at = Math.ceil(this.#alloc[key] / spec.size) * spec.size;
     if (at + spec.size > win.base + win.size) throw new Error(`PCI ${key} window exhausted`);
     this.#alloc[key] = at + spec.size;

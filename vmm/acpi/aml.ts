@@ -283,6 +283,11 @@ export function notify(object: Aml, value: Aml): Aml {
   return cat(bytes(NOTIFY_OP), object, value);
 }
 
+/** A method invocation: the method's path followed by its arguments. */
+export function call(path: string, ...args: Aml[]): Aml {
+  return cat(nameString(path), ...args);
+}
+
 /** Return(value). */
 export function ret(value: Aml): Aml {
   return cat(bytes(RETURN_OP), value);

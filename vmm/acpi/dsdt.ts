@@ -8,6 +8,7 @@ import { Layout, mmio64Window, pciSegmentEcam, pciSegmentMmio32 } from "../layou
 import {
   type Aml,
   and,
+  call,
   cat,
   device,
   dwordMemory,
@@ -53,6 +54,11 @@ export interface DsdtOptions {
   sbDevices?: Aml[];
   /** Extra AML appended inside Device(\_SB.PCI0) (e.g. _PRT, slots). */
   pciDevices?: Aml[];
+  /**
+   * Describe ACPI PCI hotplug (default: with `pci`): slot objects with _EJ0 on every segment's bus 0 and
+   * the PHPR controller the GED scans.
+   */
+  pciHotplug?: boolean;
 }
 
 /** \_S5: SLP_TYPa = Layout.acpiPm.s5SleepType. */
@@ -79,7 +85,7 @@ export function powerButton(): Aml {
  * Generic Event Device (ACPI0013): one edge-triggered GSI. Its _EVT reads the event status port
  * (reading clears it in the device model) and notifies the power button when bit 0 is set.
  */
-export function ged(): Aml {
+export function ged(pciHotplug = false): Aml {
   const pm = Layout.acpiPm;
   return device(
     "GED_",
@@ -94,7 +100,72 @@ export function ged(): Aml {
       true,
       store(ref("GDAT"), local(0)),
       ifThen(and(local(0), int(pm.gedPowerButtonBit)), notify(ref("\\_SB.PWRB"), int(0x80))),
+      ...(pciHotplug ? [ifThen(and(local(0), int(pm.gedPciHotplugBit)), call("\\_SB.PHPR.PSCN"))] : []),
     ),
+  );
+}
+
+const hex2 = (n: number) => n.toString(16).toUpperCase().padStart(2, "0");
+
+/** The ACPI name of segment `segment`'s host bridge. */
+export function pciSegmentName(segment: number): string {
+  return segment === 0 ? "PCI0" : `PC${hex2(segment)}`;
+}
+
+/**
+ * The slots of a segment's bus 0 (1..31), each an ejectable object the guest's acpiphp manages: `_ADR`
+ * (device N, function 0), `_SUN` (unique across segments) and `_EJ0`, which tells the hotplug controller
+ * that the guest has let go of the slot.
+ */
+export function pciHotplugSlots(segment: number): Aml[] {
+  const out: Aml[] = [];
+  for (let slot = 1; slot < 32; slot++) {
+    out.push(device(
+      `SL${hex2(slot)}`,
+      name("_ADR", int(slot << 16)),
+      name("_SUN", int(segment * 32 + slot)),
+      method("_EJ0", 1, true, store(int((1 << slot) >>> 0), ref(`\\_SB.PHPR.PE${hex2(segment)}`))),
+    ));
+  }
+  return out;
+}
+
+/**
+ * The PCI hotplug controller (devices/pci_hotplug.ts): its I/O ports, and PSCN, which the GED calls. For
+ * each segment PSCN reads the slots that gained a device (Notify 1, device check: the guest scans the
+ * slot) and those to give up (Notify 3, eject request: the guest unbinds, then calls the slot's _EJ0).
+ */
+export function pciHotplugController(segments: number): Aml {
+  const base = Layout.pciHotplugPort;
+  const units = [];
+  for (let s = 0; s < segments; s++) {
+    units.push(
+      { name: `PU${hex2(s)}`, bits: 32 },
+      { name: `PD${hex2(s)}`, bits: 32 },
+      { name: `PE${hex2(s)}`, bits: 32 },
+      { name: "", bits: 32 },
+    );
+  }
+  const scan: Aml[] = [];
+  for (let s = 0; s < segments; s++) {
+    scan.push(store(ref(`PU${hex2(s)}`), local(0)), store(ref(`PD${hex2(s)}`), local(1)));
+    for (let slot = 1; slot < 32; slot++) {
+      const path = `\\_SB.${pciSegmentName(s)}.SL${hex2(slot)}`;
+      const bit = int((1 << slot) >>> 0);
+      scan.push(
+        ifThen(and(local(0), bit), notify(ref(path), int(1))),
+        ifThen(and(local(1), bit), notify(ref(path), int(3))),
+      );
+    }
+  }
+  return device(
+    "PHPR",
+    name("_HID", eisaId("PNP0A06")),
+    name("_UID", str("PCI hotplug")),
+    name("_CRS", resourceTemplate(ioPort(base, base, 1, segments * 16))),
+    opRegion("PCST", RegionSpace.SystemIO, base, segments * 16),
+    field("PCST", FieldAccess.DWord, false, FieldUpdate.WriteAsZeros, units),
+    method("PSCN", 0, true, ...scan),
   );
 }
 
@@ -130,16 +201,17 @@ export function pciHostBridge(
 }
 
 /** The host bridge of PCI segment `segment` (1..): its bus 0 and its slice of the 32-bit window. */
-export function pciSegmentHostBridge(segment: number, segments: number): Aml {
+export function pciSegmentHostBridge(segment: number, segments: number, extra: Aml[] = []): Aml {
   const w32 = pciSegmentMmio32(segment, segments);
   return device(
-    `PC${segment.toString(16).toUpperCase().padStart(2, "0")}`,
+    pciSegmentName(segment),
     name("_HID", eisaId("PNP0A08")),
     name("_CID", eisaId("PNP0A03")),
     name("_SEG", int(segment)),
     name("_UID", int(segment)),
     name("_BBN", int(0)),
     name("_CRS", resourceTemplate(wordBusNumber(0, 0), dwordMemory(w32.base, w32.base + w32.size - 1))),
+    ...extra,
   );
 }
 
@@ -164,13 +236,17 @@ export function motherboardResources(segments = 1): Aml {
 /** The DSDT body (AML after the table header). */
 export function dsdtAml(o: DsdtOptions = {}): Aml {
   const sb: Aml[] = [];
-  if (o.pci ?? true) {
+  const pci = o.pci ?? true;
+  const hotplug = pci && (o.pciHotplug ?? true);
+  if (pci) {
     const segments = o.pciSegments ?? 1;
-    sb.push(pciHostBridge(o.memSize, o.pciDevices, o.hotplugSize, segments));
-    for (let s = 1; s < segments; s++) sb.push(pciSegmentHostBridge(s, segments));
+    const slots = (s: number) => hotplug ? pciHotplugSlots(s) : [];
+    sb.push(pciHostBridge(o.memSize, [...(o.pciDevices ?? []), ...slots(0)], o.hotplugSize, segments));
+    for (let s = 1; s < segments; s++) sb.push(pciSegmentHostBridge(s, segments, slots(s)));
     sb.push(motherboardResources(segments));
+    if (hotplug) sb.push(pciHotplugController(segments));
   }
   if (o.serial ?? true) sb.push(com1());
-  sb.push(powerButton(), ged(), ...(o.sbDevices ?? []));
+  sb.push(powerButton(), ged(hotplug), ...(o.sbDevices ?? []));
   return cat(s5Package(), scope("\\_SB", ...sb));
 }
