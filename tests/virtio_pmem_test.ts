@@ -307,7 +307,11 @@ Deno.test({
     assert.equal(vm.memoryActualSize(), 64 * MiB);
     await vm.resize({ desired_balloon: 8 * MiB });
     assert.equal(vm.counters().__balloon.target_bytes, 8 * MiB);
-    await assert.rejects(vm.resize({ desired_vcpus: 2 }), /not implemented/);
+    await assert.rejects(vm.resize({ desired_vcpus: 2 }), /must be between 1 and max_vcpus \(1\)/);
+    await assert.rejects(
+      vm.resize({ desired_ram: 128 * MiB }),
+      /resizing the RAM of a running VM is not implemented/,
+    );
     await vm.resize({ desired_vcpus: 1, desired_ram: 64 * MiB }); // no change: nothing to do
   } finally {
     await vm.shutdown();

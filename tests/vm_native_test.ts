@@ -3,7 +3,7 @@
  * the 16550 over shared state, the ACPI sleep register (poweroff), pause/resume and shutdown.
  */
 import assert from "node:assert/strict";
-import { DiskConfigSchema, VmConfigSchema } from "../vmm/vm_config.ts";
+import { DiskConfigSchema, PmemConfigSchema, VmConfigSchema } from "../vmm/vm_config.ts";
 import type { GuestEvent } from "../vmm/control.ts";
 import { Vm } from "../vmm/vm.ts";
 import { printAndPoweroffCode, pvhElf } from "./helpers/tiny_guest.ts";
@@ -11,11 +11,11 @@ import { kvmAvailable } from "./helpers/realmode.ts";
 
 const ignore = !kvmAvailable();
 
-async function guestVm(code: Uint8Array, vcpus = 1) {
+async function guestVm(code: Uint8Array, vcpus = 1, maxVcpus = vcpus) {
   const dir = await Deno.makeTempDir({ prefix: "dvmm-vm-test-" });
   await Deno.writeFile(`${dir}/guest.elf`, pvhElf(code));
   const config = VmConfigSchema.parse({
-    cpus: { boot_vcpus: vcpus, max_vcpus: vcpus },
+    cpus: { boot_vcpus: vcpus, max_vcpus: maxVcpus },
     memory: { size: 64 << 20 },
     payload: { kernel: `${dir}/guest.elf` },
     serial: { mode: "File", file: `${dir}/serial.out` },
@@ -253,7 +253,7 @@ Deno.test(
         Deno.readTextFileSync(`/proc/self/task/${t.name}/comm`).trim()
       );
     const settle = async (want: (names: string[]) => boolean) => {
-      for (let i = 0; i < 200 && !want(threads()); i++) await new Promise((r) => setTimeout(r, 10));
+      for (let i = 0; i < 1000 && !want(threads()); i++) await new Promise((r) => setTimeout(r, 10));
     };
     await g.vm.boot();
     await settle((n) => n.includes("__rng"));
@@ -279,12 +279,87 @@ Deno.test(
       assert.equal(g.vm.counters()["hp0"], undefined);
     }
     await settle((n) => !n.includes("hp0"));
-    for (let i = 0; i < 100 && fds() !== before.fds; i++) await new Promise((r) => setTimeout(r, 20));
+    for (let i = 0; i < 500 && fds() !== before.fds; i++) await new Promise((r) => setTimeout(r, 20));
     assert.equal(fds(), before.fds, "descriptors after 20 add/remove cycles");
     assert.equal(threads().length, before.threads, "threads after 20 add/remove cycles");
     // The slot and the identifier are free again; a kind dvmm cannot hot-add says so.
     await g.vm.addDevice("disk", structuredClone(disk));
-    await assert.rejects(g.vm.addDevice("pmem", {}), /hot-adding pmem devices is not implemented/);
+    await assert.rejects(g.vm.addDevice("vdpa", {}), /hot-adding vdpa devices is not implemented/);
+    // vm.resize-disk grows the image; shrinking and odd sizes are refused by name.
+    await g.vm.resizeDisk("hp0", 2 << 20);
+    assert.equal((await Deno.stat(image)).size, 2 << 20);
+    await assert.rejects(g.vm.resizeDisk("hp0", 1 << 20), /shrinking a disk is not supported/);
+    await assert.rejects(g.vm.resizeDisk("hp0", 3000), /not a positive multiple of 512/);
+    // pmem: the file is mapped into guest memory when added and unmapped when removed, twice over.
+    const pfile = `${g.dir}/pm.img`;
+    await Deno.writeFile(pfile, new Uint8Array(2 << 20));
+    let first = -1;
+    for (let i = 0; i < 2; i++) {
+      await g.vm.addDevice("pmem", PmemConfigSchema.parse({ id: "pm0", file: pfile }));
+      type Node = { resources: { MmioAddressRange: { base: number; size: number } }[] };
+      const range = (g.vm.deviceTree() as Record<string, Node>)["pm0"].resources[0].MmioAddressRange;
+      assert.equal(range.size, 2 << 20);
+      if (i === 0) first = range.base;
+      assert.equal(range.base, first, "the same guest address again: the region was given back");
+      await g.vm.removeDevice("pm0");
+    }
+    await g.vm.shutdown();
+    await Deno.remove(g.dir, { recursive: true });
+  },
+);
+
+Deno.test(
+  { name: "vCPU hotplug: resize 1 → 2 → 1 → 2 → 1 starts and stops the vCPU thread; fds come back", ignore },
+  async () => {
+    // The guest plays the part of Linux's ACPI processor driver for vCPU 1: it polls vCPU 1's register of
+    // the vCPU hotplug controller (port 0xB801) and ejects the vCPU when the VMM asks for it back.
+    //   0: mov dx,0xb801; in al,dx; test al,4; jz 0; mov al,8; out dx,al; jmp 0
+    const code = new Uint8Array([
+      0x66,
+      0xba,
+      0x01,
+      0xb8,
+      0xec,
+      0xa8,
+      0x04,
+      0x74,
+      0xf7,
+      0xb0,
+      0x08,
+      0xee,
+      0xeb,
+      0xf2,
+    ]);
+    const g = await guestVm(code, 1, 2);
+    const vcpuThreads = () =>
+      [...Deno.readDirSync("/proc/self/task")]
+        .map((t) => Deno.readTextFileSync(`/proc/self/task/${t.name}/comm`).trim())
+        .filter((n) => /^vcpu\d+$/.test(n)).sort();
+    const fds = () => [...Deno.readDirSync("/proc/self/fd")].length;
+    const until = async (want: () => boolean) => {
+      for (let i = 0; i < 1000 && !want(); i++) await new Promise((r) => setTimeout(r, 10));
+    };
+    await g.vm.boot();
+    await assert.rejects(
+      g.vm.resize({ desired_vcpus: 3 }),
+      /desired_vcpus \(3\) must be between 1 and max_vcpus \(2\)/,
+    );
+    let before = 0;
+    for (let round = 0; round < 2; round++) {
+      await g.vm.resize({ desired_vcpus: 2 });
+      await until(() => vcpuThreads().length === 2);
+      assert.deepEqual(vcpuThreads(), ["vcpu0", "vcpu1"]);
+      await g.vm.resize({ desired_vcpus: 2 }); // nothing to change
+      await g.vm.resize({ desired_vcpus: 1 });
+      await until(() => vcpuThreads().length === 1);
+      assert.deepEqual(vcpuThreads(), ["vcpu0"]);
+      if (round === 0) {
+        await new Promise((r) => setTimeout(r, 200));
+        before = fds();
+      }
+    }
+    await until(() => fds() === before);
+    assert.equal(fds(), before, "descriptors after plugging vCPU 1 in and out again (its fd is reused)");
     await g.vm.shutdown();
     await Deno.remove(g.dir, { recursive: true });
   },

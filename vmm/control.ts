@@ -83,6 +83,8 @@ export interface VmBackend {
   addDevice?(kind: HotplugKind, config: unknown): Promise<PciDeviceInfo>;
   /** Optional: hot-remove a device by identifier. */
   removeDevice?(id: string): Promise<void>;
+  /** Optional: grow a disk of the running VM (vm.resize-disk). */
+  resizeDisk?(id: string, size: number): Promise<void>;
   /** Optional: resize vCPUs / RAM / balloon of the running VM. */
   resize?(r: VmResize): Promise<void>;
   /** Optional: host input bytes (stdin in Tty mode) for the guest's serial port or console. */
@@ -630,8 +632,15 @@ export class ControlLoop {
     }
     const backend = this.#backend!;
     if (!backend.resize) throw notImplemented("resizing a running VM");
+    if (
+      this.#state === "Paused" && r.desired_vcpus !== undefined && r.desired_vcpus !== config.cpus.boot_vcpus
+    ) {
+      throw new VmmError("WrongState", "cannot change the vCPUs while the VM is paused: resume it first");
+    }
+    this.#events.emit("vm", "resizing");
     await backend.resize(r);
     this.#config = validated;
+    this.#events.emit("vm", "resized");
   }
 
   #resizeZone(r: VmResizeZone): void {
@@ -644,12 +653,16 @@ export class ControlLoop {
     this.#config = revalidate(next);
   }
 
-  #resizeDisk(r: VmResizeDisk): never {
+  async #resizeDisk(r: VmResizeDisk): Promise<void> {
     const config = this.#requireCreated();
     if (!config.disks?.some((d) => d.id === r.id)) {
       throw new VmmError("NotFound", `no disk with identifier '${r.id}'`);
     }
-    throw notImplemented("resizing disks");
+    // As Cloud Hypervisor: the disk of a running VM (its image is open and the guest is told).
+    this.#requireBooted("resize a disk");
+    const backend = this.#backend!;
+    if (!backend.resizeDisk) throw notImplemented("resizing disks");
+    await backend.resizeDisk(r.id, r.desired_size);
   }
 
   #needsPaused(action: string, what: string): never {

@@ -137,6 +137,8 @@ export const Layout = {
     gedPowerButtonBit: 0x01,
     /** GED event bit: the PCI hotplug controller has slots to scan (devices arrived or to eject). */
     gedPciHotplugBit: 0x02,
+    /** GED event bit: the vCPU hotplug controller has vCPUs to scan (added, or to give up). */
+    gedCpuHotplugBit: 0x04,
     /** GSI (IOAPIC pin) of the GED interrupt: edge-triggered, active high. */
     gedGsi: 5,
     /** GSI given as SCI_INT in the FADT (unused by hardware-reduced ACPI, but must be sane). */
@@ -148,6 +150,8 @@ export const Layout = {
    * the DSDT's PHPR device claims. Outside the PCI I/O window dvmm's devices use (they have no I/O BARs).
    */
   pciHotplugPort: 0xae00,
+  /** The vCPU hotplug controller (devices/cpu_hotplug.ts): one I/O port per possible vCPU from here. */
+  cpuHotplugPort: 0xb800,
 } as const;
 
 /** Alias of {@link Layout}. */

@@ -503,6 +503,8 @@ export type PciHotplugRequest =
   | { kind: "disk"; config: DiskConfig }
   | { kind: "net"; config: NetConfig }
   | { kind: "fs"; config: FsConfig }
+  | { kind: "pmem"; config: PmemConfig }
+  | { kind: "vsock"; config: VsockConfig }
   | { kind: "generic-vhost-user"; config: GenericVhostUserConfig };
 
 /** Main-thread handle on the PCI segments. */
@@ -527,6 +529,11 @@ export interface PciHost {
   release(id: string): Promise<void>;
   /** The device's slot address (`pci_bdf`). */
   bdfOf(id: string): string | null;
+  /**
+   * vm.resize-disk: grows disk `id`'s image to `size` bytes and tells the guest (new capacity in the
+   * config space, config-change interrupt). Throws a message naming what is wrong otherwise.
+   */
+  resizeDisk(id: string, size: number): void;
   close(): Promise<void>;
 }
 
@@ -845,6 +852,7 @@ export function createPci(
   const buildPmem = (p: PmemConfig, i: number) => {
     const id = p.id ?? `_pmem${i}`;
     const r = pmem.add(p, id);
+    pending.cleanup.push(() => pmem.remove(id));
     log.debug(`${id}: ${p.file} at 0x${r.gpa.toString(16)}, ${r.size} bytes (slot ${r.slot})`);
     return addDevice(
       id,
@@ -1056,6 +1064,41 @@ export function createPci(
       const d = devices.find((x) => x.id === id);
       return d ? bdf(d.slot, d.segment) : null;
     },
+    resizeDisk: (id, size) => {
+      const h = primary.devices.find((x) => x.desc.id === id);
+      if (!h) throw new Error(`no disk '${id}'`);
+      const b = h.desc.blk;
+      if (!b) throw new Error(`disk '${id}' is served by a vhost-user back-end: resize it there`);
+      if (b.readonly) throw new Error(`disk '${id}' is read-only`);
+      if (!Number.isSafeInteger(size) || size <= 0 || size % 512 !== 0) {
+        throw new Error(`desired_size ${size} is not a positive multiple of 512 bytes`);
+      }
+      const current = h.diskSize > 0 ? h.diskSize : b.size;
+      if (size < current) {
+        throw new Error(
+          `shrinking a disk is not supported (disk '${id}' has ${current} bytes, ${size} asked)`,
+        );
+      }
+      const r = Number(shim().kvs_ftruncate(b.fd, size));
+      if (r < 0) {
+        // EINVAL: not a regular file (a block device is resized by its owner, not by dvmm).
+        throw new Error(`growing the image failed (errno ${-r}${-r === 22 ? ": not a regular file" : ""})`);
+      }
+      const cap = new Uint8Array(8);
+      new DataView(cap.buffer).setBigUint64(0, BigInt(size / 512), true);
+      let vector = -1;
+      h.lock.lock();
+      try {
+        h.diskSize = size;
+        h.transport.updateDeviceConfig(0, cap);
+        vector = h.transport.configInterrupt();
+      } finally {
+        h.lock.unlock();
+      }
+      if (vector >= 0 && vector < h.desc.irqFds.length) h.signal(h.desc.irqFds[vector]);
+      h.kickWorker();
+      log.info(`disk ${id} resized to ${size} bytes`);
+    },
     hotAdd: (req) => {
       if (closed) throw new Error("the VM's devices are shut down");
       const c = req.config;
@@ -1067,6 +1110,8 @@ export function createPci(
         if (req.kind === "disk") desc = buildDisk(req.config, 0);
         else if (req.kind === "net") desc = buildNet(req.config, 0);
         else if (req.kind === "fs") desc = buildFs(req.config, 0);
+        else if (req.kind === "pmem") desc = buildPmem(req.config, 0);
+        else if (req.kind === "vsock") desc = buildVsock(req.config);
         else desc = buildGenericVhostUser(req.config, 0);
       } catch (e) {
         releaseResources(pending);

@@ -29,6 +29,7 @@ import {
 } from "./pci_platform.ts";
 import type { BalloonControl } from "../devices/virtio/balloon.ts";
 import { type HostEnd, openPty, openSocketEnd } from "./host_end.ts";
+import { CpuHotplug, type CpuHotplugDescriptor } from "../devices/cpu_hotplug.ts";
 
 /** Everything a thread needs to rebuild the platform: structured-cloneable. */
 export interface PlatformDescriptors {
@@ -41,6 +42,8 @@ export interface PlatformDescriptors {
   legacy: LegacyDescriptors;
   /** PCI segment with virtio devices, or null when the VM has none. */
   pci: PciDescriptors | null;
+  /** The vCPU hotplug controller (when max_vcpus > boot_vcpus). */
+  cpuHotplug: CpuHotplugDescriptor | null;
 }
 
 /** Writes all of `bytes` to a raw fd, waiting when the fd is non-blocking and full. */
@@ -81,6 +84,10 @@ function vmOf(d: PlatformDescriptors): VmFd {
 
 function build(d: PlatformDescriptors, events: VmEvents, pio = new PioBus()): LegacyDevices {
   const vm = vmOf(d);
+  if (d.cpuHotplug) {
+    const c = new CpuHotplug(d.cpuHotplug);
+    pio.register(c.base, c.len, c, "cpu-hotplug");
+  }
   return buildLegacyDevices(d.legacy, {
     serialIrq: irqLine(vm, d.legacy.serial.irq),
     serialOut: fdSink(d.serialOutFd, d.serialOutDrops),
@@ -123,6 +130,10 @@ export interface Platform {
   readonly balloon: BalloonControl | null;
   /** The PCI segments (hotplug, device tree), or null when the VM has no PCI devices. */
   readonly pci: PciHost | null;
+  /** The vCPU hotplug controller, or null when max_vcpus = boot_vcpus. */
+  readonly cpuHotplug: CpuHotplug | null;
+  /** Raises GED event bits (hotplug scans). */
+  raiseGed(bits: number): void;
   /** Stops the device workers and releases fds (after the vCPUs have stopped). */
   close(): Promise<void>;
 }
@@ -264,6 +275,9 @@ export function createPlatform(
     serialOutDrops: hostEnd !== null,
     legacy,
     pci: null,
+    cpuHotplug: cfg.cpus.max_vcpus > cfg.cpus.boot_vcpus
+      ? CpuHotplug.createDescriptor(Layout.cpuHotplugPort, cfg.cpus.max_vcpus, cfg.cpus.boot_vcpus)
+      : null,
   };
   const host = build(descriptors, events);
   let pci: PciHost | null = null;
@@ -294,6 +308,8 @@ export function createPlatform(
     counters: () => pci?.counters() ?? {},
     balloon: pci?.balloon ?? null,
     pci,
+    cpuHotplug: descriptors.cpuHotplug ? new CpuHotplug(descriptors.cpuHotplug) : null,
+    raiseGed: (bits) => host.acpiPm?.raiseEvent(bits),
     deviceTree: () => ({
       ...pci?.deviceTree(),
       __serial: {

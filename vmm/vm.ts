@@ -23,7 +23,7 @@ import type { PciChange, VcpuPciChange, VcpuWorkerExit, VcpuWorkerInit } from ".
 import type { HotplugKind } from "./control.ts";
 import type { PciDeviceInfo } from "./vm_config.ts";
 import type { PciHotplugRequest } from "./pci_platform.ts";
-import { layout, ramRegions } from "./layout.ts";
+import { Layout, layout, ramRegions } from "./layout.ts";
 import { checkPayloadFiles, loadPayload } from "./loader/payload.ts";
 import { writeAcpiTables } from "./acpi/tables.ts";
 import { bspRegisters } from "./boot_cpu.ts";
@@ -55,7 +55,7 @@ const EJECT_TIMEOUT_MS = 20_000;
 /** How long a vCPU thread gets to take a PCI change into its buses. */
 const PCI_CHANGE_TIMEOUT_MS = 10_000;
 /** Device kinds dvmm can hot-add (the others answer "not implemented"). */
-const HOTPLUG_KINDS: readonly HotplugKind[] = ["disk", "net", "fs", "generic-vhost-user"];
+const HOTPLUG_KINDS: readonly HotplugKind[] = ["disk", "net", "fs", "pmem", "vsock", "generic-vhost-user"];
 
 interface VcpuThread {
   fd: VcpuFd;
@@ -78,6 +78,10 @@ export class Vm implements VmBackend {
   #listeners: ((e: GuestEvent) => void)[] = [];
   #stopping = false;
   #closed = false;
+  #supportedCpuid?: ReturnType<Kvm["supportedCpuid"]>;
+  #msrList = new Set<number>();
+  /** vCPUs unplugged by the guest: KVM cannot destroy a vCPU, so its fd waits here to be plugged again. */
+  #parked = new Map<number, VcpuFd>();
   /** Generation of the last PCI change sent to the vCPU threads. */
   #pciGeneration = 0;
 
@@ -98,26 +102,75 @@ export class Vm implements VmBackend {
     return Math.max(0, ram - (this.#platform?.balloon?.actualBytes() ?? 0));
   }
 
-  /** vm.resize of the running VM: the balloon's target (resizing vCPUs or RAM is not built yet). */
-  resize(r: VmResize): Promise<void> {
-    try {
-      const c = this.config;
-      const todo = (what: string) => new VmmError("NotImplemented", `${what} is not implemented in dvmm yet`);
-      if (r.desired_vcpus !== undefined && r.desired_vcpus !== c.cpus.boot_vcpus) {
-        throw todo("resizing the vCPUs of a running VM");
-      }
-      if (r.desired_ram !== undefined && r.desired_ram !== c.memory.size) {
-        throw todo("resizing the RAM of a running VM");
-      }
-      if (r.desired_balloon !== undefined) {
-        const balloon = this.#platform?.balloon;
-        if (!balloon) throw new VmmError("BadRequest", "the VM has no balloon device");
-        balloon.setTarget(r.desired_balloon);
-      }
-      return Promise.resolve();
-    } catch (e) {
-      return Promise.reject(e);
+  /**
+   * vm.resize of the running VM: vCPUs (ACPI CPU hotplug, up to max_vcpus) and the balloon's target.
+   * Resizing RAM is not built yet.
+   */
+  async resize(r: VmResize): Promise<void> {
+    const c = this.config;
+    if (r.desired_ram !== undefined && r.desired_ram !== c.memory.size) {
+      throw new VmmError("NotImplemented", "resizing the RAM of a running VM is not implemented in dvmm yet");
     }
+    if (r.desired_balloon !== undefined && !this.#platform?.balloon) {
+      throw new VmmError("BadRequest", "the VM has no balloon device");
+    }
+    if (r.desired_vcpus !== undefined) await this.#resizeVcpus(r.desired_vcpus);
+    if (r.desired_balloon !== undefined) this.#platform!.balloon!.setTarget(r.desired_balloon);
+  }
+
+  /**
+   * Plugs vCPUs in (created, or taken back from the parked ones, their threads started, then announced
+   * to the guest, which adds them; onlining them is the guest's business) or asks the guest to give the
+   * highest ones up, stopping each thread once the guest has ejected it.
+   */
+  async #resizeVcpus(want: number): Promise<void> {
+    const have = this.#vcpus.length;
+    if (want === have) return;
+    const max = this.config.cpus.max_vcpus;
+    if (!Number.isInteger(want) || want < 1 || want > max) {
+      throw new VmmError("BadRequest", `desired_vcpus (${want}) must be between 1 and max_vcpus (${max})`);
+    }
+    const hp = this.#platform?.cpuHotplug;
+    if (!hp) {
+      throw new VmmError(
+        "BadRequest",
+        `desired_vcpus (${want}): this VM cannot change its vCPUs (max_vcpus equals boot_vcpus)`,
+      );
+    }
+    const bit = Layout.acpiPm.gedCpuHotplugBit;
+    if (want > have) {
+      for (let id = have; id < want; id++) {
+        const fd = this.#parked.get(id) ?? this.#createVcpu(id, true);
+        this.#parked.delete(id);
+        const t = this.#start(fd, newVcpuWorker());
+        this.#vcpus.push(t);
+        await waitReady(t.control);
+        hp.plug(id);
+      }
+      this.#platform!.raiseGed(bit);
+      log.info(`vCPUs: ${have} → ${want} (the guest brings them online)`);
+      return;
+    }
+    for (let id = have - 1; id >= want; id--) {
+      hp.requestEject(id);
+      this.#platform!.raiseGed(bit);
+      if (!await hp.waitEjected(id, EJECT_TIMEOUT_MS)) {
+        throw new VmmError(
+          "Internal",
+          `the guest did not give up vCPU ${id} within ${
+            EJECT_TIMEOUT_MS / 1000
+          } s; ${this.#vcpus.length} vCPUs stay`,
+        );
+      }
+      const t = this.#vcpus.pop()!;
+      t.control.setCommand(Cmd.Stop);
+      t.fd.kvmRun.immediateExit = 1;
+      const tid = t.control.thread;
+      if (tid !== null) kickTid(tid);
+      await t.exited;
+      this.#parked.set(id, t.fd);
+    }
+    log.info(`vCPUs: ${have} → ${want}`);
   }
 
   /**
@@ -158,7 +211,7 @@ export class Vm implements VmBackend {
     const pci = this.#platform?.pci;
     const desc = pci?.descriptors.devices.find((d) => d.id === id);
     if (!pci || !desc) throw new VmmError("NotFound", `no PCI device with identifier '${id}'`);
-    if (desc.kind === "pmem" || desc.kind === "balloon" || desc.kind === "console") {
+    if (desc.kind === "balloon" || desc.kind === "console") {
       throw new VmmError("NotImplemented", `removing ${desc.kind} devices is not implemented in dvmm yet`);
     }
     const ejected = await pci.requestEject(id, EJECT_TIMEOUT_MS);
@@ -172,6 +225,22 @@ export class Vm implements VmBackend {
     await this.#changePci({ type: "pci-detach", id });
     await pci.release(id);
     log.info(`removed device ${id}`);
+  }
+
+  /** vm.resize-disk: grows the image and tells the guest (virtio-blk capacity + config change). */
+  resizeDisk(id: string, size: number): Promise<void> {
+    try {
+      const pci = this.#platform?.pci;
+      if (!pci) throw new VmmError("NotFound", `no disk with identifier '${id}'`);
+      try {
+        pci.resizeDisk(id, size);
+      } catch (e) {
+        throw new VmmError("BadRequest", [`cannot resize disk '${id}'`, (e as Error).message]);
+      }
+      return Promise.resolve();
+    } catch (e) {
+      return Promise.reject(e);
+    }
   }
 
   /** Sends a PCI change to every vCPU thread and waits until each has taken it in. */
@@ -261,32 +330,10 @@ export class Vm implements VmBackend {
 
       // vCPUs.
       phase("ACPI tables written");
-      const supported = kvm.supportedCpuid();
-      const msrList = new Set(kvm.msrIndexList());
+      this.#supportedCpuid = kvm.supportedCpuid();
+      this.#msrList = new Set(kvm.msrIndexList());
       for (let id = 0; id < boot; id++) {
-        const fd = vm.createVcpu(id);
-        fd.setCpuid2(vcpuCpuid(supported, id, { cores: max }));
-        fd.setMsrs([
-          { index: MSR.IA32_SYSENTER_CS, data: 0n },
-          { index: MSR.IA32_SYSENTER_ESP, data: 0n },
-          { index: MSR.IA32_SYSENTER_EIP, data: 0n },
-          { index: MSR.STAR, data: 0n },
-          { index: MSR.CSTAR, data: 0n },
-          { index: MSR.KERNEL_GS_BASE, data: 0n },
-          { index: MSR.SYSCALL_MASK, data: 0n },
-          { index: MSR.LSTAR, data: 0n },
-          { index: MSR.IA32_TSC, data: 0n },
-          { index: MSR.IA32_MISC_ENABLE, data: 1n },
-          { index: MSR.MTRR_DEF_TYPE, data: (1n << 11n) | 6n },
-        ].filter((m) => msrList.has(m.index)));
-        fd.setFpu({ fcw: 0x37f, mxcsr: 0x1f80 });
-        const lapic = fd.getLapic();
-        const lv = new DataView(lapic.buffer, lapic.byteOffset, lapic.byteLength);
-        const setMode = (reg: number, mode: number) =>
-          lv.setUint32(reg, (lv.getUint32(reg, true) & ~0x700) | (mode << 8), true);
-        setMode(APIC_LVT_LINT0, APIC_MODE_EXTINT);
-        setMode(APIC_LVT_LINT1, APIC_MODE_NMI);
-        fd.setLapic(lapic);
+        const fd = this.#createVcpu(id);
         if (id === 0) {
           const { regs, sregs } = bspRegisters(mem, entry, fd.getSregs());
           fd.setSregs(sregs);
@@ -304,6 +351,36 @@ export class Vm implements VmBackend {
       await this.shutdown();
       throw e;
     }
+  }
+
+  /** Creates vCPU `id` with its CPUID, MSRs, FPU and LAPIC set up (an AP waits for INIT/SIPI). */
+  #createVcpu(id: number, hotplugged = false): VcpuFd {
+    const max = this.config.cpus.max_vcpus;
+    const fd = this.#vm!.createVcpu(id);
+    fd.setCpuid2(vcpuCpuid(this.#supportedCpuid!, id, { cores: max }));
+    fd.setMsrs([
+      { index: MSR.IA32_SYSENTER_CS, data: 0n },
+      { index: MSR.IA32_SYSENTER_ESP, data: 0n },
+      { index: MSR.IA32_SYSENTER_EIP, data: 0n },
+      { index: MSR.STAR, data: 0n },
+      { index: MSR.CSTAR, data: 0n },
+      { index: MSR.KERNEL_GS_BASE, data: 0n },
+      { index: MSR.SYSCALL_MASK, data: 0n },
+      { index: MSR.LSTAR, data: 0n },
+      { index: MSR.IA32_TSC, data: 0n },
+      { index: MSR.IA32_MISC_ENABLE, data: 1n },
+      { index: MSR.MTRR_DEF_TYPE, data: (1n << 11n) | 6n },
+      // A vCPU added later keeps the TSC KVM gives it (in step with the others); writing 0 would not be.
+    ].filter((m) => this.#msrList.has(m.index) && !(hotplugged && m.index === MSR.IA32_TSC)));
+    fd.setFpu({ fcw: 0x37f, mxcsr: 0x1f80 });
+    const lapic = fd.getLapic();
+    const lv = new DataView(lapic.buffer, lapic.byteOffset, lapic.byteLength);
+    const setMode = (reg: number, mode: number) =>
+      lv.setUint32(reg, (lv.getUint32(reg, true) & ~0x700) | (mode << 8), true);
+    setMode(APIC_LVT_LINT0, APIC_MODE_EXTINT);
+    setMode(APIC_LVT_LINT1, APIC_MODE_NMI);
+    fd.setLapic(lapic);
+    return fd;
   }
 
   /** Hands vCPU `fd` to a started worker. */
@@ -415,6 +492,8 @@ export class Vm implements VmBackend {
     }
     for (const v of this.#vcpus) v.fd.close();
     this.#vcpus = [];
+    for (const fd of this.#parked.values()) fd.close();
+    this.#parked.clear();
     this.#vm?.close();
     this.#kvm?.close();
     for (const m of this.#maps) unmap(m);

@@ -166,7 +166,8 @@ export interface BlkResult {
 /** Request processor for one virtio-blk device (shared by all its queues). */
 export class BlkDevice {
   readonly counters: BlkCounters;
-  readonly capacity: number;
+  /** Sectors the device serves; grows when the disk is resized (vm.resize-disk). */
+  capacity: number;
   readonly #hdr = new Uint8Array(16);
   readonly #hdrView = new DataView(this.#hdr.buffer);
   readonly #id = new Uint8Array(BLK_ID_BYTES);

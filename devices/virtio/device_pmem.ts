@@ -126,6 +126,17 @@ export class PmemRegions {
     return this.#next;
   }
 
+  /** First fit in the window: a removed region's range is used again. */
+  #place(size: number): number | null {
+    const starts = [this.window.start, ...this.regions.map((r) => r.gpa + r.size)].sort((a, b) => a - b);
+    for (const from of starts) {
+      const gpa = placePmem(this.window, from, size);
+      if (gpa === null) continue;
+      if (this.regions.every((r) => gpa + size <= r.gpa || gpa >= r.gpa + r.size)) return gpa;
+    }
+    return null;
+  }
+
   /** Opens, maps and plugs in the region of device `id`. */
   add(p: PmemConfig, id: string): PmemRegion {
     const what = `pmem ${id}`;
@@ -133,11 +144,12 @@ export class PmemRegions {
     const { fd, size } = openPmemFile(p, what);
     let hostAddr = 0n;
     try {
-      const gpa = placePmem(this.window, this.#next, size);
+      const gpa = this.#place(size);
       if (gpa === null) throw new Error(`${what}: no room for ${size} bytes in the 64-bit device window`);
       const flags = (p.discard_writes ? MAP_PRIVATE : MAP_SHARED) | MAP_NORESERVE;
       hostAddr = checkBig(s.kvs_mmap(0, size, PROT_READ | PROT_WRITE, flags, fd, 0), `${what}: mmap`);
-      const slot = PMEM_FIRST_SLOT + this.regions.length;
+      let slot = PMEM_FIRST_SLOT;
+      while (this.regions.some((r) => r.slot === slot)) slot++;
       this.vm.setUserMemoryRegion({
         slot,
         flags: 0,
@@ -147,7 +159,7 @@ export class PmemRegions {
       });
       const r: PmemRegion = { id, fd, gpa, size, hostAddr, slot, discardWrites: p.discard_writes };
       this.regions.push(r);
-      this.#next = gpa + size;
+      this.#next = Math.max(this.#next, gpa + size);
       return r;
     } catch (e) {
       if (hostAddr !== 0n) s.kvs_munmap(hostAddr, size);
@@ -156,10 +168,20 @@ export class PmemRegions {
     }
   }
 
+  /** Unplugs and unmaps the region of device `id` and closes its file (hot removal); no-op if absent. */
+  remove(id: string): void {
+    const i = this.regions.findIndex((r) => r.id === id);
+    if (i >= 0) this.#release(this.regions.splice(i, 1));
+  }
+
   /** Unplugs and unmaps every region and closes the files (after the vCPUs and workers stopped). */
   close(): void {
+    this.#release(this.regions.splice(0));
+  }
+
+  #release(regions: PmemRegion[]): void {
     const s = shim();
-    for (const r of this.regions.splice(0)) {
+    for (const r of regions) {
       try {
         this.vm.setUserMemoryRegion({
           slot: r.slot,

@@ -11,7 +11,8 @@
  *           worker rebuilds (or drops) its queues when the epoch it last saw differs.
  *   [4]     stop: set by the main thread at shutdown (then the control eventfd is signalled).
  *   [5]     worker state: 0 starting, 1 running, 2 exited.
- *   f64 [4] (byte 24): guest-physical base at which the queue ioeventfds are registered, -1 if none.
+ *   f64 [3] (byte 24): guest-physical base at which the queue ioeventfds are registered, -1 if none.
+ *   f64 [4] (byte 32): blk: the disk's size in bytes once resized (vm.resize-disk), -1 before.
  */
 import { shim } from "../../ffi/shim.ts";
 import { SharedLock } from "../shared.ts";
@@ -22,7 +23,8 @@ export const CTL_EPOCH = 3;
 export const CTL_STOP = 4;
 export const CTL_WORKER_STATE = 5;
 const CTL_IOEVENT_BASE_F64 = 3; // Float64 index (byte offset 24)
-export const CONTROL_BYTES = 32;
+const CTL_DISK_SIZE_F64 = 4; // Float64 index (byte offset 32): blk, the image's size after a resize
+export const CONTROL_BYTES = 40;
 
 export type VirtioKind = "rng" | "blk" | "net" | "console" | "pmem" | "balloon" | "vhost_user" | "vsock";
 
@@ -102,6 +104,14 @@ export class VirtioDeviceHandle {
     this.#f64[CTL_IOEVENT_BASE_F64] = v;
   }
 
+  /** blk: the disk's size after vm.resize-disk (bytes), or -1 when it was never resized. */
+  get diskSize(): number {
+    return this.#f64[CTL_DISK_SIZE_F64];
+  }
+  set diskSize(v: number) {
+    this.#f64[CTL_DISK_SIZE_F64] = v;
+  }
+
   /** Adds 1 to an eventfd; never throws (a full counter already means "signalled"). */
   signal(fd: number): void {
     this.#buf[0] = 1n;
@@ -124,5 +134,6 @@ export class VirtioDeviceHandle {
 export function newControlBlock(): SharedArrayBuffer {
   const sab = new SharedArrayBuffer(CONTROL_BYTES);
   new Float64Array(sab)[CTL_IOEVENT_BASE_F64] = -1;
+  new Float64Array(sab)[CTL_DISK_SIZE_F64] = -1;
   return sab;
 }

@@ -124,7 +124,12 @@ function run(init: DeviceWorkerInit): void {
       new ShimFileDisk(b.fd, b.size, b.readonly, b.serial),
       new BlkCounters(d.counters),
     );
-    proc = drainingProcessor((q) => blk.processQueue(q));
+    // A resize (vm.resize-disk) is published before the guest hears of it; take it in on every wake.
+    proc = drainingProcessor((q) => {
+      const size = h.diskSize;
+      if (size > 0) blk.capacity = Math.floor(size / 512);
+      return blk.processQueue(q);
+    });
   } else if (d.kind === "net") {
     // Every queue pair in this one worker (see device_net.ts for why not a worker per pair). A tap
     // queue fd is in the epoll set only while polled: a detached tap queue reports EPOLLERR, which

@@ -8,6 +8,7 @@ import { Layout, mmio64Window, pciSegmentEcam, pciSegmentMmio32 } from "../layou
 import {
   type Aml,
   and,
+  buffer,
   call,
   cat,
   device,
@@ -32,6 +33,7 @@ import {
   ref,
   RegionSpace,
   resourceTemplate,
+  ret,
   scope,
   store,
   str,
@@ -59,6 +61,11 @@ export interface DsdtOptions {
    * the PHPR controller the GED scans.
    */
   pciHotplug?: boolean;
+  /**
+   * vCPU hotplug: with `max` > `boot`, a processor object per possible vCPU (_STA, _MAT, _EJ0) and the
+   * controller the GED scans.
+   */
+  cpus?: { boot: number; max: number };
 }
 
 /** \_S5: SLP_TYPa = Layout.acpiPm.s5SleepType. */
@@ -85,7 +92,7 @@ export function powerButton(): Aml {
  * Generic Event Device (ACPI0013): one edge-triggered GSI. Its _EVT reads the event status port
  * (reading clears it in the device model) and notifies the power button when bit 0 is set.
  */
-export function ged(pciHotplug = false): Aml {
+export function ged(pciHotplug = false, cpuHotplug = false): Aml {
   const pm = Layout.acpiPm;
   return device(
     "GED_",
@@ -101,6 +108,7 @@ export function ged(pciHotplug = false): Aml {
       store(ref("GDAT"), local(0)),
       ifThen(and(local(0), int(pm.gedPowerButtonBit)), notify(ref("\\_SB.PWRB"), int(0x80))),
       ...(pciHotplug ? [ifThen(and(local(0), int(pm.gedPciHotplugBit)), call("\\_SB.PHPR.PSCN"))] : []),
+      ...(cpuHotplug ? [ifThen(and(local(0), int(pm.gedCpuHotplugBit)), call("\\_SB.CPHP.CSCN"))] : []),
     ),
   );
 }
@@ -233,6 +241,59 @@ export function motherboardResources(segments = 1): Aml {
   );
 }
 
+/**
+ * vCPU hotplug: the controller (CPHP, one I/O byte per possible vCPU: present, inserting, removing, eject)
+ * with CSCN, which the GED calls, and a processor object (ACPI0007) per possible vCPU. CSCN notifies
+ * each vCPU just added (1, device check: the guest adds it; it is then onlined) and each one the VMM wants
+ * back (3, eject request: the guest takes it offline and calls its _EJ0), acknowledging both.
+ */
+export function cpuHotplug(max: number): Aml[] {
+  const base = Layout.cpuHotplugPort;
+  const units = [];
+  for (let i = 0; i < max; i++) {
+    units.push(
+      { name: `CE${hex2(i)}`, bits: 1 },
+      { name: `CI${hex2(i)}`, bits: 1 },
+      { name: `CR${hex2(i)}`, bits: 1 },
+      { name: `CJ${hex2(i)}`, bits: 1 },
+      { name: "", bits: 4 },
+    );
+  }
+  const scan: Aml[] = [];
+  for (let i = 0; i < max; i++) {
+    const cpu = `\\_SB.C${hex3(i)}`;
+    scan.push(
+      ifThen(ref(`CI${hex2(i)}`), notify(ref(cpu), int(1)), store(int(1), ref(`CI${hex2(i)}`))),
+      ifThen(ref(`CR${hex2(i)}`), notify(ref(cpu), int(3)), store(int(1), ref(`CR${hex2(i)}`))),
+    );
+  }
+  const controller = device(
+    "CPHP",
+    name("_HID", eisaId("PNP0A06")),
+    name("_UID", str("CPU hotplug")),
+    name("_CRS", resourceTemplate(ioPort(base, base, 1, max))),
+    opRegion("CPST", RegionSpace.SystemIO, base, max),
+    field("CPST", FieldAccess.Byte, false, FieldUpdate.WriteAsZeros, units),
+    method("CSCN", 0, true, ...scan),
+  );
+  const processors = Array.from({ length: max }, (_, i) => {
+    const enabled = ref(`\\_SB.CPHP.CE${hex2(i)}`);
+    // _MAT: the vCPU's MADT entry (processor UID i, APIC id i, enabled), which maps it when it arrives.
+    const mat = Uint8Array.of(0, 8, i, i, 1, 0, 0, 0);
+    return device(
+      `C${hex3(i)}`,
+      name("_HID", str("ACPI0007")),
+      name("_UID", int(i)),
+      method("_STA", 0, false, ifThen(enabled, ret(int(0x0f))), ret(int(0))),
+      name("_MAT", buffer(mat)),
+      ...(i === 0 ? [] : [method("_EJ0", 1, true, store(int(1), ref(`\\_SB.CPHP.CJ${hex2(i)}`)))]),
+    );
+  });
+  return [controller, ...processors];
+}
+
+const hex3 = (n: number) => n.toString(16).toUpperCase().padStart(3, "0");
+
 /** The DSDT body (AML after the table header). */
 export function dsdtAml(o: DsdtOptions = {}): Aml {
   const sb: Aml[] = [];
@@ -247,6 +308,8 @@ export function dsdtAml(o: DsdtOptions = {}): Aml {
     if (hotplug) sb.push(pciHotplugController(segments));
   }
   if (o.serial ?? true) sb.push(com1());
-  sb.push(powerButton(), ged(hotplug), ...(o.sbDevices ?? []));
+  const cpus = o.cpus !== undefined && o.cpus.max > o.cpus.boot;
+  if (cpus) sb.push(...cpuHotplug(o.cpus!.max));
+  sb.push(powerButton(), ged(hotplug, cpus), ...(o.sbDevices ?? []));
   return cat(s5Package(), scope("\\_SB", ...sb));
 }

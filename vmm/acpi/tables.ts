@@ -73,6 +73,7 @@ export function placeAcpiTables(mem: GuestMemory, opts: AcpiOptions): AcpiPlacem
         pciSegments: opts.pciSegments,
         sbDevices: opts.sbDevices,
         pciDevices: opts.pciDevices,
+        cpus: { boot: opts.vcpus, max: opts.maxVcpus ?? opts.vcpus },
       }),
     ),
   );
