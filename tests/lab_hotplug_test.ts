@@ -13,6 +13,9 @@
  * 6. `vm.resize` vCPUs 1 → 3 (ACPI CPU hotplug; the guest onlines them by hand, busybox has no udev),
  *    then back to 1 (the guest offlines and ejects them); dvmm's vCPU threads follow.
  *
+ * 7. `vm.resize` desired_ram 384 MiB → 896 MiB (ACPI memory hotplug; the guest onlines the blocks by hand):
+ *    its MemTotal grows by 512 MiB.
+ *
  * QEMU does the disk and a vCPU hot-add in the same lab run (-M pc: ACPI hotplug, the same guest drivers).
  *
  * The guest script comes from a raw disk (dvmm.script=/dev/vda) and prints on hvc0 (a file here).
@@ -66,6 +69,15 @@ echo 1 >/sys/devices/system/cpu/cpu1/online; echo 1 >/sys/devices/system/cpu/cpu
 echo "cpus-up $(cat /sys/devices/system/cpu/online) nproc=$(nproc)"
 i=0; while [ "$(cat /sys/devices/system/cpu/online)" != 0 ] && [ $i -lt 2400 ]; do usleep 50000; i=$((i+1)); done
 echo "cpus-down $(cat /sys/devices/system/cpu/online) nproc=$(nproc)"
+mt() { awk '/^MemTotal:/{print $2}' /proc/meminfo; }
+m0=$(mt); echo "mem-before $m0"
+echo MARK-mem
+i=0
+while [ $(mt) -lt $((m0 + 512000)) ] && [ $i -lt 2400 ]; do
+  for f in /sys/devices/system/memory/memory*/state; do [ "$(cat $f)" = offline ] && echo online >$f 2>/dev/null; done
+  usleep 50000; i=$((i+1))
+done
+echo "mem-after $(mt)"
 dmesg | grep -i -E 'acpiphp|hotplug|pci 0000:00:0[0-9a-f].0: \\[' | tail -n 12
 echo MARK-done
 `;
@@ -105,7 +117,7 @@ count() { echo "fds $(ls /proc/$pid/fd | wc -l) threads $(ls /proc/$pid/task | w
 mkfifo $D/in; exec 3<>$D/in
 dvmm --kernel /lab/vmlinuz --initramfs /lab/initramfs.gz \\
   --cmdline "console=ttyS0 console=hvc0 panic=-1 dvmm.script=/dev/vda" \\
-  --cpus boot=1,max=3 --memory size=384M --serial null --console tty \\
+  --cpus boot=1,max=3 --memory size=384M,hotplug_size=1G --serial null --console tty \\
   --disk path=$D/guest.sh,readonly=on \\
   --api-socket path=$D/api.sock <&3 >$D/out.txt 2>$D/err.txt &
 pid=$!
@@ -150,6 +162,10 @@ if waitfor MARK-ready; then
   echo "unplug-ms $(( $(now) - t0 ))"
   waitfor cpus-down
   echo "threads-1 $(for t in /proc/$pid/task/*; do cat $t/comm; done | grep -c '^vcpu')"
+  waitfor MARK-mem
+  t0=$(now)
+  echo "=== RAM"; put vm.resize '{"desired_ram":939524096}'; echo
+  waitfor mem-after && echo "latency-ram-ms $(( $(now) - t0 ))"
   echo "=== INFO3"; dvmm remote --api-socket $D/api.sock info; echo
   waitfor MARK-done
 fi
@@ -284,6 +300,18 @@ Deno.test({
     assert.equal(line("threads-1"), "1");
     const info = json("INFO3");
     assert.equal(info.config.cpus.boot_vcpus, 1);
+  });
+  await t.step("vm.resize desired_ram +512 MiB (ACPI memory hotplug): the guest's MemTotal follows", () => {
+    const before = Number(line("mem-before")), after = Number(line("mem-after"));
+    console.log(
+      `RAM hotplug, resize call → 512 MiB online in the guest: ${line("latency-ram-ms")} ms; ` +
+        `MemTotal ${before} kB → ${after} kB`,
+    );
+    assert.match(section("RAM"), /rc=0/, tail);
+    assert.ok(after - before >= 512000, `${before} → ${after}\n${tail}`);
+    const info = json("INFO3");
+    assert.equal(info.config.memory.size, 896 * 1024 * 1024);
+    assert.equal(info.memory_actual_size, 896 * 1024 * 1024);
     assert.equal(line("dvmm-exit"), "0", tail);
   });
 });

@@ -364,3 +364,40 @@ Deno.test(
     await Deno.remove(g.dir, { recursive: true });
   },
 );
+
+Deno.test(
+  {
+    name: "ACPI memory hotplug: vm.resize desired_ram maps whole slots into the guest; bad sizes refused",
+    ignore,
+  },
+  async () => {
+    const dir = await Deno.makeTempDir({ prefix: "dvmm-vm-test-" });
+    await Deno.writeFile(`${dir}/guest.elf`, pvhElf(new Uint8Array([0xeb, 0xfe])));
+    const MiB = 1 << 20;
+    const vm = new Vm(VmConfigSchema.parse({
+      memory: { size: 64 * MiB, hotplug_size: 512 * MiB },
+      payload: { kernel: `${dir}/guest.elf` },
+      serial: { mode: "Null" },
+      console: { mode: "Off" },
+    }));
+    try {
+      await vm.boot();
+      assert.equal(vm.memoryActualSize(), 64 * MiB);
+      await vm.resize({ desired_ram: 64 * MiB }); // nothing to change
+      await assert.rejects(vm.resize({ desired_ram: 100 * MiB }), /multiple of 128 MiB/);
+      await assert.rejects(vm.resize({ desired_ram: 704 * MiB }), /exceeds memory size plus hotplug_size/);
+      await vm.resize({ desired_ram: 320 * MiB });
+      assert.equal(vm.memoryActualSize(), 320 * MiB);
+      // The new memory is guest RAM: the hotplug region starts at 4 GiB (after RAM below the hole).
+      const mem = vm.memory!;
+      mem.write(2 ** 32 + 200 * MiB, new TextEncoder().encode("hotplugged"));
+      assert.equal(new TextDecoder().decode(mem.read(2 ** 32 + 200 * MiB, 10)), "hotplugged");
+      await assert.rejects(vm.resize({ desired_ram: 192 * MiB }), /cannot be taken back/);
+      await vm.resize({ desired_ram: 576 * MiB });
+      assert.equal(vm.memoryActualSize(), 576 * MiB);
+    } finally {
+      await vm.shutdown();
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+);

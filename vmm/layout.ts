@@ -139,6 +139,8 @@ export const Layout = {
     gedPciHotplugBit: 0x02,
     /** GED event bit: the vCPU hotplug controller has vCPUs to scan (added, or to give up). */
     gedCpuHotplugBit: 0x04,
+    /** GED event bit: the memory hotplug controller has slots to scan. */
+    gedMemoryHotplugBit: 0x08,
     /** GSI (IOAPIC pin) of the GED interrupt: edge-triggered, active high. */
     gedGsi: 5,
     /** GSI given as SCI_INT in the FADT (unused by hardware-reduced ACPI, but must be sane). */
@@ -152,6 +154,8 @@ export const Layout = {
   pciHotplugPort: 0xae00,
   /** The vCPU hotplug controller (devices/cpu_hotplug.ts): one I/O port per possible vCPU from here. */
   cpuHotplugPort: 0xb800,
+  /** The ACPI memory hotplug controller (devices/memory_hotplug.ts): one I/O port per slot from here. */
+  memoryHotplugPort: 0xba00,
 } as const;
 
 /** Alias of {@link Layout}. */
@@ -207,6 +211,26 @@ export function pciSegmentMmio32(segment: number, count: number): { base: number
 export function hotplugRegion(sizeBytes: number, hotplugBytes: number): { start: number; size: number } {
   const end = Math.max(ramEnd(sizeBytes), FOUR_GIB);
   return { start: Math.ceil(end / GiB) * GiB, size: hotplugBytes };
+}
+
+/** Smallest ACPI memory hotplug slot: Linux's memory block size on x86-64 guests below 64 GiB. */
+export const MEMORY_SLOT_MIN = 128 * MiB;
+/** Most memory slots (each a DSDT device, a KVM memory slot and a mapping). */
+export const MEMORY_SLOTS_MAX = 256;
+
+/**
+ * The ACPI memory hotplug slots over the hotplug region: equal slots, 128 MiB each, or a larger power-of-two
+ * multiple of it so that there are at most MEMORY_SLOTS_MAX. `count` is 0 when the region is smaller than
+ * a slot.
+ */
+export function memoryHotplugSlots(
+  sizeBytes: number,
+  hotplugBytes: number,
+): { start: number; slot: number; count: number } {
+  const h = hotplugRegion(sizeBytes, hotplugBytes);
+  let slot = MEMORY_SLOT_MIN;
+  while (Math.floor(hotplugBytes / slot) > MEMORY_SLOTS_MAX) slot *= 2;
+  return { start: h.start, slot, count: Math.floor(hotplugBytes / slot) };
 }
 
 /** The 64-bit MMIO window: after RAM and the hotplug region (at least from 4 GiB), aligned to 1 GiB. */

@@ -26,17 +26,31 @@ export interface GuestRegion {
 
 /** Guest physical memory made of non-overlapping regions. */
 export class GuestMemory {
-  readonly regions: readonly GuestRegion[];
-  readonly #views: DataView[];
+  #regions: GuestRegion[] = [];
+  #views: DataView[] = [];
 
   constructor(regions: GuestRegion[]) {
+    this.#set(regions);
+  }
+
+  /** The regions, by guest address. */
+  get regions(): readonly GuestRegion[] {
+    return this.#regions;
+  }
+
+  #set(regions: GuestRegion[]): void {
     const sorted = [...regions].sort((a, b) => a.gpa - b.gpa);
     for (let i = 1; i < sorted.length; i++) {
       const prev = sorted[i - 1];
       if (prev.gpa + prev.bytes.length > sorted[i].gpa) throw new Error("guest memory regions overlap");
     }
-    this.regions = sorted;
+    this.#regions = sorted;
     this.#views = sorted.map((r) => new DataView(r.bytes.buffer, r.bytes.byteOffset, r.bytes.byteLength));
+  }
+
+  /** Adds a region of host memory (memory hotplug); it must not overlap the others. */
+  addHostRegion(l: { gpa: number; size: number; hostAddr: bigint }): void {
+    this.#set([...this.#regions, ...GuestMemory.fromHost([l]).regions]);
   }
 
   /** Memory made of plain buffers (tests, tools). */
@@ -155,5 +169,49 @@ export class GuestMemory {
   writeU64(gpa: number, value: number | bigint): void {
     const [v, o] = this.#view(gpa, 8);
     v.setBigUint64(o, BigInt(value), true);
+  }
+}
+
+/**
+ * Guest RAM plugged after boot (memory hotplug), published to the device threads: an append-only table
+ * in a SharedArrayBuffer. Int32 [0] is the number of entries; entry i holds gpa, size and host address
+ * as three float64s from byte 8 + 24 * i (exact: all below 2^53). A device thread compares the count
+ * with what it has taken in whenever it wakes, and maps the new regions before it looks at any ring.
+ */
+export class GuestMemoryTable {
+  static readonly CAPACITY = 256;
+  readonly #count: Int32Array;
+  readonly #f64: Float64Array;
+
+  constructor(readonly sab: SharedArrayBuffer = new SharedArrayBuffer(8 + 24 * GuestMemoryTable.CAPACITY)) {
+    this.#count = new Int32Array(sab, 0, 1);
+    this.#f64 = new Float64Array(sab, 8, 3 * GuestMemoryTable.CAPACITY);
+  }
+
+  get count(): number {
+    return Atomics.load(this.#count, 0);
+  }
+
+  /** Main thread: publishes a region (after it is mapped and given to KVM). */
+  add(r: { gpa: number; size: number; hostAddr: bigint }): void {
+    const n = this.count;
+    if (n >= GuestMemoryTable.CAPACITY) throw new Error("too many hot-added memory regions");
+    this.#f64[3 * n] = r.gpa;
+    this.#f64[3 * n + 1] = r.size;
+    this.#f64[3 * n + 2] = Number(r.hostAddr);
+    Atomics.store(this.#count, 0, n + 1);
+  }
+
+  /** Device thread: adds to `mem` the entries from `seen` on; returns the new count. */
+  syncInto(mem: GuestMemory, seen: number): number {
+    const n = this.count;
+    for (let i = seen; i < n; i++) {
+      mem.addHostRegion({
+        gpa: this.#f64[3 * i],
+        size: this.#f64[3 * i + 1],
+        hostAddr: BigInt(this.#f64[3 * i + 2]),
+      });
+    }
+    return n;
   }
 }

@@ -592,6 +592,7 @@ export function createPci(
   pio: PioBus,
   mmio: MmioBus,
   raiseGed: (bits: number) => void = () => {},
+  memTable?: SharedArrayBuffer,
 ): PciHost {
   const m64 = mmio64Window(cfg.memory.size, cfg.memory.hotplug_size ?? 0);
   const mmio32: Window = { base: Layout.mmio32Start, size: Layout.mmio32Size };
@@ -982,7 +983,7 @@ export function createPci(
         resolve();
       };
     });
-    const init: DeviceWorkerInit = { device: desc, ram };
+    const init: DeviceWorkerInit = { device: desc, ram, memTable };
     w.postMessage(init);
     resources.get(desc.id)!.worker = { w, exited };
   };

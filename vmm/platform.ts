@@ -17,7 +17,7 @@ import {
   type LegacyDescriptors,
   type LegacyDevices,
 } from "../devices/legacy.ts";
-import { Layout, lowRamEnd } from "./layout.ts";
+import { Layout, lowRamEnd, memoryHotplugSlots } from "./layout.ts";
 import { VmEvent, type VmEvents } from "./vcpu_control.ts";
 import {
   buildPciBuses,
@@ -30,6 +30,7 @@ import {
 import type { BalloonControl } from "../devices/virtio/balloon.ts";
 import { type HostEnd, openPty, openSocketEnd } from "./host_end.ts";
 import { CpuHotplug, type CpuHotplugDescriptor } from "../devices/cpu_hotplug.ts";
+import { MemoryHotplug, type MemoryHotplugDescriptor } from "../devices/memory_hotplug.ts";
 
 /** Everything a thread needs to rebuild the platform: structured-cloneable. */
 export interface PlatformDescriptors {
@@ -44,6 +45,8 @@ export interface PlatformDescriptors {
   pci: PciDescriptors | null;
   /** The vCPU hotplug controller (when max_vcpus > boot_vcpus). */
   cpuHotplug: CpuHotplugDescriptor | null;
+  /** The ACPI memory hotplug controller (hotplug_size with hotplug_method=acpi). */
+  memoryHotplug: MemoryHotplugDescriptor | null;
 }
 
 /** Writes all of `bytes` to a raw fd, waiting when the fd is non-blocking and full. */
@@ -87,6 +90,10 @@ function build(d: PlatformDescriptors, events: VmEvents, pio = new PioBus()): Le
   if (d.cpuHotplug) {
     const c = new CpuHotplug(d.cpuHotplug);
     pio.register(c.base, c.len, c, "cpu-hotplug");
+  }
+  if (d.memoryHotplug) {
+    const m = new MemoryHotplug(d.memoryHotplug);
+    pio.register(m.base, m.len, m, "memory-hotplug");
   }
   return buildLegacyDevices(d.legacy, {
     serialIrq: irqLine(vm, d.legacy.serial.irq),
@@ -132,10 +139,20 @@ export interface Platform {
   readonly pci: PciHost | null;
   /** The vCPU hotplug controller, or null when max_vcpus = boot_vcpus. */
   readonly cpuHotplug: CpuHotplug | null;
+  /** The ACPI memory hotplug controller, or null without hotplug_size (or with virtio-mem). */
+  readonly memoryHotplug: MemoryHotplug | null;
   /** Raises GED event bits (hotplug scans). */
   raiseGed(bits: number): void;
   /** Stops the device workers and releases fds (after the vCPUs have stopped). */
   close(): Promise<void>;
+}
+
+/** The ACPI memory hotplug controller a config asks for (hotplug_size, hotplug_method=acpi), or null. */
+function memoryHotplugDescriptor(cfg: VmConfig): MemoryHotplugDescriptor | null {
+  const m = cfg.memory;
+  if (!m.hotplug_size || m.hotplug_method !== "Acpi") return null;
+  const slots = memoryHotplugSlots(m.size, m.hotplug_size);
+  return slots.count > 0 ? MemoryHotplug.createDescriptor(Layout.memoryHotplugPort, slots.count) : null;
 }
 
 function openOutput(path: string): number {
@@ -238,6 +255,7 @@ export function createPlatform(
   vmFd: VmFd,
   events: VmEvents,
   ram: { gpa: number; size: number; hostAddr: bigint; fd?: number }[] = [],
+  memTable?: SharedArrayBuffer,
 ): Platform {
   checkSupported(cfg);
   const memSize = cfg.memory.size;
@@ -278,12 +296,21 @@ export function createPlatform(
     cpuHotplug: cfg.cpus.max_vcpus > cfg.cpus.boot_vcpus
       ? CpuHotplug.createDescriptor(Layout.cpuHotplugPort, cfg.cpus.max_vcpus, cfg.cpus.boot_vcpus)
       : null,
+    memoryHotplug: memoryHotplugDescriptor(cfg),
   };
   const host = build(descriptors, events);
   let pci: PciHost | null = null;
   if (wantsPci(cfg)) {
     try {
-      pci = createPci(cfg, vmFd, ram, host.pio, new MmioBus(), (bits) => host.acpiPm?.raiseEvent(bits));
+      pci = createPci(
+        cfg,
+        vmFd,
+        ram,
+        host.pio,
+        new MmioBus(),
+        (bits) => host.acpiPm?.raiseEvent(bits),
+        memTable,
+      );
     } catch (e) {
       if (ownFd) shim().kvs_close(serialOutFd);
       void hostEnd?.close();
@@ -309,6 +336,7 @@ export function createPlatform(
     balloon: pci?.balloon ?? null,
     pci,
     cpuHotplug: descriptors.cpuHotplug ? new CpuHotplug(descriptors.cpuHotplug) : null,
+    memoryHotplug: descriptors.memoryHotplug ? new MemoryHotplug(descriptors.memoryHotplug) : null,
     raiseGed: (bits) => host.acpiPm?.raiseEvent(bits),
     deviceTree: () => ({
       ...pci?.deviceTree(),

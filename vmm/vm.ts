@@ -16,14 +16,14 @@ import {
 } from "../ffi/kvm.ts";
 import type { VmConfig, VmResize } from "./vm_config.ts";
 import { type GuestEvent, type VmBackend, VmmError } from "./control.ts";
-import { GuestMemory } from "./memory.ts";
+import { GuestMemory, GuestMemoryTable } from "./memory.ts";
 import { vcpuCpuid } from "./cpuid.ts";
 import { Cmd, State, VcpuControl, VmEvent, VmEvents } from "./vcpu_control.ts";
 import type { PciChange, VcpuPciChange, VcpuWorkerExit, VcpuWorkerInit } from "./vcpu_worker.ts";
 import type { HotplugKind } from "./control.ts";
 import type { PciDeviceInfo } from "./vm_config.ts";
 import type { PciHotplugRequest } from "./pci_platform.ts";
-import { Layout, layout, ramRegions } from "./layout.ts";
+import { Layout, layout, memoryHotplugSlots, ramRegions } from "./layout.ts";
 import { checkPayloadFiles, loadPayload } from "./loader/payload.ts";
 import { writeAcpiTables } from "./acpi/tables.ts";
 import { bspRegisters } from "./boot_cpu.ts";
@@ -50,6 +50,8 @@ const APIC_LVT_LINT1 = 0x360;
 const APIC_MODE_NMI = 0x4;
 const APIC_MODE_EXTINT = 0x7;
 
+/** KVM memory slots of ACPI-hotplugged RAM: after boot RAM (0..) and pmem (32..). */
+const MEMORY_HOTPLUG_FIRST_SLOT = 64;
 /** How long the guest gets to let go of a device being removed (ACPI eject). */
 const EJECT_TIMEOUT_MS = 20_000;
 /** How long a vCPU thread gets to take a PCI change into its buses. */
@@ -80,6 +82,8 @@ export class Vm implements VmBackend {
   #closed = false;
   #supportedCpuid?: ReturnType<Kvm["supportedCpuid"]>;
   #msrList = new Set<number>();
+  /** RAM plugged after boot, as the device threads learn of it. */
+  #memTable = new GuestMemoryTable();
   /** vCPUs unplugged by the guest: KVM cannot destroy a vCPU, so its fd waits here to be plugged again. */
   #parked = new Map<number, VcpuFd>();
   /** Generation of the last PCI change sent to the vCPU threads. */
@@ -103,19 +107,90 @@ export class Vm implements VmBackend {
   }
 
   /**
-   * vm.resize of the running VM: vCPUs (ACPI CPU hotplug, up to max_vcpus) and the balloon's target.
-   * Resizing RAM is not built yet.
+   * vm.resize of the running VM: RAM (ACPI memory hotplug, growing only), vCPUs (ACPI CPU hotplug, up to
+   * max_vcpus) and the balloon's target.
    */
   async resize(r: VmResize): Promise<void> {
-    const c = this.config;
-    if (r.desired_ram !== undefined && r.desired_ram !== c.memory.size) {
-      throw new VmmError("NotImplemented", "resizing the RAM of a running VM is not implemented in dvmm yet");
-    }
     if (r.desired_balloon !== undefined && !this.#platform?.balloon) {
       throw new VmmError("BadRequest", "the VM has no balloon device");
     }
+    if (r.desired_ram !== undefined) this.#resizeRam(r.desired_ram);
     if (r.desired_vcpus !== undefined) await this.#resizeVcpus(r.desired_vcpus);
     if (r.desired_balloon !== undefined) this.#platform!.balloon!.setTarget(r.desired_balloon);
+  }
+
+  /** Guest RAM now: the boot size plus what was plugged since. */
+  #ramNow(): number {
+    const m = this.#platform?.memoryHotplug;
+    const c = this.config.memory;
+    return c.size + (m && c.hotplug_size ? m.plugged() * memoryHotplugSlots(c.size, c.hotplug_size).slot : 0);
+  }
+
+  /**
+   * Grows guest RAM by whole hotplug slots (ACPI memory hotplug): each slot's memory is mapped, given to
+   * KVM and to the device threads, then announced; the guest adds it (onlining it is the guest's business).
+   */
+  #resizeRam(want: number): void {
+    const c = this.config.memory;
+    const now = this.#ramNow();
+    if (want === now) return;
+    const m = this.#platform?.memoryHotplug;
+    if (c.hotplug_method === "VirtioMem" && c.hotplug_size) {
+      throw new VmmError("NotImplemented", "virtio-mem memory hotplug is not implemented in dvmm yet");
+    }
+    if (!m || !c.hotplug_size) {
+      throw new VmmError(
+        "BadRequest",
+        `desired_ram (${want}): the VM has no memory hotplug region (memory hotplug_size)`,
+      );
+    }
+    const slots = memoryHotplugSlots(c.size, c.hotplug_size);
+    if (want < now) {
+      throw new VmmError(
+        "BadRequest",
+        `desired_ram (${want}) is below the current ${now} bytes: ACPI-plugged memory cannot be taken back`,
+      );
+    }
+    if ((want - now) % slots.slot !== 0) {
+      throw new VmmError(
+        "BadRequest",
+        `desired_ram must grow the RAM by a multiple of ${slots.slot >> 20} MiB`,
+      );
+    }
+    const plugged = m.plugged();
+    const n = (want - now) / slots.slot;
+    if (plugged + n > slots.count) {
+      throw new VmmError(
+        "BadRequest",
+        `desired_ram (${want}) exceeds memory size plus hotplug_size (${c.size + slots.count * slots.slot})`,
+      );
+    }
+    if (this.#platform?.pci?.descriptors.devices.some((d) => d.kind === "vhost_user")) {
+      throw new VmmError(
+        "NotImplemented",
+        "memory hotplug with vhost-user devices is not implemented in dvmm yet (their back-ends would need the new memory)",
+      );
+    }
+    for (let i = plugged; i < plugged + n; i++) {
+      const gpa = slots.start + i * slots.slot;
+      const map = c.shared
+        ? mapMemfd(slots.slot, `dvmm-ram-hotplug-${i}`, { hugepages: c.hugepages })
+        : mapAnonymous(slots.slot, { hugepages: c.hugepages });
+      this.#maps.push(map);
+      this.#vm!.setUserMemoryRegion({
+        slot: MEMORY_HOTPLUG_FIRST_SLOT + i,
+        flags: 0,
+        guestPhysAddr: BigInt(gpa),
+        memorySize: BigInt(slots.slot),
+        userspaceAddr: map.hostAddr,
+      });
+      const region = { gpa, size: slots.slot, hostAddr: map.hostAddr };
+      this.#mem!.addHostRegion(region);
+      this.#memTable.add(region);
+      m.plug(i);
+    }
+    this.#platform!.raiseGed(Layout.acpiPm.gedMemoryHotplugBit);
+    log.info(`RAM: ${now >> 20} MiB → ${want >> 20} MiB (the guest onlines the new memory)`);
   }
 
   /**
@@ -316,7 +391,7 @@ export class Vm implements VmBackend {
         cmdline: cfg.payload.cmdline ?? "",
       });
       phase("kernel and initramfs loaded");
-      this.#platform = createPlatform(cfg, vm, this.#events, hostRegions);
+      this.#platform = createPlatform(cfg, vm, this.#events, hostRegions, this.#memTable.sab);
       phase("devices created");
       writeResetVector(mem);
       writeAcpiTables(mem, {
@@ -326,6 +401,9 @@ export class Vm implements VmBackend {
         hotplugSize: cfg.memory.hotplug_size,
         pciSegments: cfg.platform?.num_pci_segments ?? 1,
         pci: this.#platform.pciAcpi,
+        memorySlots: this.#platform.memoryHotplug && cfg.memory.hotplug_size
+          ? memoryHotplugSlots(cfg.memory.size, cfg.memory.hotplug_size)
+          : undefined,
       });
 
       // vCPUs.

@@ -14,7 +14,7 @@
 import { check, EAGAIN, EINTR, shim } from "../../ffi/shim.ts";
 import { setThreadName } from "../../ffi/socket.ts";
 import { EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, POLLOUT } from "../../ffi/kvm_constants.ts";
-import { GuestMemory } from "../../vmm/memory.ts";
+import { GuestMemory, GuestMemoryTable } from "../../vmm/memory.ts";
 import { SplitQueue } from "./queue.ts";
 import { BlkCounters, BlkDevice } from "./blk.ts";
 import { FileEntropySource, RngCounters, RngDevice } from "./rng.ts";
@@ -33,6 +33,8 @@ export interface DeviceWorkerInit {
   device: VirtioDeviceDescriptor;
   /** Guest RAM; `fd` is the region's memfd when memory is shared (vhost-user back-ends map it). */
   ram: { gpa: number; size: number; hostAddr: bigint; fd?: number }[];
+  /** RAM plugged after boot (GuestMemoryTable): taken in whenever the worker wakes. */
+  memTable?: SharedArrayBuffer;
 }
 
 /** The worker's last message. */
@@ -115,6 +117,8 @@ function run(init: DeviceWorkerInit): void {
   if (d.kind === "vhost_user") return runVhostUser(init, h);
   const dev = h.transport;
   const mem = GuestMemory.fromHost(init.ram);
+  const table = init.memTable ? new GuestMemoryTable(init.memTable) : null;
+  let seenRegions = 0;
   const s = shim();
   const epfd = check(s.kvs_epoll_create(), "epoll_create");
   let proc: Processor;
@@ -203,6 +207,7 @@ function run(init: DeviceWorkerInit): void {
         }
       }
       if (h.stopRequested) return;
+      if (table && table.count !== seenRegions) seenRegions = table.syncInto(mem, seenRegions);
       h.lock.lock();
       try {
         const now = h.epoch;

@@ -23,6 +23,7 @@ import {
   ioPort,
   irqNoFlags,
   local,
+  MemCache,
   memory32Fixed,
   method,
   name,
@@ -66,6 +67,8 @@ export interface DsdtOptions {
    * controller the GED scans.
    */
   cpus?: { boot: number; max: number };
+  /** ACPI memory hotplug: the slots over the hotplug region (devices/memory_hotplug.ts). */
+  memorySlots?: { start: number; slot: number; count: number };
 }
 
 /** \_S5: SLP_TYPa = Layout.acpiPm.s5SleepType. */
@@ -92,7 +95,7 @@ export function powerButton(): Aml {
  * Generic Event Device (ACPI0013): one edge-triggered GSI. Its _EVT reads the event status port
  * (reading clears it in the device model) and notifies the power button when bit 0 is set.
  */
-export function ged(pciHotplug = false, cpuHotplug = false): Aml {
+export function ged(pciHotplug = false, cpuHotplug = false, memoryHotplug = false): Aml {
   const pm = Layout.acpiPm;
   return device(
     "GED_",
@@ -109,6 +112,7 @@ export function ged(pciHotplug = false, cpuHotplug = false): Aml {
       ifThen(and(local(0), int(pm.gedPowerButtonBit)), notify(ref("\\_SB.PWRB"), int(0x80))),
       ...(pciHotplug ? [ifThen(and(local(0), int(pm.gedPciHotplugBit)), call("\\_SB.PHPR.PSCN"))] : []),
       ...(cpuHotplug ? [ifThen(and(local(0), int(pm.gedCpuHotplugBit)), call("\\_SB.CPHP.CSCN"))] : []),
+      ...(memoryHotplug ? [ifThen(and(local(0), int(pm.gedMemoryHotplugBit)), call("\\_SB.MHPC.MSCN"))] : []),
     ),
   );
 }
@@ -292,6 +296,52 @@ export function cpuHotplug(max: number): Aml[] {
   return [controller, ...processors];
 }
 
+/**
+ * ACPI memory hotplug: the controller (MHPC, one I/O byte per slot: plugged, just plugged) with MSCN, which
+ * the GED calls, and a memory device (PNP0C80) per slot with its fixed range; _STA follows the controller.
+ * MSCN notifies each slot just plugged (1, device check): the guest adds the range (then onlines it).
+ */
+export function memoryHotplug(m: { start: number; slot: number; count: number }): Aml[] {
+  const base = Layout.memoryHotplugPort;
+  const units = [];
+  for (let i = 0; i < m.count; i++) {
+    units.push({ name: `MP${hex2(i)}`, bits: 1 }, { name: `MI${hex2(i)}`, bits: 1 }, { name: "", bits: 6 });
+  }
+  const scan: Aml[] = [];
+  for (let i = 0; i < m.count; i++) {
+    scan.push(
+      ifThen(
+        ref(`MI${hex2(i)}`),
+        notify(ref(`\\_SB.MS${hex2(i)}`), int(1)),
+        store(int(1), ref(`MI${hex2(i)}`)),
+      ),
+    );
+  }
+  const controller = device(
+    "MHPC",
+    name("_HID", eisaId("PNP0A06")),
+    name("_UID", str("Memory hotplug")),
+    name("_CRS", resourceTemplate(ioPort(base, base, 1, m.count))),
+    opRegion("MHST", RegionSpace.SystemIO, base, m.count),
+    field("MHST", FieldAccess.Byte, false, FieldUpdate.WriteAsZeros, units),
+    method("MSCN", 0, true, ...scan),
+  );
+  const slots = Array.from({ length: m.count }, (_, i) => {
+    const at = m.start + i * m.slot;
+    return device(
+      `MS${hex2(i)}`,
+      name("_HID", eisaId("PNP0C80")),
+      name("_UID", int(i)),
+      method("_STA", 0, false, ifThen(ref(`\\_SB.MHPC.MP${hex2(i)}`), ret(int(0x0f))), ret(int(0))),
+      name(
+        "_CRS",
+        resourceTemplate(qwordMemory(at, at + m.slot - 1, MemCache.Cacheable, { consumer: true })),
+      ),
+    );
+  });
+  return [controller, ...slots];
+}
+
 const hex3 = (n: number) => n.toString(16).toUpperCase().padStart(3, "0");
 
 /** The DSDT body (AML after the table header). */
@@ -310,6 +360,8 @@ export function dsdtAml(o: DsdtOptions = {}): Aml {
   if (o.serial ?? true) sb.push(com1());
   const cpus = o.cpus !== undefined && o.cpus.max > o.cpus.boot;
   if (cpus) sb.push(...cpuHotplug(o.cpus!.max));
-  sb.push(powerButton(), ged(hotplug, cpus), ...(o.sbDevices ?? []));
+  const memory = (o.memorySlots?.count ?? 0) > 0;
+  if (memory) sb.push(...memoryHotplug(o.memorySlots!));
+  sb.push(powerButton(), ged(hotplug, cpus, memory), ...(o.sbDevices ?? []));
   return cat(s5Package(), scope("\\_SB", ...sb));
 }

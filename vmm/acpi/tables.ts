@@ -12,6 +12,8 @@ import { fadt, madt, mcfg, rsdp, tableWithBody, xsdt } from "./sdt.ts";
 export interface AcpiOptions {
   /** vCPUs enabled at boot. */
   vcpus: number;
+  /** ACPI memory hotplug slots (hotplug_method=acpi with a hotplug_size). */
+  memorySlots?: { start: number; slot: number; count: number };
   /** vCPUs that may ever exist (hot-pluggable beyond `vcpus`); default `vcpus`. */
   maxVcpus?: number;
   /** Guest RAM size (places the 64-bit PCI window). */
@@ -74,6 +76,7 @@ export function placeAcpiTables(mem: GuestMemory, opts: AcpiOptions): AcpiPlacem
         sbDevices: opts.sbDevices,
         pciDevices: opts.pciDevices,
         cpus: { boot: opts.vcpus, max: opts.maxVcpus ?? opts.vcpus },
+        memorySlots: opts.memorySlots,
       }),
     ),
   );
