@@ -593,6 +593,7 @@ export function createPci(
   mmio: MmioBus,
   raiseGed: (bits: number) => void = () => {},
   memTable?: SharedArrayBuffer,
+  hotplugRam?: { gpa: number; size: number; hostAddr: bigint; fd?: number },
 ): PciHost {
   const m64 = mmio64Window(cfg.memory.size, cfg.memory.hotplug_size ?? 0);
   const mmio32: Window = { base: Layout.mmio32Start, size: Layout.mmio32Size };
@@ -983,7 +984,13 @@ export function createPci(
         resolve();
       };
     });
-    const init: DeviceWorkerInit = { device: desc, ram, memTable };
+    // A vhost-user back-end maps the memory hotplug region from the start (its pages are used only once
+    // plugged); the device workers that touch rings themselves learn of plugged slots from memTable.
+    const init: DeviceWorkerInit = {
+      device: desc,
+      ram: desc.kind === "vhost_user" && hotplugRam ? [...ram, hotplugRam] : ram,
+      memTable,
+    };
     w.postMessage(init);
     resources.get(desc.id)!.worker = { w, exited };
   };

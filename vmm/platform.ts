@@ -256,6 +256,7 @@ export function createPlatform(
   events: VmEvents,
   ram: { gpa: number; size: number; hostAddr: bigint; fd?: number }[] = [],
   memTable?: SharedArrayBuffer,
+  hotplugRam?: { gpa: number; size: number; hostAddr: bigint; fd?: number },
 ): Platform {
   checkSupported(cfg);
   const memSize = cfg.memory.size;

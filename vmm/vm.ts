@@ -82,6 +82,8 @@ export class Vm implements VmBackend {
   #closed = false;
   #supportedCpuid?: ReturnType<Kvm["supportedCpuid"]>;
   #msrList = new Set<number>();
+  /** The reserved ACPI memory hotplug region (plugged slots are parts of it). */
+  #hotplugRam?: { gpa: number; size: number; hostAddr: bigint; fd?: number };
   /** RAM plugged after boot, as the device threads learn of it. */
   #memTable = new GuestMemoryTable();
   /** vCPUs unplugged by the guest: KVM cannot destroy a vCPU, so its fd waits here to be plugged again. */
@@ -165,26 +167,18 @@ export class Vm implements VmBackend {
         `desired_ram (${want}) exceeds memory size plus hotplug_size (${c.size + slots.count * slots.slot})`,
       );
     }
-    if (this.#platform?.pci?.descriptors.devices.some((d) => d.kind === "vhost_user")) {
-      throw new VmmError(
-        "NotImplemented",
-        "memory hotplug with vhost-user devices is not implemented in dvmm yet (their back-ends would need the new memory)",
-      );
-    }
+    const reserved = this.#hotplugRam!;
     for (let i = plugged; i < plugged + n; i++) {
       const gpa = slots.start + i * slots.slot;
-      const map = c.shared
-        ? mapMemfd(slots.slot, `dvmm-ram-hotplug-${i}`, { hugepages: c.hugepages })
-        : mapAnonymous(slots.slot, { hugepages: c.hugepages });
-      this.#maps.push(map);
+      const hostAddr = reserved.hostAddr + BigInt(i * slots.slot);
       this.#vm!.setUserMemoryRegion({
         slot: MEMORY_HOTPLUG_FIRST_SLOT + i,
         flags: 0,
         guestPhysAddr: BigInt(gpa),
         memorySize: BigInt(slots.slot),
-        userspaceAddr: map.hostAddr,
+        userspaceAddr: hostAddr,
       });
-      const region = { gpa, size: slots.slot, hostAddr: map.hostAddr };
+      const region = { gpa, size: slots.slot, hostAddr };
       this.#mem!.addHostRegion(region);
       this.#memTable.add(region);
       m.plug(i);
@@ -382,6 +376,20 @@ export class Vm implements VmBackend {
         slot++;
       }
       const mem = this.#mem = GuestMemory.fromHost(hostRegions);
+      // ACPI memory hotplug: the whole region is reserved now (no page is used until the guest touches a
+      // plugged slot), so vhost-user back-ends get it in their memory table from the start.
+      let hotplugRam: { gpa: number; size: number; hostAddr: bigint; fd?: number } | undefined;
+      const hp = cfg.memory.hotplug_size && cfg.memory.hotplug_method === "Acpi"
+        ? memoryHotplugSlots(cfg.memory.size, cfg.memory.hotplug_size)
+        : null;
+      if (hp && hp.count > 0) {
+        const size = hp.count * hp.slot;
+        const m = cfg.memory.shared
+          ? mapMemfd(size, "dvmm-ram-hotplug", { hugepages: cfg.memory.hugepages })
+          : mapAnonymous(size, { hugepages: cfg.memory.hugepages });
+        this.#maps.push(m);
+        hotplugRam = this.#hotplugRam = { gpa: hp.start, size, hostAddr: m.hostAddr, fd: m.fd };
+      }
       phase("guest RAM mapped");
 
       // Payload, ACPI.
@@ -391,7 +399,7 @@ export class Vm implements VmBackend {
         cmdline: cfg.payload.cmdline ?? "",
       });
       phase("kernel and initramfs loaded");
-      this.#platform = createPlatform(cfg, vm, this.#events, hostRegions, this.#memTable.sab);
+      this.#platform = createPlatform(cfg, vm, this.#events, hostRegions, this.#memTable.sab, hotplugRam);
       phase("devices created");
       writeResetVector(mem);
       writeAcpiTables(mem, {
