@@ -278,7 +278,23 @@ Deno.test({
         net: { mac, csum: false, tso: false, ufo: false },
       });
       assert.equal(again.spec.features & bit(NET_F.CSUM), 0n, "offload_csum=off masks the back-end's CSUM");
-      shim().kvs_close(again.vhostUser.socketFd);
+      // ---- a front-end's bad requests are refused (REPLY_ACK says so), the back-end goes on
+      const fd2 = again.vhostUser.socketFd;
+      const pf = again.vhostUser.protocolFeatures;
+      const fresh = () => new VhostUserFrontend(fd2, { protocolFeatures: pf });
+      const region = { guestPhysAddr: BigInt(GPA), userAddr: mem.hostAddr, mmapOffset: 0n, fd: mem.fd! };
+      assert.throws(() => fresh().setMemTable([{ ...region, size: 0x100000n }]), /answered failure/);
+      assert.throws(() => fresh().setVringNum(0, 100), /answered failure/);
+      assert.throws(
+        () => fresh().setVringAddr({ index: 7, desc: 0n, used: 0n, avail: 0n }),
+        /answered failure/,
+      );
+      assert.equal(fresh().getQueueNum(), 2, "still answering");
+      fresh().setMemTable([{ ...region, size: 0x40000n }]);
+      // A request whose own reply cannot be given ends the connection.
+      assert.throws(() => fresh().getVringBase(9), /closed the connection/);
+      await waitFor("the back-end's log", () => /ring 9 \(the device has 2\)/.test(errText));
+      shim().kvs_close(fd2);
     } finally {
       listener?.close();
       try {
