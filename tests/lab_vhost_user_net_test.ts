@@ -32,6 +32,7 @@ mkfifo /tmp/hold; exec 7<>/tmp/hold
 nc -l -p 6010 <&7 >/tmp/in & l=$!
 echo "rx-ready"
 wait $l; echo "rx-bytes $(wc -c </tmp/in)"
+echo "mq-set-failures $(dmesg | grep -c 'Fail to set num of queue pairs')"
 echo "net-done"
 if grep -q vukill /proc/cmdline; then
   i=0; while [ $i -lt 120 ] && ! ping -c 1 -W 1 $H >/dev/null 2>&1; do i=$((i+1)); done
@@ -153,6 +154,7 @@ Deno.test({
     assert.equal(vu.line("host-got"), String(MIB << 20), ctx(vu));
     assert.equal(gl("rx-bytes"), String(MIB << 20), ctx(vu));
     assert.equal(gl("queues")?.trim(), "rx-0 rx-1 tx-0 tx-1", "two queue pairs");
+    assert.equal(gl("mq-set-failures"), "0", "VQ_PAIRS_SET on dvmm's control queue succeeded");
     const f = gl("features");
     assert.ok(bit(f, 17) && bit(f, 22) && bit(f, 5), `CTRL_VQ, MQ and MAC negotiated: ${f}`);
   });
