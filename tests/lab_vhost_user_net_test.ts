@@ -35,9 +35,10 @@ wait $l; echo "rx-bytes $(wc -c </tmp/in)"
 echo "mq-set-failures $(dmesg | grep -c 'Fail to set num of queue pairs')"
 echo "net-done"
 if grep -q vukill /proc/cmdline; then
-  i=0; while [ $i -lt 120 ] && ! ping -c 1 -W 1 $H >/dev/null 2>&1; do i=$((i+1)); done
-  i=0; while [ $i -lt 300 ] && ping -c 1 -W 1 $H >/dev/null 2>&1; do sleep 1; i=$((i+1)); done
-  echo "guest-alive-after-kill"
+  # the host kills the back-end, checks dvmm, then writes KILLED into the second disk
+  i=0; while [ $i -lt 600 ]; do m=$(dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null|head -c6); [ "$m" = KILLED ] && break; sleep 1; i=$((i+1)); done
+  ping -c 1 -W 2 $H >/dev/null 2>&1; echo "ping-after-kill-rc $?"
+  echo "guest-alive-after-kill $m"
 fi
 exit 0
 `;
@@ -58,6 +59,7 @@ waitfor() { # file pattern pid
   done
 }
 cp $D/guest.sh $D/guest.img && truncate -s 64K $D/guest.img
+truncate -s 64K $D/mbox.img
 rm -f $D/hold && mkfifo $D/hold && exec 7<>$D/hold
 run() { # name net-option extra-cmdline [backend-pid]
   local name=$1 net=$2 extra=$3 be=\${4:-}
@@ -67,7 +69,7 @@ run() { # name net-option extra-cmdline [backend-pid]
   dvmm --kernel /lab/vmlinuz --initramfs /lab/initramfs.gz \\
     --cmdline "console=ttyS0 panic=-1 quiet dvmm.script=/dev/vda $extra" \\
     --cpus boot=2 --memory size=512M,shared=on --serial tty --console off \\
-    --disk path=$D/guest.img,readonly=on --net "$net" --api-socket path=$D/$name.sock \\
+    --disk path=$D/guest.img,readonly=on path=$D/mbox.img --net "$net" --api-socket path=$D/$name.sock \\
     </dev/null >$out 2>$D/$name.err &
   local vm=$!
   if waitfor $out rx-ready $vm; then
@@ -91,6 +93,7 @@ run() { # name net-option extra-cmdline [backend-pid]
       while ! grep -q "closed the connection" $D/$name.err && [ $i -lt 240 ]; do sleep 0.5; i=$((i+1)); done
       echo "=== PING-AFTER-KILL"; dvmm remote --api-socket $D/$name.sock ping; echo
       echo "alive-after-kill $(kill -0 $vm 2>/dev/null && echo yes || echo no)"
+      printf KILLED | dd of=$D/mbox.img conv=notrunc 2>/dev/null
     fi
   fi
   wait $vm
@@ -179,7 +182,8 @@ Deno.test({
       ctx(vu),
     );
     assert.equal(vu.line("alive-after-kill"), "yes", ctx(vu));
-    assert.match(vu.section("OUT"), /^guest-alive-after-kill$/m, ctx(vu));
+    assert.match(vu.section("OUT"), /^guest-alive-after-kill KILLED$/m, ctx(vu));
+    assert.match(vu.section("OUT"), /^ping-after-kill-rc [1-9]/m, "no network without the back-end");
     assert.equal(vu.line("dvmm-exit"), "0", ctx(vu));
   });
   await t.step("throughput beside the in-VMM virtio-net", () => {
