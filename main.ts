@@ -99,6 +99,7 @@ const USAGE = `dvmm ${DVMM_VERSION}: a KVM virtual machine monitor compatible wi
 
 usage: dvmm [options]
        dvmm remote --api-socket PATH <command> [args]   (see dvmm remote --help)
+       dvmm vhost-user-net --net-backend "ip=A,mask=M,socket=PATH[,num_queues=2N,...]"
 
 Options take Cloud Hypervisor's values: "key=value,key=value" strings, toggles on|off, sizes with a
 K, M or G suffix, lists [a,b,c-d], pairs [k@v,...]. Options marked (+) are repeatable and take one or
@@ -433,8 +434,44 @@ function wireTerminal(config: VmConfig | null, current: () => VmBackend | null):
   };
 }
 
+/**
+ * `dvmm vhost-user-net --net-backend "..."`: the vhost-user-net back-end (Cloud Hypervisor's
+ * `vhost_user_net`), serving front-ends on a socket until killed.
+ */
+async function vhostUserNet(args: string[]): Promise<number> {
+  const { NET_BACKEND_USAGE, parseNetBackend, runNetBackend } = await import(
+    "./devices/virtio/vhost_user_net_backend.ts"
+  );
+  let value: string | undefined;
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i];
+    if (a === "--help" || a === "-h") {
+      console.log(`usage: ${NET_BACKEND_USAGE}`);
+      return 0;
+    }
+    if (a === "--net-backend" && i + 1 < args.length) value = args[++i];
+    else if (a.startsWith("--net-backend=")) value = a.slice("--net-backend=".length);
+    else {
+      console.error(`dvmm vhost-user-net: unexpected argument '${a}'\nusage: ${NET_BACKEND_USAGE}`);
+      return 2;
+    }
+  }
+  if (value === undefined) {
+    console.error(`dvmm vhost-user-net: --net-backend is required\nusage: ${NET_BACKEND_USAGE}`);
+    return 2;
+  }
+  try {
+    runNetBackend(parseNetBackend(value));
+    return 0;
+  } catch (e) {
+    console.error(`dvmm vhost-user-net: ${(e as Error).message}`);
+    return 1;
+  }
+}
+
 async function main(argv: string[]): Promise<number> {
   if (argv[0] === "remote") return await runRemote(argv.slice(1));
+  if (argv[0] === "vhost-user-net") return await vhostUserNet(argv.slice(1));
   if (argv.length === 0) {
     // As Cloud Hypervisor (arg_required_else_help): no arguments at all prints the help.
     console.error(USAGE);

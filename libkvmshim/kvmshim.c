@@ -13,6 +13,7 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/un.h>
@@ -40,6 +41,11 @@ int64_t kvs_madvise(uint64_t addr, uint64_t len, int32_t advice) {
 int64_t kvs_memfd(const char *name, uint32_t flags) { RET(memfd_create(name, flags)); }
 int64_t kvs_ftruncate(int32_t fd, int64_t len) { RET(ftruncate(fd, (off_t)len)); }
 int64_t kvs_eventfd(uint32_t initval, int32_t flags) { RET(eventfd(initval, flags)); }
+int64_t kvs_fd_size(int32_t fd) {
+  struct stat st;
+  if (fstat(fd, &st) < 0) return -errno;
+  return (int64_t)st.st_size;
+}
 int64_t kvs_read(int32_t fd, void *buf, uint64_t len) { RET(read(fd, buf, (size_t)len)); }
 int64_t kvs_write(int32_t fd, const void *buf, uint64_t len) { RET(write(fd, buf, (size_t)len)); }
 int64_t kvs_pread(int32_t fd, void *buf, uint64_t len, int64_t off) { RET(pread(fd, buf, (size_t)len, (off_t)off)); }

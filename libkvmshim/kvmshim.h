@@ -15,6 +15,8 @@ int64_t kvs_madvise(uint64_t addr, uint64_t len, int32_t advice);
 int64_t kvs_memfd(const char *name, uint32_t flags);
 int64_t kvs_ftruncate(int32_t fd, int64_t len);
 int64_t kvs_eventfd(uint32_t initval, int32_t flags);
+/* fstat st_size (a memfd's length), or -errno. */
+int64_t kvs_fd_size(int32_t fd);
 int64_t kvs_read(int32_t fd, void *buf, uint64_t len);
 int64_t kvs_write(int32_t fd, const void *buf, uint64_t len);
 int64_t kvs_pread(int32_t fd, void *buf, uint64_t len, int64_t off);

@@ -559,7 +559,17 @@ export function wantsPci(cfg: VmConfig): boolean {
 /** Refuses the parts of a --net this VMM does not implement, naming them. */
 function checkNet(n: NetConfig, i: number | string): void {
   const what = `net ${n.id ?? i}`;
-  if (n.vhost_user) throw new Error(`${what}: vhost-user-net is not implemented in dvmm yet (vhost_user=on)`);
+  if (n.vhost_user) {
+    if (n.vhost_mode === "Server") {
+      throw new Error(
+        `${what}: vhost_mode=server (dvmm listening for the back-end) is not implemented in dvmm yet`,
+      );
+    }
+    if (n.tap || n.fds?.length) {
+      throw new Error(`${what}: vhost_user=on takes no tap= or fd= (the back-end has the tap)`);
+    }
+    return;
+  }
   if (n.fds?.length && n.tap) throw new Error(`${what}: give either tap= or fd=, not both`);
   if (n.fds?.length && n.fds.length * 2 !== n.num_queues) {
     throw new Error(
@@ -776,6 +786,25 @@ export function createPci(
 
   const buildNet = (n: NetConfig, i: number) => {
     checkNet(n, i);
+    if (n.vhost_user) {
+      // vhost-user-net: the back-end moves the frames; dvmm builds the configuration space and serves
+      // the control queue (see device_vhost_user.ts).
+      const id = n.id ?? `_net${i}`;
+      const mac = n.mac ? parseMac(n.mac) : randomMac();
+      const vu = connectVhostUser({
+        kind: "net",
+        id,
+        socket: n.vhost_socket!,
+        queueSizes: Array<number>(n.num_queues).fill(n.queue_size),
+        ram,
+        net: { mac, csum: n.offload_csum, tso: n.offload_tso, ufo: n.offload_ufo },
+      });
+      pending.fds.push(vu.vhostUser.socketFd);
+      log.debug(
+        `${id}: vhost-user-net at ${n.vhost_socket} (${n.num_queues / 2} pair(s)), MAC ${formatMac(mac)}`,
+      );
+      return addDevice(id, "vhost_user", vu.spec, { vhostUser: vu.vhostUser }, new SharedArrayBuffer(8));
+    }
     // Taps handed over as fds (one per queue pair) are set up by whoever opened them: their vnet
     // header, non-blocking mode and the MTU are ours to set. A tap dvmm opens by name gets one queue
     // per pair, the host address (when dvmm creates it), host_mac and the MTU, as in Cloud Hypervisor.

@@ -160,6 +160,14 @@ export class NetService {
     this.#setActive(1);
   }
 
+  /**
+   * Uses queue pairs [0, n) (their tap queues attached, the others detached): the virtio-net control
+   * queue's VQ_PAIRS_SET, or a vhost-user back-end following the rings the front-end enables.
+   */
+  setActivePairs(n: number): boolean {
+    return this.#setActive(Math.max(1, Math.min(n, this.pairs.length)));
+  }
+
   /** Reset: stop receiving. */
   deactivate(): void {
     for (let k = 0; k < this.pairs.length; k++) {

@@ -19,7 +19,10 @@
 import { check, EINTR, shim } from "../../ffi/shim.ts";
 import { EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN, EPOLLRDHUP } from "../../ffi/kvm_constants.ts";
 import { logger } from "../../vmm/log.ts";
-import { BLK_F, F, featureBit, VIRTIO_ID, VIRTIO_MSI_NO_VECTOR } from "./constants.ts";
+import { BLK_F, F, featureBit, NET_F, VIRTIO_ID, VIRTIO_MSI_NO_VECTOR } from "./constants.ts";
+import { ctrlQueueIndex, netConfigSpace, NetControl, netFeatures } from "./net.ts";
+import { SplitQueue } from "./queue.ts";
+import { GuestMemory } from "../../vmm/memory.ts";
 import type { Activation, VirtioDeviceSpec } from "./pci_transport.ts";
 import { CTL_WORKER_STATE, type VirtioDeviceDescriptor, type VirtioDeviceHandle } from "./device_shared.ts";
 import {
@@ -85,7 +88,26 @@ const PROTOCOL_FEATURES_BIT = featureBit(VHOST_USER_F_PROTOCOL_FEATURES);
 /** The most rings a vhost-user device can have (SET_VRING_KICK/CALL carry the index in 8 bits). */
 export const MAX_VHOST_USER_QUEUES = 256;
 
-export type VhostUserKind = "fs" | "blk" | "generic";
+export type VhostUserKind = "fs" | "blk" | "generic" | "net";
+
+/** vhost-user-net: what dvmm decides itself (the configuration space, offload policy). */
+export interface VhostUserNetSetup {
+  /** The guest's MAC (goes into the configuration space dvmm builds). */
+  mac: Uint8Array;
+  /** Offloads as the --net offload_* options allow them (each still needs the back-end's bit). */
+  csum: boolean;
+  tso: boolean;
+  ufo: boolean;
+}
+
+/**
+ * virtio-net features dvmm offers on its own, whatever the back-end: the MAC and link status in the
+ * configuration space it builds, and the control queue it serves itself (with MQ, so the driver learns
+ * max_virtqueue_pairs, and guest announcements, acknowledged there). Guest offload changes through
+ * the control queue (CTRL_GUEST_OFFLOADS) are not offered: the back-end owns the tap's offloads.
+ */
+export const VHOST_NET_OWN_FEATURES = [NET_F.MAC, NET_F.STATUS, NET_F.CTRL_VQ, NET_F.MQ, NET_F.GUEST_ANNOUNCE]
+  .reduce((m, b) => m | featureBit(b), 0n);
 
 export interface VhostUserSetup {
   kind: VhostUserKind;
@@ -98,6 +120,8 @@ export interface VhostUserSetup {
   deviceType?: number;
   /** virtio-fs tag. */
   tag?: string;
+  /** vhost-user-net (queueSizes are then the data rings only, two per pair). */
+  net?: VhostUserNetSetup;
   /** Guest RAM: every region must have its memfd (memory shared=on). */
   ram: readonly RamRegion[];
   timeoutMs?: number;
@@ -111,7 +135,8 @@ export interface VhostUserSetup {
 export function connectVhostUser(
   s: VhostUserSetup,
 ): { spec: VirtioDeviceSpec; vhostUser: VhostUserDescriptor } {
-  const what = `${s.id}: vhost-user ${s.kind === "fs" ? "virtio-fs" : s.kind} back-end at ${s.socket}`;
+  const kindName = s.kind === "fs" ? "virtio-fs" : s.kind === "net" ? "virtio-net" : s.kind;
+  const what = `${s.id}: vhost-user ${kindName} back-end at ${s.socket}`;
   if (s.ram.length === 0 || s.ram.some((r) => r.fd === undefined)) {
     throw new Error(`${what}: guest memory must be shared with the back-end (--memory shared=on)`);
   }
@@ -140,7 +165,7 @@ export function connectVhostUser(
     let protocolFeatures = 0n;
     if (backendFeatures & PROTOCOL_FEATURES_BIT) {
       let want = featureBit(PROTOCOL_F.MQ) | featureBit(PROTOCOL_F.REPLY_ACK);
-      if (s.kind !== "fs") want |= featureBit(PROTOCOL_F.CONFIG);
+      if (s.kind !== "fs" && s.kind !== "net") want |= featureBit(PROTOCOL_F.CONFIG);
       protocolFeatures = fe.getProtocolFeatures() & want;
       fe.setProtocolFeatures(protocolFeatures);
     }
@@ -151,7 +176,20 @@ export function connectVhostUser(
     let type: number;
     let features = backendFeatures & TRANSPORT_FEATURES;
     let config: Uint8Array;
-    if (s.kind === "fs") {
+    let numQueues = n;
+    let netPairs: number | undefined;
+    if (s.kind === "net") {
+      const net = s.net!;
+      if (n % 2 !== 0) throw new Error(`${n} rings: two per queue pair`);
+      type = VIRTIO_ID.NET;
+      netPairs = n / 2;
+      // The back-end's data-path features, limited by the offload options; then dvmm's own.
+      const allowed = netFeatures({ csum: net.csum, tso: net.tso, ufo: net.ufo, mrgRxbuf: true }) &
+        ~featureBit(NET_F.CTRL_GUEST_OFFLOADS) & ~VHOST_NET_OWN_FEATURES;
+      features = (backendFeatures & allowed) | VHOST_NET_OWN_FEATURES;
+      config = netConfigSpace(net.mac, netPairs, 0);
+      numQueues = n + 1; // the control queue, served by dvmm
+    } else if (s.kind === "fs") {
       type = VIRTIO_ID.FS;
       config = fsConfigSpace(s.tag ?? "", n - 1);
     } else if (s.kind === "blk") {
@@ -184,8 +222,16 @@ export function connectVhostUser(
     }
     const state = new SharedArrayBuffer(8);
     return {
-      spec: { type, features, numQueues: n, maxQueueSize, config },
-      vhostUser: { socketFd: fe.fd, socket: s.socket, backendFeatures, protocolFeatures, state, timeoutMs },
+      spec: { type, features, numQueues, maxQueueSize, config },
+      vhostUser: {
+        socketFd: fe.fd,
+        socket: s.socket,
+        backendFeatures,
+        protocolFeatures,
+        state,
+        timeoutMs,
+        netPairs,
+      },
     };
   } catch (e) {
     fe.close();
@@ -311,6 +357,23 @@ const ST_STOPPED_EPOCH = 0;
 const ST_FAILED = 1;
 const CONTROL_TAG = 0;
 const SOCKET_TAG = 1;
+const NET_CTRL_TAG = 2;
+
+/**
+ * vhost-user-net: the rings of an activation that go to the back-end (the data rings the driver may
+ * use), and the control queue dvmm serves itself (null without VIRTIO_NET_F_CTRL_VQ).
+ */
+export function splitNetQueues(
+  a: Activation,
+  pairs: number,
+): { data: Activation["queues"]; ctrl: Activation["queues"][number] | null } {
+  const ctrlIdx = ctrlQueueIndex(a.features, pairs);
+  const dataRings = (a.features & featureBit(NET_F.MQ)) !== 0n ? 2 * pairs : 2;
+  return {
+    data: a.queues.filter((q) => q.index < dataRings && q.index !== ctrlIdx),
+    ctrl: a.queues.find((q) => q.index === ctrlIdx) ?? null,
+  };
+}
 
 /** Runs a vhost-user device's control plane until shutdown (called by devices/virtio/worker.ts). */
 export function runVhostUser(
@@ -343,6 +406,67 @@ export function runVhostUser(
   const drain = new Uint8Array(8);
   let seen = -1;
   let failed: string | null = null;
+  // vhost-user-net: the control queue, served here (Cloud Hypervisor serves it in the VMM too).
+  const pairs = vu.netPairs ?? 0;
+  const mem = pairs > 0 ? GuestMemory.fromHost([...init.ram]) : null;
+  let ctrlQ: SplitQueue | null = null;
+  let ctrlIdx = -1;
+  let ctrlPending = false;
+  let ctrlFailed = false;
+  const control = new NetControl(Math.max(pairs, 1), {
+    // VQ_PAIRS_SET: the back-end serves the pairs whose rings are enabled (as QEMU tells its
+    // vhost-user back-ends); without protocol features rings cannot be disabled, all stay in use.
+    setQueuePairs: (want) => {
+      if (!(vu.backendFeatures & PROTOCOL_FEATURES_BIT) || failed !== null) return failed === null;
+      try {
+        for (let k = 0; k < pairs; k++) {
+          for (const ring of [2 * k, 2 * k + 1]) {
+            if (ctl.running.includes(ring)) fe.setVringEnable(ring, k < want);
+          }
+        }
+        return true;
+      } catch (e) {
+        fail(`VQ_PAIRS_SET ${want}: ${(e as Error).message}`);
+        ctrlFailed = true;
+        return false;
+      }
+    },
+    setGuestOffloads: () => false, // CTRL_GUEST_OFFLOADS is not offered
+  });
+  const stopCtrl = () => {
+    if (ctrlQ !== null) s.kvs_epoll_ctl(epfd, EPOLL_CTL_DEL, d.queueFds[ctrlIdx], 0, 0);
+    ctrlQ = null;
+    ctrlIdx = -1;
+    ctrlPending = false;
+  };
+  /** Serves the control queue (false: the device lock was busy, try again shortly). */
+  const serveCtrl = (): boolean => {
+    if (!ctrlPending || ctrlQ === null) return true;
+    if (!h.lock.tryLock()) return false;
+    let irq = false;
+    const q: SplitQueue = ctrlQ;
+    try {
+      if (h.epoch !== seen) return true; // a reset is under way: the epoch pass comes first
+      ctrlPending = false;
+      do {
+        if (control.process(q)) irq = true;
+        if (q.broken !== null) break;
+      } while (q.enableNotification());
+      if (irq) signalVector(dev.queueInterrupt(ctrlIdx));
+    } finally {
+      h.lock.unlock();
+    }
+    if (q.broken !== null) {
+      log.error(`control queue: the driver broke it (${q.broken})`);
+      stopCtrl();
+      needsReset();
+    }
+    if (ctrlFailed) {
+      ctrlFailed = false;
+      needsReset();
+    }
+    return true;
+  };
 
   const signalVector = (v: number) => {
     if (v >= 0 && v < d.irqFds.length) h.signal(d.irqFds[v]);
@@ -374,13 +498,17 @@ export function runVhostUser(
 
   try {
     for (;;) {
-      const n = Number(s.kvs_epoll_wait(epfd, outBytes, out.length, -1));
+      const n = Number(s.kvs_epoll_wait(epfd, outBytes, out.length, ctrlPending ? 1 : -1));
       if (n === -EINTR) continue;
       if (n < 0) throw new Error(`epoll_wait: errno ${-n}`);
       let socketEvent = false;
       for (let i = 0; i < n; i++) {
-        if (Number(out[i]) === CONTROL_TAG) s.kvs_read_i32(d.controlFd, drain, 8);
-        else socketEvent = true;
+        const tag = Number(out[i]);
+        if (tag === CONTROL_TAG) s.kvs_read_i32(d.controlFd, drain, 8);
+        else if (tag === NET_CTRL_TAG) {
+          if (ctrlIdx >= 0) s.kvs_read_i32(d.queueFds[ctrlIdx], drain, 8);
+          ctrlPending = true;
+        } else socketEvent = true;
       }
       if (socketEvent && failed === null) {
         const why = fe.probe();
@@ -398,8 +526,12 @@ export function runVhostUser(
         return;
       }
       const now = h.epoch;
-      if (now === seen) continue;
+      if (now === seen) {
+        serveCtrl();
+        continue;
+      }
       seen = now;
+      stopCtrl();
       // Stop first, and say so before touching the device lock: the vCPU resetting the device holds
       // it while it waits for this.
       if (ctl.running.length && failed === null) {
@@ -419,7 +551,20 @@ export function runVhostUser(
       const a = dev.activation();
       if (h.epoch !== now) continue;
       try {
-        ctl.start(a);
+        if (pairs > 0) {
+          const { data, ctrl } = splitNetQueues(a, pairs);
+          ctl.start({ ...a, queues: data });
+          if (ctrl !== null) {
+            ctrlQ = new SplitQueue(mem!, ctrl, { eventIdx: a.eventIdx, indirect: a.indirect });
+            ctrlIdx = ctrl.index;
+            control.features = a.features;
+            check(
+              s.kvs_epoll_ctl(epfd, EPOLL_CTL_ADD, d.queueFds[ctrlIdx], EPOLLIN, NET_CTRL_TAG),
+              "epoll_ctl control queue",
+            );
+            ctrlPending = true; // commands may have been queued before DRIVER_OK
+          }
+        } else ctl.start(a);
         log.debug(`started ${a.queues.length} ring(s), features 0x${a.features.toString(16)}`);
       } catch (e) {
         if (e instanceof VhostUserError) fail(`starting the rings: ${e.message}`);

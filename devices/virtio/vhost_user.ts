@@ -238,6 +238,11 @@ export interface VhostUserDescriptor {
   state: SharedArrayBuffer;
   /** Milliseconds to wait for each reply. */
   timeoutMs: number;
+  /**
+   * vhost-user-net: the queue pairs the back-end serves. The control queue (after the pairs) is then
+   * dvmm's own, served by the device worker, and never handed to the back-end.
+   */
+  netPairs?: number;
 }
 
 export interface FrontendOptions {
