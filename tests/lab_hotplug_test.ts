@@ -50,6 +50,7 @@ echo MARK-ready
 waitdev /dev/vdb
 echo "read1 $(head -c 12 /dev/vdb)"
 echo "pci1 $(pcis)"
+for d in /sys/bus/pci/devices/*; do echo "bar $d $(head -n 1 $d/resource)"; done
 waitgone /dev/vdb
 echo "gone1 $([ -e /dev/vdb ] && echo no || echo yes)"
 i=0; while [ "$(pcis)" != "$p0" ] && [ $i -lt 200 ]; do usleep 50000; i=$((i+1)); done
@@ -248,14 +249,23 @@ Deno.test({
   );
 
   await t.step("add-disk answers PciDeviceInfo; the guest reads the new disk", () => {
-    assert.match(section("ADD1"), /"id":"hp0"/, tail);
-    assert.match(section("ADD1"), /"bdf":"0000:00:0[0-9a-f]\.0"/, tail);
+    assert.match(section("ADD1"), /"id":"hp0"/, `ADD1: ${section("ADD1")}\n${tail}`);
+    assert.match(section("ADD1"), /"bdf":"0000:00:0[0-9a-f]\.0"/, section("ADD1"));
     assert.equal(line("read1"), "TOKEN-HP-AAA", tail);
     const pci0 = (line("pci0") ?? "").trim().split(" ");
     const pci1 = (line("pci1") ?? "").trim().split(" ");
     assert.equal(pci1.length, pci0.length + 1, `${pci0} → ${pci1}`);
     console.log(`hotplug latency, add-disk call → guest reads /dev/vdb: ${line("latency-disk-ms")} ms`);
     const info = json("INFO1");
+    for (const m of out.matchAll(/^bar (.*)$/gm)) console.log(`guest: ${m[1]}`);
+    for (
+      const [k, v] of Object.entries(
+        info.device_tree as Record<string, { resources: { PciBar?: { base: number } }[] }>,
+      )
+    ) {
+      const bar = v.resources?.[0]?.PciBar;
+      if (bar) console.log(`dvmm: ${k} BAR 0x${bar.base.toString(16)}`);
+    }
     assert.ok(info.device_tree.hp0, "hp0 in the device tree");
     assert.ok(info.config.disks.some((d: { id: string }) => d.id === "hp0"));
   });

@@ -189,8 +189,8 @@ Deno.test(
         [{ pvpanic: true }, /pvpanic device is not implemented/],
         [{ numa: [{ guest_numa_id: 0 }] }, /guest NUMA nodes is not implemented/],
         [
-          { memory: { size: 64 << 20, hotplug_size: 128 << 20, hotplug_method: "VirtioMem" } },
-          /virtio-mem memory hotplug is not implemented/,
+          { memory: { size: 64 << 20, hotplug_size: 256 << 20, hotplugged_size: 128 << 20 } },
+          /ACPI memory plugged at boot is not implemented/,
         ],
         [{ cpus: { boot_vcpus: 1, max_vcpus: 1, affinity: [{ vcpu: 0, host_cpus: [0] }] } }, /vCPU affinity/],
         [{ cpus: { boot_vcpus: 1, max_vcpus: 1, max_phys_bits: 40 } }, /address width other than 46/],

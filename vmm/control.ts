@@ -623,7 +623,16 @@ export class ControlLoop {
     }
     const next = structuredClone(config);
     if (r.desired_vcpus !== undefined) next.cpus.boot_vcpus = r.desired_vcpus;
-    if (r.desired_ram !== undefined) next.memory.size = r.desired_ram;
+    if (r.desired_ram !== undefined) {
+      // As Cloud Hypervisor: ACPI hotplug makes the new size the memory size (the next boot's); with
+      // virtio-mem the boot size stays and the difference is `hotplugged_size`.
+      const m = next.memory;
+      if (this.#isBooted() && m.hotplug_method === "VirtioMem" && m.hotplug_size) {
+        m.hotplugged_size = r.desired_ram > m.size ? r.desired_ram - m.size : undefined;
+      } else {
+        m.size = r.desired_ram;
+      }
+    }
     if (r.desired_balloon !== undefined) next.balloon!.size = r.desired_balloon;
     const validated = revalidate(next);
     if (!this.#isBooted()) {

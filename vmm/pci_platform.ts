@@ -79,6 +79,15 @@ import {
 } from "../devices/virtio/pmem.ts";
 import { PmemRegions } from "../devices/virtio/device_pmem.ts";
 import {
+  MEM_BLOCK_SIZE,
+  MEM_CONFIG,
+  MEM_COUNTERS,
+  MEM_QUEUE_SIZE,
+  memConfigSpace,
+  MemCounters,
+  memFeatures,
+} from "../devices/virtio/mem.ts";
+import {
   BALLOON_COUNTERS,
   BALLOON_QUEUE_SIZE,
   balloonConfigSpace,
@@ -530,6 +539,11 @@ export interface PciHost {
   /** The device's slot address (`pci_bdf`). */
   bdfOf(id: string): string | null;
   /**
+   * virtio-mem: asks the guest for `bytes` of the region (a configuration change) and reports what is
+   * plugged; null when the VM has no virtio-mem device.
+   */
+  readonly virtioMem: { request(bytes: number): void; plugged(): number } | null;
+  /**
    * vm.resize-disk: grows disk `id`'s image to `size` bytes and tells the guest (new capacity in the
    * config space, config-change interrupt). Throws a message naming what is wrong otherwise.
    */
@@ -553,7 +567,8 @@ function wantsConsole(cfg: VmConfig): boolean {
 export function wantsPci(cfg: VmConfig): boolean {
   return wantsConsole(cfg) || (cfg.disks?.length ?? 0) > 0 || (cfg.net?.length ?? 0) > 0 || !!cfg.rng?.src ||
     (cfg.pmem?.length ?? 0) > 0 || !!cfg.balloon || (cfg.fs?.length ?? 0) > 0 || !!cfg.vsock ||
-    (cfg.generic_vhost_user?.length ?? 0) > 0;
+    (cfg.generic_vhost_user?.length ?? 0) > 0 ||
+    (cfg.memory.hotplug_method === "VirtioMem" && !!cfg.memory.hotplug_size);
 }
 
 /** Refuses the parts of a --net this VMM does not implement, naming them. */
@@ -937,6 +952,30 @@ export function createPci(
     );
   };
 
+  // virtio-mem: the region (mapped and given to KVM by the VM) the guest plugs block by block.
+  const buildVirtioMem = (r: { gpa: number; size: number; hostAddr: bigint; fd?: number }) =>
+    addDevice(
+      "_mem0",
+      "mem",
+      {
+        type: VIRTIO_ID.MEM,
+        features: memFeatures(),
+        numQueues: 1,
+        maxQueueSize: MEM_QUEUE_SIZE,
+        // hotplugged_size (a reboot after vm.resize): the guest plugs it again as its driver starts.
+        config: memConfigSpace({
+          addr: r.gpa,
+          regionSize: r.size,
+          requested: Math.min(
+            r.size,
+            Math.floor((cfg.memory.hotplugged_size ?? 0) / MEM_BLOCK_SIZE) * MEM_BLOCK_SIZE,
+          ),
+        }),
+      },
+      { mem: { hostAddr: Number(r.hostAddr), size: r.size, sharedMemory: cfg.memory.shared } },
+      new SharedArrayBuffer(8 * MEM_COUNTERS.length),
+    );
+
   /** Releases everything every device holds (boot failure, close). */
   const releaseAll = () => {
     releaseResources(pending);
@@ -956,6 +995,7 @@ export function createPci(
     (cfg.pmem ?? []).forEach(buildPmem);
     if (cfg.vsock) buildVsock(cfg.vsock);
     if (cfg.balloon) buildBalloon(cfg.balloon);
+    if (cfg.memory.hotplug_method === "VirtioMem" && hotplugRam) buildVirtioMem(hotplugRam);
   } catch (e) {
     releaseAll();
     void consolePty?.close();
@@ -1014,10 +1054,13 @@ export function createPci(
       };
     });
     // A vhost-user back-end maps the memory hotplug region from the start (its pages are used only once
-    // plugged); the device workers that touch rings themselves learn of plugged slots from memTable.
+    // plugged); so does every worker with virtio-mem (the whole region is guest RAM to KVM). With ACPI
+    // hotplug, the workers that touch rings themselves learn of plugged slots from memTable.
     const init: DeviceWorkerInit = {
       device: desc,
-      ram: desc.kind === "vhost_user" && hotplugRam ? [...ram, hotplugRam] : ram,
+      ram: hotplugRam && (desc.kind === "vhost_user" || cfg.memory.hotplug_method === "VirtioMem")
+        ? [...ram, hotplugRam]
+        : ram,
       memTable,
     };
     w.postMessage(init);
@@ -1069,6 +1112,7 @@ export function createPci(
         else if (desc.kind === "pmem") out[desc.id] = new PmemCounters(desc.counters).snapshot();
         else if (desc.kind === "vsock") out[desc.id] = new VsockCounters(desc.counters).snapshot();
         else if (desc.kind === "balloon" && balloon) out[desc.id] = balloon.counters();
+        else if (desc.kind === "mem") out[desc.id] = new MemCounters(desc.counters).snapshot();
       }
       return out;
     },
@@ -1101,6 +1145,27 @@ export function createPci(
       const d = devices.find((x) => x.id === id);
       return d ? bdf(d.slot, d.segment) : null;
     },
+    virtioMem: (() => {
+      const h = primary.devices.find((x) => x.desc.kind === "mem");
+      if (!h) return null;
+      const cfgView = h.transport.deviceConfig();
+      return {
+        plugged: () => Number(cfgView.getBigUint64(MEM_CONFIG.PLUGGED_SIZE, true)),
+        request: (bytes: number) => {
+          const b = new Uint8Array(8);
+          new DataView(b.buffer).setBigUint64(0, BigInt(bytes), true);
+          let vector = -1;
+          h.lock.lock();
+          try {
+            h.transport.updateDeviceConfig(MEM_CONFIG.REQUESTED_SIZE, b);
+            vector = h.transport.configInterrupt();
+          } finally {
+            h.lock.unlock();
+          }
+          if (vector >= 0 && vector < h.desc.irqFds.length) h.signal(h.desc.irqFds[vector]);
+        },
+      };
+    })(),
     resizeDisk: (id, size) => {
       const h = primary.devices.find((x) => x.desc.id === id);
       if (!h) throw new Error(`no disk '${id}'`);

@@ -187,10 +187,9 @@ function checkSupported(cfg: VmConfig): void {
   if (cfg.memory.zones?.length) missing("memory zones", "--memory-zone / memory.zones");
   // hotplug_size only reserves address space after RAM (layout.ts hotplugRegion) until hot-adding
   // memory is built; what would plug memory at boot is refused.
-  if (cfg.memory.hotplug_size && cfg.memory.hotplug_method === "VirtioMem") {
-    missing("virtio-mem memory hotplug", "--memory hotplug_method=virtio-mem");
+  if (cfg.memory.hotplugged_size && cfg.memory.hotplug_method !== "VirtioMem") {
+    missing("ACPI memory plugged at boot", "--memory hotplugged_size= (with hotplug_method=acpi)");
   }
-  if (cfg.memory.hotplugged_size) missing("memory plugged at boot", "--memory hotplugged_size=");
   if (cfg.payload.firmware) missing("booting firmware", "--firmware / payload.firmware");
   const console = cfg.console?.mode ?? "Off";
   if (console === "Socket") {
@@ -311,6 +310,7 @@ export function createPlatform(
         new MmioBus(),
         (bits) => host.acpiPm?.raiseEvent(bits),
         memTable,
+        hotplugRam,
       );
     } catch (e) {
       if (ownFd) shim().kvs_close(serialOutFd);

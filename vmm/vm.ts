@@ -23,7 +23,8 @@ import type { PciChange, VcpuPciChange, VcpuWorkerExit, VcpuWorkerInit } from ".
 import type { HotplugKind } from "./control.ts";
 import type { PciDeviceInfo } from "./vm_config.ts";
 import type { PciHotplugRequest } from "./pci_platform.ts";
-import { Layout, layout, memoryHotplugSlots, ramRegions } from "./layout.ts";
+import { hotplugRegion, Layout, layout, memoryHotplugSlots, ramRegions } from "./layout.ts";
+import { MEM_BLOCK_SIZE, MEM_REGION_ALIGN } from "../devices/virtio/mem.ts";
 import { checkPayloadFiles, loadPayload } from "./loader/payload.ts";
 import { writeAcpiTables } from "./acpi/tables.ts";
 import { bspRegisters } from "./boot_cpu.ts";
@@ -49,6 +50,20 @@ const APIC_LVT_LINT0 = 0x350;
 const APIC_LVT_LINT1 = 0x360;
 const APIC_MODE_NMI = 0x4;
 const APIC_MODE_EXTINT = 0x7;
+
+/**
+ * The host reservation for memory hotplug: ACPI's slots, or virtio-mem's region (the hotplug region cut
+ * to 128 MiB multiples, the guest driver's granularity); null without a hotplug_size.
+ */
+function hotplugReservation(m: VmConfig["memory"]): { start: number; size: number } | null {
+  if (!m.hotplug_size) return null;
+  if (m.hotplug_method === "Acpi") {
+    const s = memoryHotplugSlots(m.size, m.hotplug_size);
+    return s.count > 0 ? { start: s.start, size: s.count * s.slot } : null;
+  }
+  const size = Math.floor(m.hotplug_size / MEM_REGION_ALIGN) * MEM_REGION_ALIGN;
+  return size > 0 ? { start: hotplugRegion(m.size, m.hotplug_size).start, size } : null;
+}
 
 /** KVM memory slots of ACPI-hotplugged RAM: after boot RAM (0..) and pmem (32..). */
 const MEMORY_HOTPLUG_FIRST_SLOT = 64;
@@ -103,8 +118,9 @@ export class Vm implements VmBackend {
   }
 
   memoryActualSize(): number {
-    // As Cloud Hypervisor: guest RAM less what the balloon holds.
-    const ram = this.#mem?.size ?? this.config.memory.size;
+    // As Cloud Hypervisor: guest RAM (with what virtio-mem has plugged) less what the balloon holds.
+    const ram = (this.#mem?.size ?? this.config.memory.size) +
+      (this.#platform?.pci?.virtioMem?.plugged() ?? 0);
     return Math.max(0, ram - (this.#platform?.balloon?.actualBytes() ?? 0));
   }
 
@@ -125,6 +141,8 @@ export class Vm implements VmBackend {
   #ramNow(): number {
     const m = this.#platform?.memoryHotplug;
     const c = this.config.memory;
+    const vmem = this.#platform?.pci?.virtioMem;
+    if (vmem) return c.size + vmem.plugged();
     return c.size + (m && c.hotplug_size ? m.plugged() * memoryHotplugSlots(c.size, c.hotplug_size).slot : 0);
   }
 
@@ -135,10 +153,28 @@ export class Vm implements VmBackend {
   #resizeRam(want: number): void {
     const c = this.config.memory;
     const now = this.#ramNow();
-    if (want === now) return;
+    if (want === now && !this.#platform?.pci?.virtioMem) return;
     const m = this.#platform?.memoryHotplug;
-    if (c.hotplug_method === "VirtioMem" && c.hotplug_size) {
-      throw new VmmError("NotImplemented", "virtio-mem memory hotplug is not implemented in dvmm yet");
+    const vmem = this.#platform?.pci?.virtioMem;
+    if (vmem && this.#hotplugRam) {
+      // virtio-mem: the guest is asked for the new size and plugs or unplugs blocks itself; the answer
+      // comes at once, as Cloud Hypervisor's (vm.info's memory_actual_size follows what is plugged).
+      const requested = want - c.size;
+      if (requested < 0) {
+        throw new VmmError("BadRequest", `desired_ram (${want}) is below the boot memory size (${c.size})`);
+      }
+      if (requested % MEM_BLOCK_SIZE !== 0) {
+        throw new VmmError("BadRequest", `desired_ram must differ from memory size by a multiple of 2 MiB`);
+      }
+      if (requested > this.#hotplugRam.size) {
+        throw new VmmError(
+          "BadRequest",
+          `desired_ram (${want}) exceeds memory size plus hotplug_size (${c.size + this.#hotplugRam.size})`,
+        );
+      }
+      vmem.request(requested);
+      log.info(`RAM: virtio-mem asked for ${requested >> 20} MiB (plugged now: ${vmem.plugged() >> 20} MiB)`);
+      return;
     }
     if (!m || !c.hotplug_size) {
       throw new VmmError(
@@ -167,7 +203,8 @@ export class Vm implements VmBackend {
         `desired_ram (${want}) exceeds memory size plus hotplug_size (${c.size + slots.count * slots.slot})`,
       );
     }
-    const reserved = this.#hotplugRam!;
+    const reserved = this.#hotplugRam;
+    if (!reserved) throw new VmmError("Internal", "the memory hotplug region was not reserved");
     for (let i = plugged; i < plugged + n; i++) {
       const gpa = slots.start + i * slots.slot;
       const hostAddr = reserved.hostAddr + BigInt(i * slots.slot);
@@ -378,17 +415,29 @@ export class Vm implements VmBackend {
       const mem = this.#mem = GuestMemory.fromHost(hostRegions);
       // ACPI memory hotplug: the whole region is reserved now (no page is used until the guest touches a
       // plugged slot), so vhost-user back-ends get it in their memory table from the start.
+      // virtio-mem: the region is reserved and given to KVM whole now; the guest plugs blocks of it.
       let hotplugRam: { gpa: number; size: number; hostAddr: bigint; fd?: number } | undefined;
-      const hp = cfg.memory.hotplug_size && cfg.memory.hotplug_method === "Acpi"
-        ? memoryHotplugSlots(cfg.memory.size, cfg.memory.hotplug_size)
-        : null;
-      if (hp && hp.count > 0) {
-        const size = hp.count * hp.slot;
+      const region = hotplugReservation(cfg.memory);
+      if (region) {
         const m = cfg.memory.shared
-          ? mapMemfd(size, "dvmm-ram-hotplug", { hugepages: cfg.memory.hugepages })
-          : mapAnonymous(size, { hugepages: cfg.memory.hugepages });
+          ? mapMemfd(region.size, "dvmm-ram-hotplug", { hugepages: cfg.memory.hugepages })
+          : mapAnonymous(region.size, { hugepages: cfg.memory.hugepages });
         this.#maps.push(m);
-        hotplugRam = this.#hotplugRam = { gpa: hp.start, size, hostAddr: m.hostAddr, fd: m.fd };
+        hotplugRam = this.#hotplugRam = {
+          gpa: region.start,
+          size: region.size,
+          hostAddr: m.hostAddr,
+          fd: m.fd,
+        };
+        if (cfg.memory.hotplug_method === "VirtioMem") {
+          vm.setUserMemoryRegion({
+            slot: MEMORY_HOTPLUG_FIRST_SLOT,
+            flags: 0,
+            guestPhysAddr: BigInt(region.start),
+            memorySize: BigInt(region.size),
+            userspaceAddr: m.hostAddr,
+          });
+        }
       }
       phase("guest RAM mapped");
 
@@ -409,9 +458,10 @@ export class Vm implements VmBackend {
         hotplugSize: cfg.memory.hotplug_size,
         pciSegments: cfg.platform?.num_pci_segments ?? 1,
         pci: this.#platform.pciAcpi,
-        memorySlots: this.#platform.memoryHotplug && cfg.memory.hotplug_size
-          ? memoryHotplugSlots(cfg.memory.size, cfg.memory.hotplug_size)
-          : undefined,
+        memorySlots:
+          this.#platform.memoryHotplug && cfg.memory.hotplug_size && cfg.memory.hotplug_method === "Acpi"
+            ? memoryHotplugSlots(cfg.memory.size, cfg.memory.hotplug_size)
+            : undefined,
       });
 
       // vCPUs.

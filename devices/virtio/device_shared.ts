@@ -26,7 +26,16 @@ const CTL_IOEVENT_BASE_F64 = 3; // Float64 index (byte offset 24)
 const CTL_DISK_SIZE_F64 = 4; // Float64 index (byte offset 32): blk, the image's size after a resize
 export const CONTROL_BYTES = 40;
 
-export type VirtioKind = "rng" | "blk" | "net" | "console" | "pmem" | "balloon" | "vhost_user" | "vsock";
+export type VirtioKind =
+  | "rng"
+  | "blk"
+  | "net"
+  | "console"
+  | "pmem"
+  | "balloon"
+  | "vhost_user"
+  | "vsock"
+  | "mem";
 
 /** Structured-cloneable description of one virtio-pci device (made once, on the main thread). */
 export interface VirtioDeviceDescriptor {
@@ -64,6 +73,8 @@ export interface VirtioDeviceDescriptor {
   vhostUser?: VhostUserDescriptor;
   /** pmem: the backing file (owned by the main thread), for flushes; discard_writes. */
   pmem?: { fd: number; discardWrites: boolean };
+  /** virtio-mem: the region's host mapping (address as a number), and whether it is a shared memfd. */
+  mem?: { hostAddr: number; size: number; sharedMemory: boolean };
   /** balloon: whether guest RAM is a shared memfd (pages are then released with MADV_REMOVE). */
   balloon?: { sharedMemory: boolean };
   /**

@@ -511,6 +511,11 @@ export class VirtioPciDevice implements PciFunction {
     return this.msix.trigger(vec) ? vec : -1;
   }
 
+  /** The device configuration space (shared with every thread; write through updateDeviceConfig). */
+  deviceConfig(): DataView {
+    return new DataView(this.#devCfg.buffer, this.#devCfg.byteOffset, this.#devCfg.byteLength);
+  }
+
   /** Replaces device configuration bytes and bumps config_generation (then call configInterrupt). */
   updateDeviceConfig(offset: number, bytes: Uint8Array): void {
     this.#devCfg.set(bytes, offset);

@@ -13,7 +13,15 @@
  */
 import { check, EAGAIN, EINTR, shim } from "../../ffi/shim.ts";
 import { setThreadName } from "../../ffi/socket.ts";
-import { EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, POLLOUT } from "../../ffi/kvm_constants.ts";
+import {
+  EPOLL_CTL_ADD,
+  EPOLL_CTL_DEL,
+  EPOLL_CTL_MOD,
+  EPOLLIN,
+  MADV_DONTNEED,
+  MADV_REMOVE,
+  POLLOUT,
+} from "../../ffi/kvm_constants.ts";
 import { GuestMemory, GuestMemoryTable } from "../../vmm/memory.ts";
 import { SplitQueue } from "./queue.ts";
 import { BlkCounters, BlkDevice } from "./blk.ts";
@@ -27,6 +35,7 @@ import { PmemCounters, PmemDevice } from "./pmem.ts";
 import { FdPmemBackend } from "./device_pmem.ts";
 import { BalloonCounters, BalloonDevice, hostMemoryReleaser } from "./balloon.ts";
 import { runVhostUser } from "./device_vhost_user.ts";
+import { MemCounters, VirtioMemDevice } from "./mem.ts";
 
 /** The one message a device worker receives, at start. */
 export interface DeviceWorkerInit {
@@ -157,6 +166,27 @@ function run(init: DeviceWorkerInit): void {
   } else if (d.kind === "pmem") {
     const p = d.pmem!;
     proc = new PmemDevice(new FdPmemBackend(p.fd), p.discardWrites, new PmemCounters(d.counters));
+  } else if (d.kind === "mem") {
+    const m = d.mem!;
+    const cfg = dev.deviceConfig();
+    const advice = m.sharedMemory ? MADV_REMOVE : MADV_DONTNEED;
+    const vmem = new VirtioMemDevice(
+      {
+        read: (off) => Number(cfg.getBigUint64(off, true)),
+        write: (off, value) => {
+          const b = new Uint8Array(8);
+          new DataView(b.buffer).setBigUint64(0, BigInt(value), true);
+          dev.updateDeviceConfig(off, b);
+        },
+      },
+      {
+        discard: (off, len) =>
+          off >= 0 && off + len <= m.size &&
+          Number(s.kvs_madvise(BigInt(m.hostAddr + off), len, advice)) === 0,
+      },
+      new MemCounters(d.counters),
+    );
+    proc = { service: (q, i) => vmem.service(q, i) };
   } else if (d.kind === "balloon") {
     const releaser = hostMemoryReleaser(mem, d.balloon!.sharedMemory);
     proc = new BalloonDevice(releaser, mem, new BalloonCounters(d.counters));

@@ -29,6 +29,7 @@ pkg_installed() { [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == "instal
 ensure_packages() {
 	local want=() p
 	command -v qemu-system-x86_64 >/dev/null || want+=(qemu-system-x86)
+	[[ -e /usr/share/seabios/bios-256k.bin ]] || want+=(seabios)
 	pkg_installed busybox-static || want+=(busybox-static)
 	command -v cpio >/dev/null || want+=(cpio)
 	command -v lz4 >/dev/null || want+=(lz4)
@@ -235,6 +236,9 @@ build_rootfs() {
 	qemu=$(command -v qemu-system-x86_64)
 	copy_elf "$t" "$qemu" /usr/bin/qemu-system-x86_64
 	cp -rL /usr/share/qemu "$t/usr/share/qemu"
+	# SeaBIOS for QEMU's -M pc (the hotplug comparison), when Debian's qemu-system-data lacks the link.
+	[[ -e $t/usr/share/qemu/bios-256k.bin || ! -e /usr/share/seabios/bios-256k.bin ]] ||
+		cp /usr/share/seabios/bios-256k.bin "$t/usr/share/qemu/bios-256k.bin"
 	for b in $(extra_bins); do copy_elf "$t" "$b" "/usr/bin/${b##*/}"; done
 	[[ -n $DENO_BIN ]] && copy_elf "$t" "$DENO_BIN" /usr/local/bin/deno
 	install_busybox "$t"
