@@ -124,14 +124,14 @@ dvmm --kernel /lab/vmlinuz --initramfs /lab/initramfs.gz \\
 pid=$!
 if waitfor MARK-ready; then
   t0=$(now)
-  echo "=== ADD1"; put vm.add-disk "{\"path\":\"$D/a.img\",\"id\":\"hp0\"}"
+  echo "=== ADD1"; put vm.add-disk '{"path":"'$D'/a.img","id":"hp0"}'
   waitfor read1 && echo "latency-disk-ms $(( $(now) - t0 ))"
-  echo "=== INFO1"; dvmm remote --api-socket $D/api.sock info; echo
+  echo "=== INFO1"; curl -s --unix-socket $D/api.sock http://localhost/api/v1/vm.info; echo
   t0=$(now)
   echo "=== REMOVE1"; put vm.remove-device '{"id":"hp0"}'; echo
   echo "remove-ms $(( $(now) - t0 ))"
   waitfor gone1
-  echo "=== INFO2"; dvmm remote --api-socket $D/api.sock info; echo
+  echo "=== INFO2"; curl -s --unix-socket $D/api.sock http://localhost/api/v1/vm.info; echo
   echo "=== ADD2"; api add-disk path=$D/b.img,id=hp0
   waitfor read2
   echo "=== RESIZE"; put vm.resize-disk '{"id":"hp0","desired_size":4194304}'; echo
@@ -167,7 +167,7 @@ if waitfor MARK-ready; then
   t0=$(now)
   echo "=== RAM"; put vm.resize '{"desired_ram":939524096}'; echo
   waitfor mem-after && echo "latency-ram-ms $(( $(now) - t0 ))"
-  echo "=== INFO3"; dvmm remote --api-socket $D/api.sock info; echo
+  echo "=== INFO3"; curl -s --unix-socket $D/api.sock http://localhost/api/v1/vm.info; echo
   waitfor MARK-done
 fi
 dvmm remote --api-socket $D/api.sock shutdown-vmm >/dev/null 2>&1
@@ -199,6 +199,7 @@ if waitq MARK-qready; then
   t0=$(now)
   echo "device_del hp0" >&4
   waitq qgone1 && echo "qemu-remove-ms $(( $(now) - t0 ))"
+  echo "info hotpluggable-cpus" >&4
   t0=$(now)
   echo "device_add host-x86_64-cpu,id=cpu1,socket-id=1,core-id=0,thread-id=0" >&4
   waitq qcpus-up && echo "qemu-latency-vcpu-ms $(( $(now) - t0 ))"
@@ -208,6 +209,7 @@ echo "qemu-exit $?"
 echo "=== OUT"; cat $D/out.txt
 echo "=== ERR"; cat $D/err.txt
 echo "=== QOUT"; tr -d '\\r' <$D/qout.txt | tail -n 20
+echo "=== QMON"; tr -d '\\r' <$D/mon.log | grep -v '^$' | tail -n 30
 `;
 
 Deno.test({

@@ -244,3 +244,68 @@ Deno.test("blk: a request spread over several buffers is one preadv / pwritev on
     Deno.removeSync(path);
   }
 });
+
+Deno.test("disk images are locked: a second writer or a reader beside a writer is refused", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "dvmm-lock-" });
+  const path = `${dir}/disk.img`;
+  await Deno.writeFile(path, new Uint8Array(1 << 20));
+  const close = (fd: number) => shim().kvs_close(fd);
+  const a = openDiskImage(path);
+  try {
+    assert.throws(() => openDiskImage(path), /locked by another process/);
+    assert.throws(() => openDiskImage(path, { readonly: true }), /locked by another process/);
+  } finally {
+    close(a.fd);
+  }
+  // Readers share; a writer then waits for them to go.
+  const r1 = openDiskImage(path, { readonly: true });
+  const r2 = openDiskImage(path, { readonly: true });
+  assert.throws(() => openDiskImage(path), /locked by another process/);
+  close(r1.fd);
+  close(r2.fd);
+  close(openDiskImage(path).fd);
+  await Deno.remove(dir, { recursive: true });
+});
+
+Deno.test({
+  name: "blk: ENOSPC on the image answers the guest's write with an I/O error; the device goes on",
+  // Needs a small filesystem to fill: a tmpfs mounted here (root only; skipped otherwise).
+  ignore: Deno.uid() !== 0,
+}, async () => {
+  const dir = await Deno.makeTempDir({ prefix: "dvmm-enospc-" });
+  const mount = await new Deno.Command("mount", { args: ["-t", "tmpfs", "-o", "size=64k", "tmpfs", dir] })
+    .output();
+  if (!mount.success) {
+    console.log(`tmpfs mount failed (${new TextDecoder().decode(mount.stderr).trim()}); skipping`);
+    await Deno.remove(dir);
+    return;
+  }
+  try {
+    const path = `${dir}/disk.img`;
+    await Deno.truncate(path, 1 << 20).catch(async () => {
+      await Deno.writeFile(path, new Uint8Array(0));
+      await Deno.truncate(path, 1 << 20);
+    });
+    const img = openDiskImage(path);
+    try {
+      const { mem, run } = setup(new ShimFileDisk(img.fd, img.size, false, "enospc"));
+      mem.fill(DATA, 0x8000, 0x77);
+      // Fill the 64 KiB filesystem: sooner or later a write has no space left.
+      const statuses: number[] = [];
+      for (let sector = 0; sector < 2048 && !statuses.includes(BLK_S.IOERR); sector += 64) {
+        statuses.push(run(BLK_T.OUT, sector, 0x8000, false).status);
+      }
+      assert.ok(statuses.includes(BLK_S.IOERR), `statuses ${statuses}`);
+      assert.equal(statuses[0], BLK_S.OK);
+      // The device still serves what it can: reading back the first sectors works.
+      mem.fill(DATA, 512, 0);
+      assert.equal(run(BLK_T.IN, 0, 512, true).status, BLK_S.OK);
+      assert.equal(mem.readU8(DATA), 0x77);
+    } finally {
+      shim().kvs_close(img.fd);
+    }
+  } finally {
+    await new Deno.Command("umount", { args: [dir] }).output();
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -44,7 +44,37 @@ export function openDiskImage(
   }
   const flags = (o.readonly ? O_RDONLY : O_RDWR) | (o.direct ? O_DIRECT : 0) | O_CLOEXEC;
   const fd = check(shim().kvs_open(cstr(path), flags, 0), `open disk image ${path}`);
+  try {
+    lockImage(fd, !o.readonly);
+  } catch (e) {
+    shim().kvs_close(fd);
+    throw e;
+  }
   return { fd, size, format };
+}
+
+const F_OFD_SETLK = 37;
+const F_RDLCK = 0;
+const F_WRLCK = 1;
+
+/**
+ * Locks an open image as Cloud Hypervisor does (an open-file-description lock over the whole file): a
+ * writable disk takes a write lock, a read-only one a read lock, so no two VMMs write one image and no
+ * VMM writes an image another is reading. The lock goes with the descriptor.
+ */
+export function lockImage(fd: number, write: boolean): void {
+  // struct flock: l_type (short), l_whence (short), l_start (off_t @8), l_len (off_t @16), l_pid (@24).
+  const lock = new Uint8Array(32);
+  const v = new DataView(lock.buffer);
+  v.setInt16(0, write ? F_WRLCK : F_RDLCK, true);
+  const ptr = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(lock)));
+  const r = Number(shim().kvs_fcntl(fd, F_OFD_SETLK, ptr));
+  if (r === -11 || r === -13) {
+    throw new Error(
+      `the image is locked by another process (another VM ${write ? "using" : "writing"} it?)`,
+    );
+  }
+  if (r < 0) throw new Error(`locking the image failed (errno ${-r})`);
 }
 
 /** An image's format as Cloud Hypervisor names it (its `image_type`). */

@@ -1,0 +1,131 @@
+/**
+ * virtio-mem in the KVM lab with the stock guest and its own virtio_mem driver: a 384 MiB VM with
+ * `hotplug_method=virtio-mem,hotplug_size=1G`; `vm.resize desired_ram` to 896 MiB makes the guest plug
+ * 512 MiB (its MemTotal grows once the blocks are online: busybox has no udev, so the guest onlines them,
+ * as movable so they can go again), then back to 384 MiB: the guest unplugs them and MemTotal shrinks.
+ * vm.info's memory_actual_size and the device's counters follow, and dvmm's RSS drops after the unplug.
+ */
+import assert from "node:assert/strict";
+import { labUnavailable, runScriptInLab } from "./helpers/lab.ts";
+
+const why = labUnavailable();
+
+function scriptDisk(text: string): Uint8Array {
+  const bytes = new TextEncoder().encode(text.trim() + "\nexit 0\n");
+  const out = new Uint8Array(Math.ceil(bytes.length / 512) * 512 + 512);
+  out.set(bytes);
+  return out;
+}
+
+const GUEST = `
+exec >/dev/hvc0 2>&1
+mt() { awk '/^MemTotal:/{print $2}' /proc/meminfo; }
+online() { for f in /sys/devices/system/memory/memory*/state; do [ "$(cat $f)" = offline ] && echo online_movable >$f 2>/dev/null; done; }
+m0=$(mt); echo "mem-boot $m0"
+echo MARK-ready
+i=0; while [ $(mt) -lt $((m0 + 500000)) ] && [ $i -lt 2400 ]; do online; usleep 50000; i=$((i+1)); done
+echo "mem-grown $(mt)"
+dd if=/dev/zero of=/tmp/fill bs=1M count=256 2>/dev/null; rm -f /tmp/fill
+echo MARK-grown
+i=0; while [ $(mt) -gt $((m0 + 16384)) ] && [ $i -lt 2400 ]; do usleep 50000; i=$((i+1)); done
+echo "mem-shrunk $(mt)"
+dmesg | grep -i virtio_mem | tail -n 8
+echo MARK-done
+`;
+
+const HOST = (dir: string) => `
+set -u
+D=/work/${dir}
+now() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
+waitfor() {
+  i=0
+  while ! grep -q "$1" $D/out.txt 2>/dev/null; do
+    i=$((i+1))
+    if [ $i -gt 30000 ]; then echo "timeout waiting for $1"; return 1; fi
+    if ! kill -0 $pid 2>/dev/null; then echo "dvmm exited before $1"; return 1; fi
+    sleep 0.02
+  done
+}
+put() { curl -s --unix-socket $D/api.sock -X PUT -H 'Content-Type: application/json' -d "$2" "http://localhost/api/v1/$1"; echo " rc=$?"; }
+get() { curl -s --unix-socket $D/api.sock "http://localhost/api/v1/$1"; echo; }
+rss() { awk '/^VmRSS:/{print $2}' /proc/$pid/status; }
+mkfifo $D/in; exec 3<>$D/in
+dvmm --kernel /lab/vmlinuz --initramfs /lab/initramfs.gz \\
+  --cmdline "console=ttyS0 console=hvc0 panic=-1 dvmm.script=/dev/vda" \\
+  --cpus boot=2 --memory size=384M,hotplug_method=virtio-mem,hotplug_size=1G --serial null --console tty \\
+  --disk path=$D/guest.sh,readonly=on \\
+  --api-socket path=$D/api.sock <&3 >$D/out.txt 2>$D/err.txt &
+pid=$!
+if waitfor MARK-ready; then
+  t0=$(now)
+  echo "=== GROW"; put vm.resize '{"desired_ram":939524096}'
+  waitfor mem-grown && echo "latency-grow-ms $(( $(now) - t0 ))"
+  waitfor MARK-grown
+  echo "rss-grown $(rss)"
+  echo "=== INFO1"; get vm.info
+  echo "=== COUNTERS1"; get vm.counters
+  t0=$(now)
+  echo "=== SHRINK"; put vm.resize '{"desired_ram":402653184}'
+  waitfor mem-shrunk && echo "latency-shrink-ms $(( $(now) - t0 ))"
+  sleep 1
+  echo "rss-shrunk $(rss)"
+  echo "=== INFO2"; get vm.info
+  echo "=== COUNTERS2"; get vm.counters
+  waitfor MARK-done
+fi
+wait $pid
+echo "dvmm-exit $?"
+echo "=== OUT"; cat $D/out.txt
+echo "=== ERR"; cat $D/err.txt
+`;
+
+Deno.test({
+  name: "lab: virtio-mem: vm.resize grows the guest by 512 MiB and shrinks it back (its own driver)",
+  ignore: why !== null,
+}, async (t) => {
+  const res = await runScriptInLab("virtiomem", { "guest.sh": scriptDisk(GUEST) }, HOST, { timeout: 600 });
+  const out = res.stdout.replaceAll("\r", "");
+  const all = out + "\n--- stderr ---\n" + res.stderr;
+  const tail = all.slice(-8000);
+  const line = (key: string) => out.match(new RegExp(`^${key} ?(.*)$`, "m"))?.[1];
+  const section = (s: string) => out.split(`=== ${s}\n`)[1]?.split("\n=== ")[0] ?? "";
+  const json = (s: string) => {
+    try {
+      return JSON.parse(section(s).trim().split("\n")[0]);
+    } catch {
+      assert.fail(`${s} is not JSON:\n${tail}`);
+    }
+  };
+  if (Deno.env.get("DVMM_LAB_VERBOSE") === "1") console.log(all);
+  const MiB = 1 << 20;
+
+  await t.step("grow: the guest plugs 512 MiB; MemTotal, memory_actual_size and the config follow", () => {
+    const boot = Number(line("mem-boot")), grown = Number(line("mem-grown"));
+    console.log(
+      `virtio-mem grow to 896 MiB: MemTotal ${boot} → ${grown} kB in ${line("latency-grow-ms")} ms ` +
+        `(resize call → memory online in the guest)`,
+    );
+    assert.match(section("GROW"), /rc=0/, tail);
+    assert.ok(grown - boot >= 500000, `${boot} → ${grown}\n${tail}`);
+    const info = json("INFO1");
+    assert.equal(info.memory_actual_size, 896 * MiB);
+    assert.equal(info.config.memory.size, 384 * MiB);
+    assert.equal(info.config.memory.hotplugged_size, 512 * MiB);
+    assert.ok(json("COUNTERS1")._mem0.plug_requests >= 1);
+  });
+  await t.step("shrink: the guest unplugs them; MemTotal and memory_actual_size come back; RSS drops", () => {
+    const boot = Number(line("mem-boot")), shrunk = Number(line("mem-shrunk"));
+    console.log(
+      `virtio-mem shrink to 384 MiB: MemTotal ${shrunk} kB in ${line("latency-shrink-ms")} ms; ` +
+        `dvmm RSS ${line("rss-grown")} → ${line("rss-shrunk")} kB`,
+    );
+    assert.match(section("SHRINK"), /rc=0/, tail);
+    assert.ok(shrunk - boot <= 16384, `${boot} → ${shrunk}\n${tail}`);
+    const info = json("INFO2");
+    assert.equal(info.memory_actual_size, 384 * MiB);
+    assert.equal(info.config.memory.hotplugged_size, undefined);
+    assert.ok(json("COUNTERS2")._mem0.unplug_requests >= 1);
+    assert.ok(Number(line("rss-grown")) - Number(line("rss-shrunk")) >= 128 * 1024, tail);
+    assert.equal(line("dvmm-exit"), "0", tail);
+  });
+});
