@@ -244,6 +244,10 @@ class HttpApiServer implements ApiServer {
         fd = accept(this.listener);
       } catch (e) {
         const errno = (e as { errno?: number }).errno;
+        // Out of descriptors: the longest-idle connection makes room for the new one, if there is one.
+        if ((errno === EMFILE || errno === ENFILE) && this.#evictIdle("the VMM is out of file descriptors")) {
+          continue;
+        }
         if ((errno === EMFILE || errno === ENFILE) && this.#reserve >= 0) {
           // Out of descriptors: free the spare one to take the connection off the queue and refuse it,
           // rather than letting it spin the loop or fail the VMM.
@@ -259,7 +263,13 @@ class HttpApiServer implements ApiServer {
         return;
       }
       if (fd === null) return;
-      if (this.#conns.size >= this.limits.maxConnections) {
+      // At the cap, an idle connection (nothing asked, nothing owed) gives way to the new one: a flood of
+      // idle connections cannot lock real clients out. Only when every connection is busy is the new one
+      // refused.
+      if (
+        this.#conns.size >= this.limits.maxConnections &&
+        !this.#evictIdle(`too many connections (limit ${this.limits.maxConnections})`)
+      ) {
         this.#refuse(fd, `too many connections (limit ${this.limits.maxConnections})`);
         continue;
       }
@@ -270,6 +280,19 @@ class HttpApiServer implements ApiServer {
       // now saves a round through epoll (a thread hop) per connection.
       this.#service(c);
     }
+  }
+
+  /** Closes the connection idle the longest (no request under way, nothing to send); false if none. */
+  #evictIdle(why: string): boolean {
+    let oldest: Conn | null = null;
+    for (const c of this.#conns.values()) {
+      if (c.busy || c.closed || c.out.length > 0 || c.reader.buffered > 0) continue;
+      if (oldest === null || c.lastActive < oldest.lastActive) oldest = c;
+    }
+    if (oldest === null) return false;
+    this.log.debug(`API server: closing an idle connection (${why})`);
+    this.#close(oldest);
+    return true;
   }
 
   /** Answer 503 on a connection that is not taken, and close it. */
