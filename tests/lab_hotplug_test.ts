@@ -9,7 +9,7 @@
  *    the guest's /sys/block/vdb/size follows.
  * 4. 20 add/remove cycles in a row: dvmm's descriptors and threads are counted before and after.
  * 5. `add-net` with a tap: the guest brings the new interface up and pings the host through it; then it
- *    is removed and the interface is gone.
+ *    is removed and the interface is gone. `add-pmem`: /dev/pmem0 reads the file's token; removed again.
  * 6. `vm.resize` vCPUs 1 → 3 (ACPI CPU hotplug; the guest onlines them by hand, busybox has no udev),
  *    then back to 1 (the guest offlines and ejects them); dvmm's vCPU threads follow.
  *
@@ -33,8 +33,8 @@ function scriptDisk(text: string): Uint8Array {
   return out;
 }
 
-function image(token: string): Uint8Array {
-  const b = new Uint8Array(1 << 20);
+function image(token: string, size = 1 << 20): Uint8Array {
+  const b = new Uint8Array(size);
   b.set(new TextEncoder().encode(token));
   return b;
 }
@@ -65,6 +65,10 @@ ip link set eth0 up; ip addr add 192.168.249.2/24 dev eth0
 ping -c 3 -W 3 192.168.249.1 >/dev/null 2>&1; echo "ping-rc $?"
 waitgone /sys/class/net/eth0
 echo "netgone $([ -e /sys/class/net/eth0 ] && echo no || echo yes)"
+waitdev /dev/pmem0
+echo "pmem-read $(head -c 12 /dev/pmem0)"
+waitgone /dev/pmem0
+echo "pmem-gone $([ -e /dev/pmem0 ] && echo no || echo yes)"
 i=0; while [ ! -e /sys/devices/system/cpu/cpu2/online ] && [ $i -lt 2400 ]; do usleep 50000; i=$((i+1)); done
 echo 1 >/sys/devices/system/cpu/cpu1/online; echo 1 >/sys/devices/system/cpu/cpu2/online
 echo "cpus-up $(cat /sys/devices/system/cpu/online) nproc=$(nproc)"
@@ -154,6 +158,10 @@ if waitfor MARK-ready; then
   waitfor ping-rc
   echo "=== REMOVENET"; api remove-device hpnet
   waitfor netgone
+  echo "=== ADDPMEM"; put vm.add-pmem '{"file":"'$D'/p.img","id":"hppm"}'; echo
+  waitfor pmem-read
+  echo "=== REMOVEPMEM"; put vm.remove-device '{"id":"hppm"}'; echo
+  waitfor pmem-gone
   t0=$(now)
   echo "=== CPUS3"; put vm.resize '{"desired_vcpus":3}'; echo
   waitfor cpus-up && echo "latency-vcpu-ms $(( $(now) - t0 ))"
@@ -223,6 +231,7 @@ Deno.test({
       "qguest.sh": scriptDisk(QEMU_GUEST),
       "a.img": image("TOKEN-HP-AAA"),
       "b.img": image("TOKEN-HP-BBB"),
+      "p.img": image("TOKEN-HP-PMM", 2 << 20),
     },
     HOST,
     { timeout: 880 },
@@ -298,6 +307,12 @@ Deno.test({
     assert.equal(line("ping-rc"), "0", tail);
     assert.match(section("REMOVENET"), /rc=0/, tail);
     assert.equal(line("netgone"), "yes", tail);
+  });
+  await t.step("add-pmem: the guest reads the file through /dev/pmem0; removed again", () => {
+    assert.match(section("ADDPMEM"), /"id":"hppm"/, `${section("ADDPMEM")}\n${tail}`);
+    assert.equal(line("pmem-read"), "TOKEN-HP-PMM", tail);
+    assert.match(section("REMOVEPMEM"), /rc=0/, tail);
+    assert.equal(line("pmem-gone"), "yes", tail);
   });
   await t.step("vm.resize vCPUs 1 → 3 → 1: the guest's online CPUs follow; threads start and stop", () => {
     console.log(

@@ -507,6 +507,19 @@ function moveIoeventfds(vm: VmFd, h: VirtioDeviceHandle, len: number, now: numbe
   }
 }
 
+/** A virtio-mem region (the default memory zone's `mem0`, or a memory zone's), mapped and given to KVM. */
+export interface VirtioMemRegion {
+  /** The device's id: the memory zone's id, as Cloud Hypervisor names it. */
+  id: string;
+  gpa: number;
+  size: number;
+  hostAddr: bigint;
+  fd?: number;
+  /** Bytes the guest is asked for from boot (hotplugged_size, after a reboot). */
+  requested: number;
+  sharedMemory: boolean;
+}
+
 /** Device kinds that can be hot-added, with the config each takes. */
 export type PciHotplugRequest =
   | { kind: "disk"; config: DiskConfig }
@@ -542,7 +555,7 @@ export interface PciHost {
    * virtio-mem: asks the guest for `bytes` of the region (a configuration change) and reports what is
    * plugged; null when the VM has no virtio-mem device.
    */
-  readonly virtioMem: { request(bytes: number): void; plugged(): number } | null;
+  readonly virtioMem: Map<string, { request(bytes: number): void; plugged(): number }>;
   /**
    * vm.resize-disk: grows disk `id`'s image to `size` bytes and tells the guest (new capacity in the
    * config space, config-change interrupt). Throws a message naming what is wrong otherwise.
@@ -568,7 +581,8 @@ export function wantsPci(cfg: VmConfig): boolean {
   return wantsConsole(cfg) || (cfg.disks?.length ?? 0) > 0 || (cfg.net?.length ?? 0) > 0 || !!cfg.rng?.src ||
     (cfg.pmem?.length ?? 0) > 0 || !!cfg.balloon || (cfg.fs?.length ?? 0) > 0 || !!cfg.vsock ||
     (cfg.generic_vhost_user?.length ?? 0) > 0 ||
-    (cfg.memory.hotplug_method === "VirtioMem" && !!cfg.memory.hotplug_size);
+    (cfg.memory.hotplug_method === "VirtioMem" && !!cfg.memory.hotplug_size) ||
+    (cfg.memory.zones ?? []).some((z) => !!z.hotplug_size);
 }
 
 /** Refuses the parts of a --net this VMM does not implement, naming them. */
@@ -619,6 +633,7 @@ export function createPci(
   raiseGed: (bits: number) => void = () => {},
   memTable?: SharedArrayBuffer,
   hotplugRam?: { gpa: number; size: number; hostAddr: bigint; fd?: number },
+  virtioMemRegions: VirtioMemRegion[] = [],
 ): PciHost {
   const m64 = mmio64Window(cfg.memory.size, cfg.memory.hotplug_size ?? 0);
   const mmio32: Window = { base: Layout.mmio32Start, size: Layout.mmio32Size };
@@ -953,9 +968,9 @@ export function createPci(
   };
 
   // virtio-mem: the region (mapped and given to KVM by the VM) the guest plugs block by block.
-  const buildVirtioMem = (r: { gpa: number; size: number; hostAddr: bigint; fd?: number }) =>
+  const buildVirtioMem = (r: VirtioMemRegion) =>
     addDevice(
-      "_mem0",
+      r.id,
       "mem",
       {
         type: VIRTIO_ID.MEM,
@@ -966,13 +981,10 @@ export function createPci(
         config: memConfigSpace({
           addr: r.gpa,
           regionSize: r.size,
-          requested: Math.min(
-            r.size,
-            Math.floor((cfg.memory.hotplugged_size ?? 0) / MEM_BLOCK_SIZE) * MEM_BLOCK_SIZE,
-          ),
+          requested: Math.min(r.size, Math.floor(r.requested / MEM_BLOCK_SIZE) * MEM_BLOCK_SIZE),
         }),
       },
-      { mem: { hostAddr: Number(r.hostAddr), size: r.size, sharedMemory: cfg.memory.shared } },
+      { mem: { hostAddr: Number(r.hostAddr), size: r.size, sharedMemory: r.sharedMemory } },
       new SharedArrayBuffer(8 * MEM_COUNTERS.length),
     );
 
@@ -995,7 +1007,7 @@ export function createPci(
     (cfg.pmem ?? []).forEach(buildPmem);
     if (cfg.vsock) buildVsock(cfg.vsock);
     if (cfg.balloon) buildBalloon(cfg.balloon);
-    if (cfg.memory.hotplug_method === "VirtioMem" && hotplugRam) buildVirtioMem(hotplugRam);
+    virtioMemRegions.forEach(buildVirtioMem);
   } catch (e) {
     releaseAll();
     void consolePty?.close();
@@ -1058,9 +1070,11 @@ export function createPci(
     // hotplug, the workers that touch rings themselves learn of plugged slots from memTable.
     const init: DeviceWorkerInit = {
       device: desc,
-      ram: hotplugRam && (desc.kind === "vhost_user" || cfg.memory.hotplug_method === "VirtioMem")
-        ? [...ram, hotplugRam]
-        : ram,
+      ram: [
+        ...ram,
+        ...(hotplugRam && desc.kind === "vhost_user" ? [hotplugRam] : []),
+        ...virtioMemRegions,
+      ],
       memTable,
     };
     w.postMessage(init);
@@ -1145,11 +1159,9 @@ export function createPci(
       const d = devices.find((x) => x.id === id);
       return d ? bdf(d.slot, d.segment) : null;
     },
-    virtioMem: (() => {
-      const h = primary.devices.find((x) => x.desc.kind === "mem");
-      if (!h) return null;
+    virtioMem: new Map(primary.devices.filter((x) => x.desc.kind === "mem").map((h) => {
       const cfgView = h.transport.deviceConfig();
-      return {
+      return [h.desc.id, {
         plugged: () => Number(cfgView.getBigUint64(MEM_CONFIG.PLUGGED_SIZE, true)),
         request: (bytes: number) => {
           const b = new Uint8Array(8);
@@ -1164,8 +1176,8 @@ export function createPci(
           }
           if (vector >= 0 && vector < h.desc.irqFds.length) h.signal(h.desc.irqFds[vector]);
         },
-      };
-    })(),
+      }];
+    })),
     resizeDisk: (id, size) => {
       const h = primary.devices.find((x) => x.desc.id === id);
       if (!h) throw new Error(`no disk '${id}'`);
