@@ -4,6 +4,7 @@
  * 512 MiB (its MemTotal grows once the blocks are online: busybox has no udev, so the guest onlines them,
  * as movable so they can go again), then back to 384 MiB: the guest unplugs them and MemTotal shrinks.
  * vm.info's memory_actual_size and the device's counters follow, and dvmm's RSS drops after the unplug.
+ * Then memory zones: 256 MiB + 128 MiB (shared, 512 MiB hotplug), and vm.resize-zone grows the second.
  */
 import assert from "node:assert/strict";
 import { labUnavailable, runScriptInLab } from "./helpers/lab.ts";
@@ -30,6 +31,18 @@ echo MARK-grown
 i=0; while [ $(mt) -gt $((m0 + 16384)) ] && [ $i -lt 2400 ]; do usleep 50000; i=$((i+1)); done
 echo "mem-shrunk $(mt)"
 dmesg | grep -i virtio_mem | tail -n 8
+echo MARK-done
+`;
+
+/** The zones guest: its RAM at boot, then the second zone grown by 512 MiB (onlined by hand). */
+const ZONES_GUEST = `
+exec >/dev/hvc0 2>&1
+mt() { awk '/^MemTotal:/{print $2}' /proc/meminfo; }
+online() { for f in /sys/devices/system/memory/memory*/state; do [ "$(cat $f)" = offline ] && echo online_movable >$f 2>/dev/null; done; }
+m0=$(mt); echo "zmem-boot $m0"
+echo MARK-ready
+i=0; while [ $(mt) -lt $((m0 + 500000)) ] && [ $i -lt 2400 ]; do online; usleep 50000; i=$((i+1)); done
+echo "mem-grown $(mt)"
 echo MARK-done
 `;
 
@@ -77,13 +90,38 @@ wait $pid
 echo "dvmm-exit $?"
 echo "=== OUT"; cat $D/out.txt
 echo "=== ERR"; cat $D/err.txt
+
+# Memory zones: 256 MiB + 128 MiB (shared, with 512 MiB of virtio-mem); vm.resize-zone grows the second.
+rm -f $D/api.sock $D/out.txt
+dvmm --kernel /lab/vmlinuz --initramfs /lab/initramfs.gz \\
+  --cmdline "console=ttyS0 console=hvc0 panic=-1 dvmm.script=/dev/vda" \\
+  --cpus boot=2 --memory size=0,hotplug_method=virtio-mem \\
+  --memory-zone id=z0,size=256M --memory-zone id=z1,size=128M,shared=on,hotplug_size=512M \\
+  --serial null --console tty --disk path=$D/zones.sh,readonly=on \\
+  --api-socket path=$D/api.sock <&3 >$D/out.txt 2>$D/err.txt &
+pid=$!
+if waitfor MARK-ready; then
+  echo "=== ZGROW"; put vm.resize-zone '{"id":"z1","desired_ram":671088640}'
+  waitfor mem-grown
+  echo "=== ZINFO"; get vm.info
+  waitfor MARK-done
+fi
+wait $pid
+echo "zones-exit $?"
+echo "=== ZOUT"; cat $D/out.txt
+echo "=== ZERR"; cat $D/err.txt
 `;
 
 Deno.test({
   name: "lab: virtio-mem: vm.resize grows the guest by 512 MiB and shrinks it back (its own driver)",
   ignore: why !== null,
 }, async (t) => {
-  const res = await runScriptInLab("virtiomem", { "guest.sh": scriptDisk(GUEST) }, HOST, { timeout: 600 });
+  const res = await runScriptInLab(
+    "virtiomem",
+    { "guest.sh": scriptDisk(GUEST), "zones.sh": scriptDisk(ZONES_GUEST) },
+    HOST,
+    { timeout: 600 },
+  );
   const out = res.stdout.replaceAll("\r", "");
   const all = out + "\n--- stderr ---\n" + res.stderr;
   const tail = all.slice(-8000);
@@ -111,7 +149,7 @@ Deno.test({
     assert.equal(info.memory_actual_size, 896 * MiB);
     assert.equal(info.config.memory.size, 384 * MiB);
     assert.equal(info.config.memory.hotplugged_size, 512 * MiB);
-    assert.ok(json("COUNTERS1")._mem0.plug_requests >= 1);
+    assert.ok(json("COUNTERS1").mem0.plug_requests >= 1);
   });
   await t.step("shrink: the guest unplugs them; MemTotal and memory_actual_size come back; RSS drops", () => {
     const boot = Number(line("mem-boot")), shrunk = Number(line("mem-shrunk"));
@@ -124,8 +162,23 @@ Deno.test({
     const info = json("INFO2");
     assert.equal(info.memory_actual_size, 384 * MiB);
     assert.equal(info.config.memory.hotplugged_size, undefined);
-    assert.ok(json("COUNTERS2")._mem0.unplug_requests >= 1);
+    assert.ok(json("COUNTERS2").mem0.unplug_requests >= 1);
     assert.ok(Number(line("rss-grown")) - Number(line("rss-shrunk")) >= 128 * 1024, tail);
     assert.equal(line("dvmm-exit"), "0", tail);
+  });
+  await t.step("memory zones: the guest has both zones' RAM; vm.resize-zone grows the second", () => {
+    const zout = section("ZOUT");
+    const boot = Number(zout.match(/^zmem-boot (\d+)$/m)?.[1]);
+    const grown = Number(zout.match(/^mem-grown (\d+)$/m)?.[1]);
+    console.log(
+      `memory zones 256 MiB + 128 MiB: MemTotal ${boot} kB; after resize-zone z1 to 640 MiB: ${grown} kB`,
+    );
+    assert.ok(boot > 300 * 1024 && boot <= 384 * 1024, `${boot}\n${tail}`);
+    assert.match(section("ZGROW"), /rc=0/, tail);
+    assert.ok(grown - boot >= 500000, `${boot} → ${grown}\n${tail}`);
+    const info = json("ZINFO");
+    assert.equal(info.memory_actual_size, 896 * MiB);
+    assert.equal(info.config.memory.zones[1].hotplugged_size, 512 * MiB);
+    assert.equal(line("zones-exit"), "0", tail);
   });
 });

@@ -133,18 +133,60 @@ Deno.test({
   try {
     await vm.boot();
     const tree = vm.deviceTree() as Record<string, { pci_bdf?: string }>;
-    assert.ok(tree["_virtio-pci-_mem0"]?.pci_bdf, JSON.stringify(Object.keys(tree)));
+    assert.ok(tree["_virtio-pci-mem0"]?.pci_bdf, JSON.stringify(Object.keys(tree)));
     await vm.resize({ desired_ram: 192 * MiB });
     await assert.rejects(vm.resize({ desired_ram: 193 * MiB }), /multiple of 2 MiB/);
     await assert.rejects(vm.resize({ desired_ram: 512 * MiB }), /exceeds memory size plus hotplug_size/);
     // No driver ran, so nothing is plugged: the actual size is the boot RAM.
     assert.equal(vm.memoryActualSize(), 64 * MiB);
-    assert.deepEqual(vm.counters()["_mem0"], {
+    assert.deepEqual(vm.counters()["mem0"], {
       plug_requests: 0,
       unplug_requests: 0,
       refused_requests: 0,
       bad_requests: 0,
     });
+  } finally {
+    await vm.shutdown();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test({
+  name: "memory zones: RAM laid out zone after zone (file, shared), each zone's virtio-mem, resize-zone",
+  ignore: !kvmAvailable(),
+}, async () => {
+  const dir = await Deno.makeTempDir({ prefix: "dvmm-zones-" });
+  await Deno.writeFile(`${dir}/guest.elf`, pvhElf(new Uint8Array([0xeb, 0xfe])));
+  await Deno.mkdir(`${dir}/zfiles`);
+  const vm = new Vm(VmConfigSchema.parse({
+    memory: {
+      size: 0,
+      hotplug_method: "VirtioMem",
+      zones: [
+        { id: "z0", size: 32 * MiB },
+        { id: "z1", size: 64 * MiB, shared: true, hotplug_size: 128 * MiB },
+        { id: "z2", size: 16 * MiB, file: `${dir}/zfiles` },
+      ],
+    },
+    payload: { kernel: `${dir}/guest.elf` },
+    serial: { mode: "Null" },
+    console: { mode: "Off" },
+  }));
+  try {
+    await vm.boot();
+    // 112 MiB of RAM from 0: z0, then z1, then z2, one after the other.
+    const mem = vm.memory!;
+    assert.equal(mem.size, 112 * MiB);
+    mem.write(32 * MiB + 5, new Uint8Array([0xa5]));
+    assert.equal(mem.read(32 * MiB + 5, 1)[0], 0xa5);
+    assert.equal(vm.memoryActualSize(), 112 * MiB);
+    const tree = vm.deviceTree() as Record<string, { pci_bdf?: string }>;
+    assert.ok(tree["_virtio-pci-z1"]?.pci_bdf, "z1's virtio-mem device, named after the zone");
+    assert.equal(tree["_virtio-pci-z0"], undefined);
+    await vm.resizeZone("z1", 128 * MiB);
+    await assert.rejects(vm.resizeZone("z1", 256 * MiB), /exceeds memory size plus hotplug_size/);
+    await assert.rejects(vm.resizeZone("z0", 64 * MiB), /memory zone 'z0' has no hotplug_size/);
+    await assert.rejects(vm.resize({ desired_ram: 256 * MiB }), /resize them with vm.resize-zone/);
   } finally {
     await vm.shutdown();
     await Deno.remove(dir, { recursive: true });

@@ -83,6 +83,8 @@ export interface VmBackend {
   addDevice?(kind: HotplugKind, config: unknown): Promise<PciDeviceInfo>;
   /** Optional: hot-remove a device by identifier. */
   removeDevice?(id: string): Promise<void>;
+  /** Optional: resize a memory zone of the running VM (vm.resize-zone, virtio-mem). */
+  resizeZone?(id: string, size: number): Promise<void>;
   /** Optional: grow a disk of the running VM (vm.resize-disk). */
   resizeDisk?(id: string, size: number): Promise<void>;
   /** Optional: resize vCPUs / RAM / balloon of the running VM. */
@@ -652,13 +654,22 @@ export class ControlLoop {
     this.#events.emit("vm", "resized");
   }
 
-  #resizeZone(r: VmResizeZone): void {
+  async #resizeZone(r: VmResizeZone): Promise<void> {
     const config = this.#requireCreated();
     const zone = config.memory.zones?.find((z) => z.id === r.id);
     if (!zone) throw new VmmError("NotFound", `no memory zone with identifier '${r.id}'`);
-    if (this.#isBooted()) throw notImplemented("resizing memory zones of a running VM");
     const next = structuredClone(config);
-    next.memory.zones!.find((z) => z.id === r.id)!.size = r.desired_ram;
+    const z = next.memory.zones!.find((z) => z.id === r.id)!;
+    if (this.#isBooted()) {
+      // As Cloud Hypervisor: the zone's virtio-mem device is asked for the new size; the difference from
+      // the zone's boot size is its hotplugged_size.
+      const backend = this.#backend!;
+      if (!backend.resizeZone) throw notImplemented("resizing memory zones of a running VM");
+      await backend.resizeZone(r.id, r.desired_ram);
+      z.hotplugged_size = r.desired_ram > z.size ? r.desired_ram - z.size : undefined;
+    } else {
+      z.size = r.desired_ram;
+    }
     this.#config = revalidate(next);
   }
 

@@ -112,6 +112,7 @@ import type { DeviceWorkerExit, DeviceWorkerInit } from "../devices/virtio/worke
 import { connectVhostUser, waitVhostUserStopped } from "../devices/virtio/device_vhost_user.ts";
 import { Layout, mmio64Window, pciSegmentEcam, pciSegmentMmio32 } from "./layout.ts";
 import { PciHotplug, type PciHotplugDescriptor } from "../devices/pci_hotplug.ts";
+import { hotplugSpace, ramSize } from "./ram.ts";
 import { log } from "./log.ts";
 import { type HostEnd, openPty } from "./host_end.ts";
 
@@ -635,7 +636,7 @@ export function createPci(
   hotplugRam?: { gpa: number; size: number; hostAddr: bigint; fd?: number },
   virtioMemRegions: VirtioMemRegion[] = [],
 ): PciHost {
-  const m64 = mmio64Window(cfg.memory.size, cfg.memory.hotplug_size ?? 0);
+  const m64 = mmio64Window(ramSize(cfg.memory), hotplugSpace(cfg.memory));
   const mmio32: Window = { base: Layout.mmio32Start, size: Layout.mmio32Size };
   const resources = new Map<string, DeviceResources>();
   // Descriptors opened for the device being built; addDevice hands them to that device.
@@ -1159,25 +1160,27 @@ export function createPci(
       const d = devices.find((x) => x.id === id);
       return d ? bdf(d.slot, d.segment) : null;
     },
-    virtioMem: new Map(primary.devices.filter((x) => x.desc.kind === "mem").map((h) => {
-      const cfgView = h.transport.deviceConfig();
-      return [h.desc.id, {
-        plugged: () => Number(cfgView.getBigUint64(MEM_CONFIG.PLUGGED_SIZE, true)),
-        request: (bytes: number) => {
-          const b = new Uint8Array(8);
-          new DataView(b.buffer).setBigUint64(0, BigInt(bytes), true);
-          let vector = -1;
-          h.lock.lock();
-          try {
-            h.transport.updateDeviceConfig(MEM_CONFIG.REQUESTED_SIZE, b);
-            vector = h.transport.configInterrupt();
-          } finally {
-            h.lock.unlock();
-          }
-          if (vector >= 0 && vector < h.desc.irqFds.length) h.signal(h.desc.irqFds[vector]);
-        },
-      }];
-    })),
+    virtioMem: new Map(
+      primary.devices.filter((x) => x.desc.kind === "mem").map((h) => {
+        const cfgView = h.transport.deviceConfig();
+        return [h.desc.id, {
+          plugged: () => Number(cfgView.getBigUint64(MEM_CONFIG.PLUGGED_SIZE, true)),
+          request: (bytes: number) => {
+            const b = new Uint8Array(8);
+            new DataView(b.buffer).setBigUint64(0, BigInt(bytes), true);
+            let vector = -1;
+            h.lock.lock();
+            try {
+              h.transport.updateDeviceConfig(MEM_CONFIG.REQUESTED_SIZE, b);
+              vector = h.transport.configInterrupt();
+            } finally {
+              h.lock.unlock();
+            }
+            if (vector >= 0 && vector < h.desc.irqFds.length) h.signal(h.desc.irqFds[vector]);
+          },
+        }];
+      }),
+    ),
     resizeDisk: (id, size) => {
       const h = primary.devices.find((x) => x.desc.id === id);
       if (!h) throw new Error(`no disk '${id}'`);

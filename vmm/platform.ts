@@ -19,12 +19,14 @@ import {
 } from "../devices/legacy.ts";
 import { Layout, lowRamEnd, memoryHotplugSlots } from "./layout.ts";
 import { VmEvent, type VmEvents } from "./vcpu_control.ts";
+import { ramSize } from "./ram.ts";
 import {
   buildPciBuses,
   createPci,
   type PciDescriptors,
   type PciHost,
   type PciThread,
+  type VirtioMemRegion,
   wantsPci,
 } from "./pci_platform.ts";
 import type { BalloonControl } from "../devices/virtio/balloon.ts";
@@ -151,7 +153,7 @@ export interface Platform {
 function memoryHotplugDescriptor(cfg: VmConfig): MemoryHotplugDescriptor | null {
   const m = cfg.memory;
   if (!m.hotplug_size || m.hotplug_method !== "Acpi") return null;
-  const slots = memoryHotplugSlots(m.size, m.hotplug_size);
+  const slots = memoryHotplugSlots(ramSize(m), m.hotplug_size);
   return slots.count > 0 ? MemoryHotplug.createDescriptor(Layout.memoryHotplugPort, slots.count) : null;
 }
 
@@ -184,7 +186,22 @@ function checkSupported(cfg: VmConfig): void {
   if (cfg.debug_console && cfg.debug_console.mode !== "Off") {
     missing("the debug console (port 0xe9)", "--debug-console / debug_console");
   }
-  if (cfg.memory.zones?.length) missing("memory zones", "--memory-zone / memory.zones");
+  for (const z of cfg.memory.zones ?? []) {
+    const opt = `--memory-zone id=${z.id}`;
+    if (z.hotplug_size && cfg.memory.hotplug_method !== "VirtioMem") {
+      missing(
+        "ACPI hotplug of memory zones (Cloud Hypervisor has none either)",
+        `${opt},hotplug_size= needs hotplug_method=virtio-mem`,
+      );
+    }
+    if (z.host_numa_node !== undefined) {
+      missing("binding memory zones to host NUMA nodes", `${opt},host_numa_node=`);
+    }
+    if (z.hugepage_size !== undefined) missing("a memory zone's own huge page size", `${opt},hugepage_size=`);
+    if (z.mergeable) missing("mergeable (KSM) memory zones", `${opt},mergeable=on`);
+    if (z.prefault) missing("prefaulting memory zones", `${opt},prefault=on`);
+    if (z.reserve) missing("reserving memory zones", `${opt},reserve=on`);
+  }
   // hotplug_size only reserves address space after RAM (layout.ts hotplugRegion) until hot-adding
   // memory is built; what would plug memory at boot is refused.
   if (cfg.memory.hotplugged_size && cfg.memory.hotplug_method !== "VirtioMem") {
@@ -256,9 +273,10 @@ export function createPlatform(
   ram: { gpa: number; size: number; hostAddr: bigint; fd?: number }[] = [],
   memTable?: SharedArrayBuffer,
   hotplugRam?: { gpa: number; size: number; hostAddr: bigint; fd?: number },
+  virtioMemRegions: VirtioMemRegion[] = [],
 ): Platform {
   checkSupported(cfg);
-  const memSize = cfg.memory.size;
+  const memSize = ramSize(cfg.memory);
   const low = lowRamEnd(memSize);
   const legacy = createLegacyDescriptors({
     lowMemBytes: low,
@@ -311,6 +329,7 @@ export function createPlatform(
         (bits) => host.acpiPm?.raiseEvent(bits),
         memTable,
         hotplugRam,
+        virtioMemRegions,
       );
     } catch (e) {
       if (ownFd) shim().kvs_close(serialOutFd);

@@ -23,8 +23,18 @@ import type { PciChange, VcpuPciChange, VcpuWorkerExit, VcpuWorkerInit } from ".
 import type { HotplugKind } from "./control.ts";
 import type { PciDeviceInfo } from "./vm_config.ts";
 import type { PciHotplugRequest } from "./pci_platform.ts";
-import { hotplugRegion, Layout, layout, memoryHotplugSlots, ramRegions } from "./layout.ts";
-import { MEM_BLOCK_SIZE, MEM_REGION_ALIGN } from "../devices/virtio/mem.ts";
+import { Layout, layout, memoryHotplugSlots } from "./layout.ts";
+import { MEM_BLOCK_SIZE } from "../devices/virtio/mem.ts";
+import {
+  DEFAULT_ZONE,
+  hotplugSpace,
+  mapPart,
+  ramChunks,
+  ramParts,
+  ramSize,
+  virtioMemPlacements,
+} from "./ram.ts";
+import type { VirtioMemRegion } from "./pci_platform.ts";
 import { checkPayloadFiles, loadPayload } from "./loader/payload.ts";
 import { writeAcpiTables } from "./acpi/tables.ts";
 import { bspRegisters } from "./boot_cpu.ts";
@@ -51,19 +61,15 @@ const APIC_LVT_LINT1 = 0x360;
 const APIC_MODE_NMI = 0x4;
 const APIC_MODE_EXTINT = 0x7;
 
-/**
- * The host reservation for memory hotplug: ACPI's slots, or virtio-mem's region (the hotplug region cut
- * to 128 MiB multiples, the guest driver's granularity); null without a hotplug_size.
- */
-function hotplugReservation(m: VmConfig["memory"]): { start: number; size: number } | null {
-  if (!m.hotplug_size) return null;
-  if (m.hotplug_method === "Acpi") {
-    const s = memoryHotplugSlots(m.size, m.hotplug_size);
-    return s.count > 0 ? { start: s.start, size: s.count * s.slot } : null;
-  }
-  const size = Math.floor(m.hotplug_size / MEM_REGION_ALIGN) * MEM_REGION_ALIGN;
-  return size > 0 ? { start: hotplugRegion(m.size, m.hotplug_size).start, size } : null;
+/** The host reservation for ACPI memory hotplug (the default memory's hotplug_size), or null. */
+function acpiHotplugReservation(m: VmConfig["memory"]): { start: number; size: number } | null {
+  if (!m.hotplug_size || m.hotplug_method !== "Acpi") return null;
+  const s = memoryHotplugSlots(ramSize(m), m.hotplug_size);
+  return s.count > 0 ? { start: s.start, size: s.count * s.slot } : null;
 }
+
+/** KVM memory slots of virtio-mem regions (one each): after ACPI's. */
+const VIRTIO_MEM_FIRST_SLOT = 400;
 
 /** KVM memory slots of ACPI-hotplugged RAM: after boot RAM (0..) and pmem (32..). */
 const MEMORY_HOTPLUG_FIRST_SLOT = 64;
@@ -97,6 +103,8 @@ export class Vm implements VmBackend {
   #closed = false;
   #supportedCpuid?: ReturnType<Kvm["supportedCpuid"]>;
   #msrList = new Set<number>();
+  /** virtio-mem regions by zone id: the region's size and the zone's boot size. */
+  #virtioMemZones = new Map<string, { size: number; base: number }>();
   /** The reserved ACPI memory hotplug region (plugged slots are parts of it). */
   #hotplugRam?: { gpa: number; size: number; hostAddr: bigint; fd?: number };
   /** RAM plugged after boot, as the device threads learn of it. */
@@ -119,8 +127,9 @@ export class Vm implements VmBackend {
 
   memoryActualSize(): number {
     // As Cloud Hypervisor: guest RAM (with what virtio-mem has plugged) less what the balloon holds.
-    const ram = (this.#mem?.size ?? this.config.memory.size) +
-      (this.#platform?.pci?.virtioMem?.plugged() ?? 0);
+    let plugged = 0;
+    for (const z of this.#platform?.pci?.virtioMem.values() ?? []) plugged += z.plugged();
+    const ram = (this.#mem?.size ?? ramSize(this.config.memory)) + plugged;
     return Math.max(0, ram - (this.#platform?.balloon?.actualBytes() ?? 0));
   }
 
@@ -137,13 +146,54 @@ export class Vm implements VmBackend {
     if (r.desired_balloon !== undefined) this.#platform!.balloon!.setTarget(r.desired_balloon);
   }
 
-  /** Guest RAM now: the boot size plus what was plugged since. */
+  /** The default memory now: its boot size plus what was plugged since (ACPI slots or virtio-mem). */
   #ramNow(): number {
     const m = this.#platform?.memoryHotplug;
     const c = this.config.memory;
-    const vmem = this.#platform?.pci?.virtioMem;
+    const vmem = this.#platform?.pci?.virtioMem.get(DEFAULT_ZONE);
     if (vmem) return c.size + vmem.plugged();
-    return c.size + (m && c.hotplug_size ? m.plugged() * memoryHotplugSlots(c.size, c.hotplug_size).slot : 0);
+    return c.size +
+      (m && c.hotplug_size ? m.plugged() * memoryHotplugSlots(ramSize(c), c.hotplug_size).slot : 0);
+  }
+
+  /**
+   * virtio-mem: asks the guest for zone `id` to be `want` bytes (its boot size plus plugged memory); the
+   * guest plugs or unplugs blocks itself and the answer comes at once, as Cloud Hypervisor's.
+   */
+  #requestZone(id: string, want: number, field: string): void {
+    const z = this.#virtioMemZones.get(id);
+    const dev = this.#platform?.pci?.virtioMem.get(id);
+    if (!z || !dev) throw new VmmError("BadRequest", `${field}: memory zone '${id}' has no hotplug_size`);
+    const requested = want - z.base;
+    if (requested < 0) {
+      throw new VmmError("BadRequest", `${field} (${want}) is below the boot memory size (${z.base})`);
+    }
+    if (requested % MEM_BLOCK_SIZE !== 0) {
+      throw new VmmError(
+        "BadRequest",
+        `${field} must differ from the boot memory size by a multiple of 2 MiB`,
+      );
+    }
+    if (requested > z.size) {
+      throw new VmmError(
+        "BadRequest",
+        `${field} (${want}) exceeds memory size plus hotplug_size (${z.base + z.size})`,
+      );
+    }
+    dev.request(requested);
+    log.info(
+      `memory ${id}: virtio-mem asked for ${requested >> 20} MiB (plugged: ${dev.plugged() >> 20} MiB)`,
+    );
+  }
+
+  /** vm.resize-zone on the running VM: a memory zone's size, through its virtio-mem device. */
+  resizeZone(id: string, size: number): Promise<void> {
+    try {
+      this.#requestZone(id, size, "desired_ram");
+      return Promise.resolve();
+    } catch (e) {
+      return Promise.reject(e);
+    }
   }
 
   /**
@@ -153,28 +203,18 @@ export class Vm implements VmBackend {
   #resizeRam(want: number): void {
     const c = this.config.memory;
     const now = this.#ramNow();
-    if (want === now && !this.#platform?.pci?.virtioMem) return;
+    if (want === now && !this.#virtioMemZones.has(DEFAULT_ZONE)) return;
     const m = this.#platform?.memoryHotplug;
-    const vmem = this.#platform?.pci?.virtioMem;
-    if (vmem && this.#hotplugRam) {
-      // virtio-mem: the guest is asked for the new size and plugs or unplugs blocks itself; the answer
-      // comes at once, as Cloud Hypervisor's (vm.info's memory_actual_size follows what is plugged).
-      const requested = want - c.size;
-      if (requested < 0) {
-        throw new VmmError("BadRequest", `desired_ram (${want}) is below the boot memory size (${c.size})`);
-      }
-      if (requested % MEM_BLOCK_SIZE !== 0) {
-        throw new VmmError("BadRequest", `desired_ram must differ from memory size by a multiple of 2 MiB`);
-      }
-      if (requested > this.#hotplugRam.size) {
-        throw new VmmError(
-          "BadRequest",
-          `desired_ram (${want}) exceeds memory size plus hotplug_size (${c.size + this.#hotplugRam.size})`,
-        );
-      }
-      vmem.request(requested);
-      log.info(`RAM: virtio-mem asked for ${requested >> 20} MiB (plugged now: ${vmem.plugged() >> 20} MiB)`);
+    if (this.#virtioMemZones.has(DEFAULT_ZONE)) {
+      // virtio-mem (vm.info's memory_actual_size follows what the guest plugs).
+      this.#requestZone(DEFAULT_ZONE, want, "desired_ram");
       return;
+    }
+    if (c.zones?.length && c.size === 0) {
+      throw new VmmError(
+        "BadRequest",
+        "desired_ram: this VM's memory is in zones; resize them with vm.resize-zone",
+      );
     }
     if (!m || !c.hotplug_size) {
       throw new VmmError(
@@ -182,7 +222,7 @@ export class Vm implements VmBackend {
         `desired_ram (${want}): the VM has no memory hotplug region (memory hotplug_size)`,
       );
     }
-    const slots = memoryHotplugSlots(c.size, c.hotplug_size);
+    const slots = memoryHotplugSlots(ramSize(c), c.hotplug_size);
     if (want < now) {
       throw new VmmError(
         "BadRequest",
@@ -371,8 +411,9 @@ export class Vm implements VmBackend {
     const max = cfg.cpus.max_vcpus;
     if (!cfg.payload?.kernel) throw new Error("no kernel in the VM config (payload.kernel)");
     // Cheap checks before any expensive set-up: a missing kernel must not first start 255 workers.
-    await checkPayloadFiles(cfg.payload, cfg.memory.size);
-    if (cfg.memory.hugepages) checkHugePages(cfg.memory.size, cfg.memory.hugepage_size);
+    await checkPayloadFiles(cfg.payload, ramSize(cfg.memory));
+    const huge = ramParts(cfg.memory).filter((p) => p.hugepages).reduce((n, p) => n + p.size, 0);
+    if (huge > 0) checkHugePages(huge, cfg.memory.hugepage_size);
     // vCPU threads first: a Worker needs its own V8 isolate and module graph, which costs more than
     // the rest of the set-up when the host is slow (the lab runs this ~20x slower than hardware), so
     // they load while this thread maps RAM and loads the kernel. Each gets its vCPU later.
@@ -393,35 +434,38 @@ export class Vm implements VmBackend {
         t = now;
       };
       phase("KVM VM, irqchip, PIT");
-      const regions = ramRegions(cfg.memory.size);
+      // Guest RAM: the default memory and the memory zones, each mapped once, laid over the RAM regions.
+      const mc = cfg.memory;
+      const parts = ramParts(mc);
       const hostRegions = [];
+      const partMaps = parts.map((p) => {
+        const map = mapPart(p, `dvmm-ram-${p.id}`);
+        this.#maps.push(map);
+        return map;
+      });
       let slot = 0;
-      for (const r of regions) {
-        const m = cfg.memory.shared
-          ? mapMemfd(r.size, `dvmm-ram-${slot}`, { hugepages: cfg.memory.hugepages })
-          : mapAnonymous(r.size, { hugepages: cfg.memory.hugepages });
-        this.#maps.push(m);
+      for (const c of ramChunks(parts)) {
+        const map = partMaps[c.part];
+        const hostAddr = map.hostAddr + BigInt(c.offset);
         vm.setUserMemoryRegion({
-          slot,
+          slot: slot++,
           flags: 0,
-          guestPhysAddr: BigInt(r.gpa),
-          memorySize: BigInt(r.size),
-          userspaceAddr: m.hostAddr,
+          guestPhysAddr: BigInt(c.gpa),
+          memorySize: BigInt(c.size),
+          userspaceAddr: hostAddr,
         });
-        // With memory shared=on, `fd` is the region's memfd (vhost-user back-ends map it).
-        hostRegions.push({ gpa: r.gpa, size: r.size, hostAddr: m.hostAddr, fd: m.fd });
-        slot++;
+        // With shared memory, `fd` (at `offset`) is what vhost-user back-ends map.
+        hostRegions.push({ gpa: c.gpa, size: c.size, hostAddr, fd: map.fd, offset: c.offset });
       }
       const mem = this.#mem = GuestMemory.fromHost(hostRegions);
       // ACPI memory hotplug: the whole region is reserved now (no page is used until the guest touches a
       // plugged slot), so vhost-user back-ends get it in their memory table from the start.
-      // virtio-mem: the region is reserved and given to KVM whole now; the guest plugs blocks of it.
       let hotplugRam: { gpa: number; size: number; hostAddr: bigint; fd?: number } | undefined;
-      const region = hotplugReservation(cfg.memory);
+      const region = acpiHotplugReservation(mc);
       if (region) {
-        const m = cfg.memory.shared
-          ? mapMemfd(region.size, "dvmm-ram-hotplug", { hugepages: cfg.memory.hugepages })
-          : mapAnonymous(region.size, { hugepages: cfg.memory.hugepages });
+        const m = mc.shared
+          ? mapMemfd(region.size, "dvmm-ram-hotplug", { hugepages: mc.hugepages })
+          : mapAnonymous(region.size, { hugepages: mc.hugepages });
         this.#maps.push(m);
         hotplugRam = this.#hotplugRam = {
           gpa: region.start,
@@ -429,38 +473,64 @@ export class Vm implements VmBackend {
           hostAddr: m.hostAddr,
           fd: m.fd,
         };
-        if (cfg.memory.hotplug_method === "VirtioMem") {
-          vm.setUserMemoryRegion({
-            slot: MEMORY_HOTPLUG_FIRST_SLOT,
-            flags: 0,
-            guestPhysAddr: BigInt(region.start),
-            memorySize: BigInt(region.size),
-            userspaceAddr: m.hostAddr,
-          });
-        }
       }
+      // virtio-mem: a region per memory zone with a hotplug size (mem0: the default memory's), reserved
+      // and given to KVM whole now; the guest plugs blocks of it.
+      const virtioMemRegions: VirtioMemRegion[] = [];
+      virtioMemPlacements(mc, parts).forEach((pl, k) => {
+        const part = parts[pl.part];
+        const m = mapPart({ ...part, file: undefined, size: pl.size }, `dvmm-ram-${pl.id}-hotplug`);
+        this.#maps.push(m);
+        vm.setUserMemoryRegion({
+          slot: VIRTIO_MEM_FIRST_SLOT + k,
+          flags: 0,
+          guestPhysAddr: BigInt(pl.gpa),
+          memorySize: BigInt(pl.size),
+          userspaceAddr: m.hostAddr,
+        });
+        virtioMemRegions.push({
+          id: pl.id,
+          gpa: pl.gpa,
+          size: pl.size,
+          hostAddr: m.hostAddr,
+          fd: m.fd,
+          requested: pl.requested,
+          sharedMemory: part.shared,
+        });
+      });
+      this.#virtioMemZones = new Map(
+        virtioMemRegions.map((r) => [r.id, { size: r.size, base: parts.find((p) => p.id === r.id)!.size }]),
+      );
       phase("guest RAM mapped");
 
       // Payload, ACPI.
-      const entry = await loadPayload(mem, cfg.memory.size, {
+      const entry = await loadPayload(mem, ramSize(cfg.memory), {
         kernel: cfg.payload.kernel,
         initramfs: cfg.payload.initramfs ?? undefined,
         cmdline: cfg.payload.cmdline ?? "",
       });
       phase("kernel and initramfs loaded");
-      this.#platform = createPlatform(cfg, vm, this.#events, hostRegions, this.#memTable.sab, hotplugRam);
+      this.#platform = createPlatform(
+        cfg,
+        vm,
+        this.#events,
+        hostRegions,
+        this.#memTable.sab,
+        hotplugRam,
+        virtioMemRegions,
+      );
       phase("devices created");
       writeResetVector(mem);
       writeAcpiTables(mem, {
         vcpus: boot,
         maxVcpus: max,
-        memSize: cfg.memory.size,
-        hotplugSize: cfg.memory.hotplug_size,
+        memSize: ramSize(cfg.memory),
+        hotplugSize: hotplugSpace(cfg.memory),
         pciSegments: cfg.platform?.num_pci_segments ?? 1,
         pci: this.#platform.pciAcpi,
         memorySlots:
           this.#platform.memoryHotplug && cfg.memory.hotplug_size && cfg.memory.hotplug_method === "Acpi"
-            ? memoryHotplugSlots(cfg.memory.size, cfg.memory.hotplug_size)
+            ? memoryHotplugSlots(ramSize(cfg.memory), cfg.memory.hotplug_size)
             : undefined,
       });
 
@@ -478,7 +548,7 @@ export class Vm implements VmBackend {
         this.#vcpus.push(this.#start(fd, this.#idle.shift()!));
       }
       phase("vCPUs set up, workers spawned");
-      log.info(`booting: ${boot} vCPU(s), ${cfg.memory.size >> 20} MiB, kernel ${cfg.payload.kernel}`);
+      log.info(`booting: ${boot} vCPU(s), ${ramSize(cfg.memory) >> 20} MiB, kernel ${cfg.payload.kernel}`);
       this.#watchEvents();
       // Wait until every worker has published its thread, so pause/stop can kick it.
       await Promise.all(this.#vcpus.map((v) => waitReady(v.control)));

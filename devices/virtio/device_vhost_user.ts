@@ -42,6 +42,8 @@ export interface RamRegion {
   size: number;
   hostAddr: bigint;
   fd?: number;
+  /** Where the region starts in `fd` (a memory zone laid over two RAM regions). */
+  offset?: number;
 }
 
 /** The virtio-fs configuration: a 36-byte tag and the number of request queues. */
@@ -292,7 +294,7 @@ export class VhostUserControl {
         guestPhysAddr: BigInt(r.gpa),
         size: BigInt(r.size),
         userAddr: r.hostAddr,
-        mmapOffset: 0n,
+        mmapOffset: BigInt(r.offset ?? 0),
         fd: r.fd,
       };
     });
