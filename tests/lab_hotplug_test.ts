@@ -209,7 +209,7 @@ if waitq MARK-qready; then
   waitq qgone1 && echo "qemu-remove-ms $(( $(now) - t0 ))"
   echo "info hotpluggable-cpus" >&4
   t0=$(now)
-  echo "device_add host-x86_64-cpu,id=cpu1,socket-id=1,core-id=0,thread-id=0" >&4
+  echo "device_add host-x86_64-cpu,id=cpu1,socket-id=0,core-id=1,thread-id=0" >&4
   waitq qcpus-up && echo "qemu-latency-vcpu-ms $(( $(now) - t0 ))"
 fi
 wait $qpid
