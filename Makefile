@@ -13,7 +13,7 @@ CFLAGS := -O2 -g -Wall -Wextra -Werror -fPIC -std=gnu11
 SHIM := $(BUILD)/libkvmshim.so
 TS_SOURCES := $(shell find ffi vmm devices api -name '*.ts' 2>/dev/null) main.ts
 
-.PHONY: all deno test test-deps demo dist clean fmt lint check
+.PHONY: fuzz all deno test test-deps demo dist clean fmt lint check
 
 all: $(BUILD)/dvmm
 
@@ -72,6 +72,12 @@ test-deps:
 
 test: all test-deps lab-images
 	tests/run
+
+# The in-tree fuzzers, long runs (make test runs a bounded number of episodes of each): counts printed.
+FUZZ_EPISODES ?= 100000
+FUZZ_API ?= 20000
+fuzz: all
+	DVMM_FUZZ_EPISODES=$(FUZZ_EPISODES) DVMM_FUZZ_API=$(FUZZ_API) tests/run tests/fuzz_virtqueue_test.ts tests/fuzz_api_test.ts
 
 # Boots the default guest (Debian cloud kernel + busybox initramfs) to a shell line and powers it off:
 # directly when this host's KVM runs stock kernels (VT-x/AMD-V), otherwise inside the KVM lab.
