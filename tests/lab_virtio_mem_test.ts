@@ -31,6 +31,7 @@ echo MARK-grown
 i=0; while [ $(mt) -gt $((m0 + 16384)) ] && [ $i -lt 2400 ]; do usleep 50000; i=$((i+1)); done
 echo "mem-shrunk $(mt)"
 dmesg | grep -i virtio_mem | tail -n 8
+read -t 300 -r l </dev/hvc0
 echo MARK-done
 `;
 
@@ -84,6 +85,7 @@ if waitfor MARK-ready; then
   echo "rss-shrunk $(rss)"
   echo "=== INFO2"; get vm.info
   echo "=== COUNTERS2"; get vm.counters
+  echo go >&3
   waitfor MARK-done
 fi
 wait $pid
