@@ -233,6 +233,22 @@ export function memoryHotplugSlots(
   return { start: h.start, slot, count: Math.floor(hotplugBytes / slot) };
 }
 
+/**
+ * Device memory (virtio-pmem regions): the first half of the 64-bit window. The guest is never told it
+ * may put BARs there (the host bridge's window is the second half), so a BAR the guest assigns to a
+ * hot-added device cannot land on a pmem region it does not know about yet.
+ */
+export function deviceMemoryWindow(sizeBytes: number, hotplugBytes = 0): { start: number; size: number } {
+  const w = mmio64Window(sizeBytes, hotplugBytes);
+  return { start: w.start, size: w.size / 2 };
+}
+
+/** The part of the 64-bit window the PCI host bridge describes for BARs (the second half). */
+export function pciMmio64Window(sizeBytes: number, hotplugBytes = 0): { start: number; size: number } {
+  const w = mmio64Window(sizeBytes, hotplugBytes);
+  return { start: w.start + w.size / 2, size: w.size / 2 };
+}
+
 /** The 64-bit MMIO window: after RAM and the hotplug region (at least from 4 GiB), aligned to 1 GiB. */
 export function mmio64Window(sizeBytes: number, hotplugBytes = 0): { start: number; size: number } {
   const h = hotplugRegion(sizeBytes, hotplugBytes);

@@ -110,7 +110,7 @@ import {
 } from "../devices/virtio/device_shared.ts";
 import type { DeviceWorkerExit, DeviceWorkerInit } from "../devices/virtio/worker.ts";
 import { connectVhostUser, waitVhostUserStopped } from "../devices/virtio/device_vhost_user.ts";
-import { Layout, mmio64Window, pciSegmentEcam, pciSegmentMmio32 } from "./layout.ts";
+import { deviceMemoryWindow, Layout, mmio64Window, pciSegmentEcam, pciSegmentMmio32 } from "./layout.ts";
 import { PciHotplug, type PciHotplugDescriptor } from "../devices/pci_hotplug.ts";
 import { hotplugSpace, ramSize } from "./ram.ts";
 import { log } from "./log.ts";
@@ -641,7 +641,8 @@ export function createPci(
   const resources = new Map<string, DeviceResources>();
   // Descriptors opened for the device being built; addDevice hands them to that device.
   let pending: DeviceResources = { fds: [], cleanup: [] };
-  const pmem = new PmemRegions(vm, m64); // device memory at the start of the 64-bit window
+  // Device memory (pmem) in the first half of the 64-bit window, outside what the guest may give BARs.
+  const pmem = new PmemRegions(vm, deviceMemoryWindow(ramSize(cfg.memory), hotplugSpace(cfg.memory)));
   const devices: VirtioDeviceDescriptor[] = [];
   let consoleIn: ConsoleInput | null = null;
   // `--console pty`: the terminal dvmm opens; what is typed there goes to the console's RX queue.

@@ -4,7 +4,7 @@
  * own \_SB devices (hook for PCI slots, hotplug, virtio-mmio...).
  */
 
-import { Layout, mmio64Window, pciSegmentEcam, pciSegmentMmio32 } from "../layout.ts";
+import { Layout, pciMmio64Window, pciSegmentEcam, pciSegmentMmio32 } from "../layout.ts";
 import {
   type Aml,
   and,
@@ -188,7 +188,7 @@ export function pciHostBridge(
   hotplugSize = 0,
   segments = 1,
 ): Aml {
-  const m64 = mmio64Window(memSize ?? Layout.mmioHoleStart, hotplugSize);
+  const m64 = pciMmio64Window(memSize ?? Layout.mmioHoleStart, hotplugSize);
   const w32 = pciSegmentMmio32(0, segments);
   return device(
     "PCI0",
