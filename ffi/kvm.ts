@@ -622,6 +622,8 @@ export interface HostMapping {
 export interface MapOptions {
   /** MAP_HUGETLB / MFD_HUGETLB (needs configured hugetlbfs pages; fails with ENOMEM otherwise). */
   hugepages?: boolean;
+  /** MAP_NORESERVE for a shared mapping (hotplug space: huge pages are not reserved up front). */
+  noReserve?: boolean;
 }
 
 /** Private anonymous RAM (MAP_NORESERVE: pages are allocated on first touch). */
@@ -642,7 +644,7 @@ export function mapMemfd(size: number, name: string, opts: MapOptions = {}): Hos
   const fd = check(shim().kvs_memfd(cstr(name), mfd), `memfd_create ${name}`);
   try {
     check(shim().kvs_ftruncate(fd, size), `ftruncate memfd ${name}`);
-    return { ...mapFd(fd, size, 0), fd };
+    return { ...mapFd(fd, size, 0, opts.noReserve), fd };
   } catch (e) {
     shim().kvs_close(fd);
     throw e;
@@ -650,9 +652,16 @@ export function mapMemfd(size: number, name: string, opts: MapOptions = {}): Hos
 }
 
 /** MAP_SHARED mapping of `size` bytes of `fd` at `offset` (does not take ownership of fd). */
-export function mapFd(fd: number, size: number, offset = 0): HostMapping {
+export function mapFd(fd: number, size: number, offset = 0, noReserve = false): HostMapping {
   const addr = checkBig(
-    shim().kvs_mmap(0, size, C.PROT_READ | C.PROT_WRITE, C.MAP_SHARED, fd, offset),
+    shim().kvs_mmap(
+      0,
+      size,
+      C.PROT_READ | C.PROT_WRITE,
+      C.MAP_SHARED | (noReserve ? C.MAP_NORESERVE : 0),
+      fd,
+      offset,
+    ),
     `mmap fd ${fd}`,
   );
   return { hostAddr: addr, size };

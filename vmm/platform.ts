@@ -8,7 +8,7 @@
 import { VmFd } from "../ffi/kvm.ts";
 import { check, cstr, EAGAIN, EINTR, shim } from "../ffi/shim.ts";
 import { O_APPEND, O_CREAT, O_TRUNC, O_WRONLY, POLLOUT } from "../ffi/kvm_constants.ts";
-import type { VmConfig } from "./vm_config.ts";
+import { deviceIds, type VmConfig } from "./vm_config.ts";
 import { MmioBus, PioBus } from "../devices/bus.ts";
 import type { ByteSink, IrqLine, VmEventSink } from "../devices/shared.ts";
 import {
@@ -19,7 +19,8 @@ import {
 } from "../devices/legacy.ts";
 import { Layout, lowRamEnd, memoryHotplugSlots } from "./layout.ts";
 import { VmEvent, type VmEvents } from "./vcpu_control.ts";
-import { ramSize } from "./ram.ts";
+import { DEFAULT_ZONE, ramSize } from "./ram.ts";
+import { MEM_REGION_ALIGN } from "../devices/virtio/mem.ts";
 import {
   buildPciBuses,
   createPci,
@@ -162,7 +163,7 @@ function openOutput(path: string): number {
 }
 
 /** Refuses configuration this VMM cannot honour yet, naming what is missing. */
-function checkSupported(cfg: VmConfig): void {
+export function checkSupported(cfg: VmConfig): void {
   const missing = (what: string, option: string) => {
     throw new Error(`${what} is not implemented in dvmm yet (${option})`);
   };
@@ -198,9 +199,35 @@ function checkSupported(cfg: VmConfig): void {
       missing("binding memory zones to host NUMA nodes", `${opt},host_numa_node=`);
     }
     if (z.hugepage_size !== undefined) missing("a memory zone's own huge page size", `${opt},hugepage_size=`);
-    if (z.mergeable) missing("mergeable (KSM) memory zones", `${opt},mergeable=on`);
-    if (z.prefault) missing("prefaulting memory zones", `${opt},prefault=on`);
     if (z.reserve) missing("reserving memory zones", `${opt},reserve=on`);
+    if (z.hotplugged_size && !z.hotplug_size) {
+      throw new Error(`${opt}: hotplugged_size needs the zone's hotplug_size`);
+    }
+    if (z.hotplug_size && z.hotplug_size % MEM_REGION_ALIGN !== 0) {
+      throw new Error(`${opt},hotplug_size: must be a multiple of 128 MiB (virtio-mem's granularity)`);
+    }
+    if (z.hotplug_size && z.hugepages) {
+      missing("virtio-mem on huge pages", `${opt},hugepages=on with hotplug_size`);
+    }
+  }
+  const m = cfg.memory;
+  if (m.reserve) missing("reserving guest memory up front", "--memory reserve=on");
+  if (m.size > 0 && m.zones?.length) {
+    // As Cloud Hypervisor: either the default memory or zones.
+    throw new Error("--memory size must be 0 when memory zones are given (--memory-zone)");
+  }
+  if (m.hotplug_size && m.hotplug_size % MEM_REGION_ALIGN !== 0) {
+    throw new Error("--memory hotplug_size: must be a multiple of 128 MiB (the guest's memory block size)");
+  }
+  if (m.hotplug_size && m.hotplug_method === "VirtioMem" && m.hugepages) {
+    missing("virtio-mem on huge pages", "--memory hugepages=on with hotplug_method=virtio-mem");
+  }
+  if (m.hotplug_size && m.hotplug_method === "VirtioMem") {
+    // The default memory's virtio-mem device is called mem0, as Cloud Hypervisor's.
+    const clash = deviceIds(cfg).find((d) => d.id === DEFAULT_ZONE);
+    if (clash) {
+      throw new Error(`the id '${DEFAULT_ZONE}' is the default memory's virtio-mem device (${clash.where})`);
+    }
   }
   // hotplug_size only reserves address space after RAM (layout.ts hotplugRegion) until hot-adding
   // memory is built; what would plug memory at boot is refused.

@@ -32,6 +32,8 @@ export interface RamPart {
   mergeable: boolean;
   thp: boolean;
   prefault: boolean;
+  /** Hotplug space: shared huge pages are not reserved when mapped (only what gets plugged is used). */
+  noReserve?: boolean;
 }
 
 /** A piece of a part placed in guest-physical memory (one KVM slot). */

@@ -205,6 +205,9 @@ function runOrExit(c: VcpuContext): void {
 
 /** Takes a PCI change into this thread's buses, acknowledges it and runs the vCPU again. */
 function applyPciChange(c: VcpuContext, m: VcpuPciChange): void {
+  // Back to Run before acknowledging: once the main thread sees the acknowledgement it may ask for the
+  // next reload, and that request must not be swallowed by this one's reset.
+  Atomics.compareExchange(c.ctl.i32, 0, Cmd.Reload, Cmd.Run);
   try {
     if (!c.pci) throw new Error("this VM has no PCI bus");
     if (m.type === "pci-attach") c.pci.attach(m.device);
@@ -214,7 +217,6 @@ function applyPciChange(c: VcpuContext, m: VcpuPciChange): void {
     // No acknowledgement: the main thread times out waiting for it and reports the failure.
     console.error(`vCPU ${c.init.vcpu.id}: PCI change failed: ${(e as Error).message}`);
   }
-  Atomics.compareExchange(c.ctl.i32, 0, Cmd.Reload, Cmd.Run);
   runOrExit(c);
 }
 

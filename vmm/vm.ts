@@ -39,7 +39,7 @@ import { checkPayloadFiles, loadPayload } from "./loader/payload.ts";
 import { writeAcpiTables } from "./acpi/tables.ts";
 import { bspRegisters } from "./boot_cpu.ts";
 import { writeResetVector } from "./reset_vector.ts";
-import { createPlatform, type Platform } from "./platform.ts";
+import { checkSupported, createPlatform, type Platform } from "./platform.ts";
 import { log } from "./log.ts";
 
 const MSR = {
@@ -339,8 +339,11 @@ export class Vm implements VmBackend {
     try {
       await this.#changePci({ type: "pci-attach", device: desc });
     } catch (e) {
-      await this.#changePci({ type: "pci-detach", id: desc.id }).catch(() => {});
-      await pci.release(desc.id);
+      // Undo only when every vCPU thread has let go of it; otherwise the device stays (unannounced) rather
+      // than a reused slot meeting a stale one.
+      const undone = await this.#changePci({ type: "pci-detach", id: desc.id }).then(() => true, () => false);
+      if (undone) await pci.release(desc.id);
+      else log.error(`${desc.id}: a vCPU thread did not take the device in or out; it stays, unannounced`);
       throw new VmmError("Internal", [`failed to add the ${kind} device`, (e as Error).message]);
     }
     pci.announce(desc.id);
@@ -410,6 +413,8 @@ export class Vm implements VmBackend {
     const boot = cfg.cpus.boot_vcpus;
     const max = cfg.cpus.max_vcpus;
     if (!cfg.payload?.kernel) throw new Error("no kernel in the VM config (payload.kernel)");
+    // What dvmm cannot honour is refused before anything is mapped or loaded.
+    checkSupported(cfg);
     // Cheap checks before any expensive set-up: a missing kernel must not first start 255 workers.
     await checkPayloadFiles(cfg.payload, ramSize(cfg.memory));
     const huge = ramParts(cfg.memory).filter((p) => p.hugepages).reduce((n, p) => n + p.size, 0);
@@ -464,7 +469,7 @@ export class Vm implements VmBackend {
       const region = acpiHotplugReservation(mc);
       if (region) {
         const m = mc.shared
-          ? mapMemfd(region.size, "dvmm-ram-hotplug", { hugepages: mc.hugepages })
+          ? mapMemfd(region.size, "dvmm-ram-hotplug", { hugepages: mc.hugepages, noReserve: true })
           : mapAnonymous(region.size, { hugepages: mc.hugepages });
         this.#maps.push(m);
         hotplugRam = this.#hotplugRam = {
@@ -479,7 +484,10 @@ export class Vm implements VmBackend {
       const virtioMemRegions: VirtioMemRegion[] = [];
       virtioMemPlacements(mc, parts).forEach((pl, k) => {
         const part = parts[pl.part];
-        const m = mapPart({ ...part, file: undefined, size: pl.size }, `dvmm-ram-${pl.id}-hotplug`);
+        const m = mapPart(
+          { ...part, file: undefined, size: pl.size, prefault: false, noReserve: true },
+          `dvmm-ram-${pl.id}-hotplug`,
+        );
         this.#maps.push(m);
         vm.setUserMemoryRegion({
           slot: VIRTIO_MEM_FIRST_SLOT + k,
