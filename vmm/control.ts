@@ -83,6 +83,8 @@ export interface VmBackend {
   addDevice?(kind: HotplugKind, config: unknown): Promise<PciDeviceInfo>;
   /** Optional: hot-remove a device by identifier. */
   removeDevice?(id: string): Promise<void>;
+  /** Optional: vCPUs running now. */
+  vcpuCount?(): number;
   /** Optional: resize a memory zone of the running VM (vm.resize-zone, virtio-mem). */
   resizeZone?(id: string, size: number): Promise<void>;
   /** Optional: grow a disk of the running VM (vm.resize-disk). */
@@ -649,7 +651,19 @@ export class ControlLoop {
       throw new VmmError("WrongState", "cannot change the vCPUs while the VM is paused: resume it first");
     }
     this.#events.emit("vm", "resizing");
-    await backend.resize(r);
+    try {
+      await backend.resize(r);
+    } catch (e) {
+      // A vCPU resize that stopped half-way (the guest gave up one vCPU, not the next): the config says
+      // how many run now, so vm.info and the next boot agree with the VM.
+      const running = backend.vcpuCount?.();
+      if (running !== undefined && running !== config.cpus.boot_vcpus) {
+        const now = structuredClone(config);
+        now.cpus.boot_vcpus = running;
+        this.#config = revalidate(now);
+      }
+      throw e;
+    }
     this.#config = validated;
     this.#events.emit("vm", "resized");
   }

@@ -392,6 +392,11 @@ export class Vm implements VmBackend {
     }
   }
 
+  /** vCPUs running now (after a resize that stopped half-way too). */
+  vcpuCount(): number {
+    return this.#vcpus.length;
+  }
+
   /** Sends a PCI change to every vCPU thread and waits until each has taken it in. */
   async #changePci(change: PciChange): Promise<void> {
     const gen = ++this.#pciGeneration;
@@ -449,7 +454,10 @@ export class Vm implements VmBackend {
         return map;
       });
       let slot = 0;
-      for (const c of ramChunks(parts)) {
+      const chunks = ramChunks(parts);
+      // KVM slots 0..31 are RAM's (pmem, hotplug and virtio-mem have theirs after).
+      if (chunks.length > 32) throw new Error(`too many memory zones (${parts.length}): at most 30`);
+      for (const c of chunks) {
         const map = partMaps[c.part];
         const hostAddr = map.hostAddr + BigInt(c.offset);
         vm.setUserMemoryRegion({

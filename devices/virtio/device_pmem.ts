@@ -41,6 +41,8 @@ const O_TMPFILE = 0o20200000;
  * region) so the two numberings never meet.
  */
 export const PMEM_FIRST_SLOT = 32;
+/** KVM slots PMEM_FIRST_SLOT.. are pmem's, up to the ACPI memory hotplug slots (64..). */
+export const PMEM_MAX_REGIONS = 32;
 
 /** One mapped pmem region. */
 export interface PmemRegion {
@@ -150,6 +152,9 @@ export class PmemRegions {
       hostAddr = checkBig(s.kvs_mmap(0, size, PROT_READ | PROT_WRITE, flags, fd, 0), `${what}: mmap`);
       let slot = PMEM_FIRST_SLOT;
       while (this.regions.some((r) => r.slot === slot)) slot++;
+      if (slot >= PMEM_FIRST_SLOT + PMEM_MAX_REGIONS) {
+        throw new Error(`${what}: at most ${PMEM_MAX_REGIONS} pmem devices per VM`);
+      }
       this.vm.setUserMemoryRegion({
         slot,
         flags: 0,
