@@ -3,7 +3,9 @@
  * the 16550 over shared state, the ACPI sleep register (poweroff), pause/resume and shutdown.
  */
 import assert from "node:assert/strict";
-import { DiskConfigSchema, PmemConfigSchema, VmConfigSchema } from "../vmm/vm_config.ts";
+import { DiskConfigSchema, NetConfigSchema, PmemConfigSchema, VmConfigSchema } from "../vmm/vm_config.ts";
+import { openTap } from "../devices/virtio/tap.ts";
+import { shim } from "../ffi/shim.ts";
 import type { GuestEvent } from "../vmm/control.ts";
 import { Vm } from "../vmm/vm.ts";
 import { printAndPoweroffCode, pvhElf } from "./helpers/tiny_guest.ts";
@@ -290,6 +292,27 @@ Deno.test(
     assert.equal((await Deno.stat(image)).size, 2 << 20);
     await assert.rejects(g.vm.resizeDisk("hp0", 1 << 20), /shrinking a disk is not supported/);
     await assert.rejects(g.vm.resizeDisk("hp0", 3000), /not a positive multiple of 512/);
+    // A NIC from tap descriptors (Kata's way), hot: the descriptors are the config's, not the device's.
+    if (Deno.uid() === 0) {
+      const tap = openTap({ name: "dvmmhp%d", queues: 1 });
+      try {
+        const net = NetConfigSchema.parse({
+          id: "n0",
+          fds: tap.fds,
+          num_queues: 2,
+          mac: "2e:00:00:00:00:09",
+        });
+        const info = await g.vm.addDevice("net", net);
+        assert.equal(info.id, "n0");
+        assert.equal(g.vm.counters()["n0"]?.rx_bytes, 0);
+        await g.vm.removeDevice("n0");
+        assert.equal(g.vm.counters()["n0"], undefined);
+        // dvmm did not close them: they are still the caller's.
+        for (const fd of tap.fds) assert.ok(Deno.readLinkSync(`/proc/self/fd/${fd}`).includes("tun"));
+      } finally {
+        tap.fds.forEach((fd) => shim().kvs_close(fd));
+      }
+    }
     // pmem: the file is mapped into guest memory when added and unmapped when removed, twice over.
     const pfile = `${g.dir}/pm.img`;
     await Deno.writeFile(pfile, new Uint8Array(2 << 20));
