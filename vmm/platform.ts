@@ -20,7 +20,6 @@ import {
 import { Layout, lowRamEnd, memoryHotplugSlots } from "./layout.ts";
 import { VmEvent, type VmEvents } from "./vcpu_control.ts";
 import { DEFAULT_ZONE, ramSize } from "./ram.ts";
-import { MEM_REGION_ALIGN } from "../devices/virtio/mem.ts";
 import {
   buildPciBuses,
   createPci,
@@ -203,9 +202,6 @@ export function checkSupported(cfg: VmConfig): void {
     if (z.hotplugged_size && !z.hotplug_size) {
       throw new Error(`${opt}: hotplugged_size needs the zone's hotplug_size`);
     }
-    if (z.hotplug_size && z.hotplug_size % MEM_REGION_ALIGN !== 0) {
-      throw new Error(`${opt},hotplug_size: must be a multiple of 128 MiB (virtio-mem's granularity)`);
-    }
     if (z.hotplug_size && z.hugepages) {
       missing("virtio-mem on huge pages", `${opt},hugepages=on with hotplug_size`);
     }
@@ -216,9 +212,8 @@ export function checkSupported(cfg: VmConfig): void {
     // As Cloud Hypervisor: either the default memory or zones.
     throw new Error("--memory size must be 0 when memory zones are given (--memory-zone)");
   }
-  if (m.hotplug_size && m.hotplug_size % MEM_REGION_ALIGN !== 0) {
-    throw new Error("--memory hotplug_size: must be a multiple of 128 MiB (the guest's memory block size)");
-  }
+  // hotplug_size need not be a 128 MiB multiple (Kata sends 25275924480): the usable part is rounded down
+  // to whole 128 MiB blocks, and the errors of vm.resize name that usable size.
   if (m.hotplug_size && m.hotplug_method === "VirtioMem" && m.hugepages) {
     missing("virtio-mem on huge pages", "--memory hugepages=on with hotplug_method=virtio-mem");
   }

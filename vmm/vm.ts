@@ -163,7 +163,12 @@ export class Vm implements VmBackend {
   #requestZone(id: string, want: number, field: string): void {
     const z = this.#virtioMemZones.get(id);
     const dev = this.#platform?.pci?.virtioMem.get(id);
-    if (!z || !dev) throw new VmmError("BadRequest", `${field}: memory zone '${id}' has no hotplug_size`);
+    if (!z || !dev) {
+      throw new VmmError(
+        "BadRequest",
+        `${field}: memory zone '${id}' has no hotplug_size (of at least 128 MiB)`,
+      );
+    }
     const requested = want - z.base;
     if (requested < 0) {
       throw new VmmError("BadRequest", `${field} (${want}) is below the boot memory size (${z.base})`);
@@ -177,7 +182,9 @@ export class Vm implements VmBackend {
     if (requested > z.size) {
       throw new VmmError(
         "BadRequest",
-        `${field} (${want}) exceeds memory size plus hotplug_size (${z.base + z.size})`,
+        `${field} (${want}) exceeds memory size plus the usable hotplug_size (${
+          z.base + z.size
+        } bytes: hotplug_size in whole 128 MiB blocks)`,
       );
     }
     dev.request(requested);
@@ -240,7 +247,9 @@ export class Vm implements VmBackend {
     if (plugged + n > slots.count) {
       throw new VmmError(
         "BadRequest",
-        `desired_ram (${want}) exceeds memory size plus hotplug_size (${c.size + slots.count * slots.slot})`,
+        `desired_ram (${want}) exceeds memory size plus the usable hotplug_size (${
+          c.size + slots.count * slots.slot
+        } bytes: hotplug_size in whole ${slots.slot >> 20} MiB slots)`,
       );
     }
     const reserved = this.#hotplugRam;
