@@ -44,6 +44,7 @@ m0=$(mt); echo "zmem-boot $m0"
 echo MARK-ready
 i=0; while [ $(mt) -lt $((m0 + 500000)) ] && [ $i -lt 2400 ]; do online; usleep 50000; i=$((i+1)); done
 echo "mem-grown $(mt)"
+read -t 300 -r l </dev/hvc0
 echo MARK-done
 `;
 
@@ -106,6 +107,7 @@ if waitfor MARK-ready; then
   echo "=== ZGROW"; put vm.resize-zone '{"id":"z1","desired_ram":671088640}'
   waitfor mem-grown
   echo "=== ZINFO"; get vm.info
+  echo go >&3
   waitfor MARK-done
 fi
 wait $pid
