@@ -144,14 +144,13 @@ export function virtioMemPlacements(m: MemoryConfig, parts: RamPart[]): VirtioMe
 const O_TMPFILE = 0o20000000 | 0o200000; // __O_TMPFILE | O_DIRECTORY
 
 const MADV_MERGEABLE = 12;
-const MADV_HUGEPAGE = 14;
 const MADV_NOHUGEPAGE = 15;
 const MADV_POPULATE_WRITE = 23;
 
 /**
  * Maps a part's backing (a file or directory, a memfd with `shared`, or anonymous memory) and applies its
- * memory options as Cloud Hypervisor does: `mergeable` (KSM), `thp` (transparent huge pages for memory
- * without explicit huge pages), `prefault` (every page faulted in now).
+ * memory options: `mergeable` (KSM), `thp=off` (no transparent huge pages for anonymous RAM; with `on`
+ * the host's THP policy applies), `prefault` (every page faulted in now).
  */
 export function mapPart(p: RamPart, name: string): HostMapping {
   const m = mapBacking(p, name);
@@ -161,9 +160,11 @@ export function mapPart(p: RamPart, name: string): HostMapping {
   };
   try {
     if (p.mergeable) advise(MADV_MERGEABLE, "mergeable=on (KSM)");
-    // Transparent huge pages for anonymous memory (best effort: a kernel without THP says no).
-    if (!p.hugepages && !p.shared && p.file === undefined) {
-      shim().kvs_madvise(m.hostAddr, p.size, p.thp ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+    // thp=off keeps transparent huge pages away from anonymous RAM. thp=on (the default) leaves the host's
+    // THP policy in force rather than MADV_HUGEPAGE: with the common defrag=madvise setting that flag makes
+    // every fault of guest RAM compact memory synchronously, which stalled guests in the nested lab.
+    if (!p.thp && !p.hugepages && !p.shared && p.file === undefined) {
+      shim().kvs_madvise(m.hostAddr, p.size, MADV_NOHUGEPAGE);
     }
     if (p.prefault) advise(MADV_POPULATE_WRITE, "prefault=on");
   } catch (e) {
