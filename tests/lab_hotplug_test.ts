@@ -121,7 +121,7 @@ put() { curl -s --unix-socket $D/api.sock -X PUT -H 'Content-Type: application/j
 count() { echo "fds $(ls /proc/$pid/fd | wc -l) threads $(ls /proc/$pid/task | wc -l)"; }
 mkfifo $D/in; exec 3<>$D/in
 dvmm --kernel /lab/vmlinuz --initramfs /lab/initramfs.gz \\
-  --cmdline "console=ttyS0 console=hvc0 panic=-1 dvmm.script=/dev/vda" \\
+  --cmdline "console=ttyS0 panic=-1 dvmm.script=/dev/vda" \\
   --cpus boot=1,max=3 --memory size=384M,hotplug_size=1G --serial null --console tty \\
   --disk path=$D/guest.sh,readonly=on \\
   --api-socket path=$D/api.sock <&3 >$D/out.txt 2>$D/err.txt &
