@@ -11,6 +11,7 @@
  * `make test` runs DVMM_FUZZ_API (default 1500) requests; `make fuzz` many more.
  */
 import assert from "node:assert/strict";
+import { type Seeded, seeded } from "./helpers/seeded.ts";
 import { exchange, parseResponse } from "../api/client.ts";
 import { startApiServer } from "../api/server.ts";
 import { ControlLoop } from "../vmm/control.ts";
@@ -22,19 +23,6 @@ const ENDPOINTS = Object.entries(ROUTES).filter(([k]) => k !== "vmm.shutdown").m
   path: API_PREFIX + k,
   method: r.method as string,
 }));
-
-function rng(seed: number) {
-  let x = seed >>> 0 || 1;
-  const u32 = () => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x;
-  };
-  return { u32, below: (n: number) => u32() % n, chance: (p: number) => u32() / 2 ** 32 < p };
-}
 
 const SEED_BODY = {
   cpus: { boot_vcpus: 1, max_vcpus: 2 },
@@ -52,7 +40,7 @@ const SEED_BODY = {
 };
 
 /** A random JSON value, `depth` levels deep at most. */
-function randomValue(r: ReturnType<typeof rng>, depth: number): unknown {
+function randomValue(r: Seeded, depth: number): unknown {
   switch (r.below(depth > 0 ? 8 : 6)) {
     case 0:
       return r.chance(0.5) ? r.u32() : -r.u32();
@@ -79,7 +67,7 @@ function randomValue(r: ReturnType<typeof rng>, depth: number): unknown {
 }
 
 /** The seed body with some fields dropped, replaced or retyped. */
-function mutate(r: ReturnType<typeof rng>, v: unknown, depth = 0): unknown {
+function mutate(r: Seeded, v: unknown, depth = 0): unknown {
   if (v === null || typeof v !== "object") return r.chance(0.15) ? randomValue(r, 2) : v;
   if (Array.isArray(v)) return v.map((e) => mutate(r, e, depth + 1));
   const out: Record<string, unknown> = {};
@@ -91,7 +79,7 @@ function mutate(r: ReturnType<typeof rng>, v: unknown, depth = 0): unknown {
   return out;
 }
 
-function request(r: ReturnType<typeof rng>): Uint8Array {
+function request(r: Seeded): Uint8Array {
   const enc = new TextEncoder();
   const route = ENDPOINTS[r.below(ENDPOINTS.length)];
   const path = r.chance(0.05) ? "/api/v1/" + "z".repeat(r.below(300)) : route.path;
@@ -153,7 +141,7 @@ async function fuzzApi(seed: number, count: number) {
   const statuses: Record<string, number> = {};
   const fiveHundreds: string[] = [];
   try {
-    const r = rng(seed);
+    const r = seeded(seed);
     for (let i = 0; i < count; i++) {
       const bytes = request(r);
       let timer = 0;

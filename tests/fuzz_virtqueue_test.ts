@@ -13,6 +13,7 @@
  * names its seed and replays); `make fuzz` runs many more and prints the counts.
  */
 import assert from "node:assert/strict";
+import { type Seeded, seeded } from "./helpers/seeded.ts";
 import { GuestMemory } from "../vmm/memory.ts";
 import { ringSizes, SplitQueue } from "../devices/virtio/queue.ts";
 import { BlkDevice, MemoryDisk } from "../devices/virtio/blk.ts";
@@ -29,24 +30,6 @@ import {
 const MEM_SIZE = 0x20000;
 const RING = 0x1000;
 const QSIZE = 16;
-
-/** xorshift32: small, seeded, reproducible. */
-function rng(seed: number) {
-  let x = seed >>> 0 || 1;
-  const next = () => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x;
-  };
-  return {
-    u32: next,
-    below: (n: number) => next() % n,
-    chance: (p: number) => next() / 2 ** 32 < p,
-  };
-}
 
 type Device = { name: string; make: (mem: GuestMemory) => (q: SplitQueue) => void };
 
@@ -95,7 +78,7 @@ const DEVICES: Device[] = [
 ];
 
 /** A random descriptor: mostly inside memory, sometimes anywhere; random flags and next. */
-function randomDesc(r: ReturnType<typeof rng>) {
+function randomDesc(r: Seeded) {
   const wild = r.chance(0.1);
   const addr = wild ? r.u32() * (r.chance(0.5) ? 2 ** 20 : 1) : 0x4000 + r.below(MEM_SIZE - 0x4000);
   const len = r.chance(0.1) ? r.u32() : r.below(r.chance(0.5) ? 64 : 0x3000);
@@ -165,7 +148,7 @@ export function fuzzVirtqueues(seed: number, episodes: number, devices: Device[]
   for (let e = 0; e < episodes; e++) {
     const dev = devices[e % devices.length];
     const s = seed + e;
-    const r = rng(s);
+    const r = seeded(s);
     const mem = GuestMemory.fromBuffers([{ gpa: 0, size: MEM_SIZE }]);
     const sizes = ringSizes(QSIZE);
     const descAddr = RING, driverAddr = RING + sizes.desc;

@@ -21,17 +21,9 @@
  * The guest script comes from a raw disk (dvmm.script=/dev/vda) and prints on hvc0 (a file here).
  */
 import assert from "node:assert/strict";
-import { labUnavailable, runScriptInLab } from "./helpers/lab.ts";
+import { labUnavailable, runScriptInLab, scriptDisk } from "./helpers/lab.ts";
 
 const why = labUnavailable();
-
-/** A script as a raw disk: padded with zeros to whole sectors (the guest stops at `exit`). */
-function scriptDisk(text: string): Uint8Array {
-  const bytes = new TextEncoder().encode(text.trim() + "\nexit 0\n");
-  const out = new Uint8Array(Math.ceil(bytes.length / 512) * 512 + 512);
-  out.set(bytes);
-  return out;
-}
 
 function image(token: string, size = 1 << 20): Uint8Array {
   const b = new Uint8Array(size);

@@ -15,18 +15,10 @@
  * the lab shell can look at counters, info and RSS while the guest holds still.
  */
 import assert from "node:assert/strict";
-import { labUnavailable, runScriptInLab } from "./helpers/lab.ts";
+import { labUnavailable, runScriptInLab, scriptDisk } from "./helpers/lab.ts";
 
 const why = labUnavailable();
 const MiB = 1 << 20;
-
-/** A script as a raw disk: padded with zeros to whole sectors (the guest stops at `exit`). */
-function scriptDisk(text: string): Uint8Array {
-  const bytes = new TextEncoder().encode(text.trim() + "\nexit 0\n");
-  const out = new Uint8Array(Math.ceil(bytes.length / 512) * 512 + 512);
-  out.set(bytes);
-  return out;
-}
 
 function image(token: string): Uint8Array {
   const b = new Uint8Array(4 * MiB);

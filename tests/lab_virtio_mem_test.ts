@@ -7,16 +7,9 @@
  * Then memory zones: 256 MiB + 128 MiB (shared, 512 MiB hotplug), and vm.resize-zone grows the second.
  */
 import assert from "node:assert/strict";
-import { labUnavailable, runScriptInLab } from "./helpers/lab.ts";
+import { labUnavailable, runScriptInLab, scriptDisk } from "./helpers/lab.ts";
 
 const why = labUnavailable();
-
-function scriptDisk(text: string): Uint8Array {
-  const bytes = new TextEncoder().encode(text.trim() + "\nexit 0\n");
-  const out = new Uint8Array(Math.ceil(bytes.length / 512) * 512 + 512);
-  out.set(bytes);
-  return out;
-}
 
 const GUEST = `
 exec >/dev/hvc0 2>&1

@@ -111,3 +111,14 @@ export function labCases(stdout: string): Map<string, LabCase> {
   for (const m of stdout.matchAll(re)) cases.set(m[1], { output: m[2], exit: Number(m[3]) });
   return cases;
 }
+
+/**
+ * A guest script as a raw disk (`dvmm.script=/dev/vda`, for scripts too long for the command line):
+ * padded with zeros to whole sectors; the guest stops at the `exit` line added here.
+ */
+export function scriptDisk(text: string): Uint8Array {
+  const bytes = new TextEncoder().encode(text.trim() + "\nexit 0\n");
+  const out = new Uint8Array(Math.ceil(bytes.length / 512) * 512 + 512);
+  out.set(bytes);
+  return out;
+}
