@@ -1169,15 +1169,7 @@ export function createPci(
           request: (bytes: number) => {
             const b = new Uint8Array(8);
             new DataView(b.buffer).setBigUint64(0, BigInt(bytes), true);
-            let vector = -1;
-            h.lock.lock();
-            try {
-              h.transport.updateDeviceConfig(MEM_CONFIG.REQUESTED_SIZE, b);
-              vector = h.transport.configInterrupt();
-            } finally {
-              h.lock.unlock();
-            }
-            if (vector >= 0 && vector < h.desc.irqFds.length) h.signal(h.desc.irqFds[vector]);
+            h.updateConfig(MEM_CONFIG.REQUESTED_SIZE, b);
           },
         }];
       }),
@@ -1204,16 +1196,9 @@ export function createPci(
       }
       const cap = new Uint8Array(8);
       new DataView(cap.buffer).setBigUint64(0, BigInt(size / 512), true);
-      let vector = -1;
-      h.lock.lock();
-      try {
-        h.diskSize = size;
-        h.transport.updateDeviceConfig(0, cap);
-        vector = h.transport.configInterrupt();
-      } finally {
-        h.lock.unlock();
-      }
-      if (vector >= 0 && vector < h.desc.irqFds.length) h.signal(h.desc.irqFds[vector]);
+      // The worker serves the new capacity before the guest can hear of it (it reads it on every wake).
+      h.diskSize = size;
+      h.updateConfig(0, cap);
       h.kickWorker();
       log.info(`disk ${id} resized to ${size} bytes`);
     },

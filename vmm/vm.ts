@@ -319,9 +319,7 @@ export class Vm implements VmBackend {
       }
       const t = this.#vcpus.pop()!;
       t.control.setCommand(Cmd.Stop);
-      t.fd.kvmRun.immediateExit = 1;
-      const tid = t.control.thread;
-      if (tid !== null) kickTid(tid);
+      this.#kick(t);
       await t.exited;
       this.#parked.set(id, t.fd);
     }
@@ -652,12 +650,15 @@ export class Vm implements VmBackend {
     for (const cb of this.#listeners) cb(ev);
   }
 
+  /** Gets a vCPU out of KVM_RUN (or keeps it from entering) so it looks at its command. */
+  #kick(v: VcpuThread): void {
+    v.fd.kvmRun.immediateExit = 1;
+    const t = v.control.thread;
+    if (t !== null) kickTid(t);
+  }
+
   #kickAll(): void {
-    for (const v of this.#vcpus) {
-      v.fd.kvmRun.immediateExit = 1;
-      const t = v.control.thread;
-      if (t !== null) kickTid(t);
-    }
+    for (const v of this.#vcpus) this.#kick(v);
   }
 
   async #stopVcpus(): Promise<void> {

@@ -274,17 +274,9 @@ export class BalloonControl {
   /** Asks the guest to grow or shrink the balloon to `bytes`: new num_pages + a config interrupt. */
   setTarget(bytes: number): void {
     if (!Number.isSafeInteger(bytes) || bytes < 0) throw new RangeError(`bad balloon size ${bytes}`);
-    const h = this.handle;
     const b = new Uint8Array(4);
     new DataView(b.buffer).setUint32(0, balloonPages(bytes), true);
-    h.lock.lock();
-    try {
-      h.transport.updateDeviceConfig(CONFIG_NUM_PAGES, b);
-      const vec = h.transport.configInterrupt();
-      if (vec >= 0 && vec < h.desc.irqFds.length) h.signal(h.desc.irqFds[vec]);
-    } finally {
-      h.lock.unlock();
-    }
+    this.handle.updateConfig(CONFIG_NUM_PAGES, b);
   }
 
   /** vm.counters entry: the sizes, then the worker's counters. */

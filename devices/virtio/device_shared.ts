@@ -129,6 +129,22 @@ export class VirtioDeviceHandle {
     shim().kvs_write_i32(fd, this.#bytes, 8);
   }
 
+  /**
+   * Host side: changes device configuration bytes (config_generation moves) under the device lock and
+   * raises the configuration-change interrupt, as a resize or a new target needs.
+   */
+  updateConfig(offset: number, bytes: Uint8Array): void {
+    let vector = -1;
+    this.lock.lock();
+    try {
+      this.transport.updateDeviceConfig(offset, bytes);
+      vector = this.transport.configInterrupt();
+    } finally {
+      this.lock.unlock();
+    }
+    if (vector >= 0 && vector < this.desc.irqFds.length) this.signal(this.desc.irqFds[vector]);
+  }
+
   /** Wakes the device worker to look at the epoch / stop flag. */
   kickWorker(): void {
     this.signal(this.desc.controlFd);
