@@ -628,7 +628,7 @@ async function main(argv: string[]): Promise<number> {
     }
   }
 
-  const restoreTerminal = wireTerminal(config, () => backend);
+  let restoreTerminal = wireTerminal(config, () => backend);
   const cleanup = async () => {
     restoreTerminal();
     await server?.close();
@@ -658,6 +658,9 @@ async function main(argv: string[]): Promise<number> {
       await cleanup();
       return 1;
     }
+    // The restored VM's serial port or console may be on this terminal.
+    const info = await loop.request("vm.info");
+    if (info.ok) restoreTerminal = wireTerminal((info.body as { config: VmConfig }).config, () => backend);
   }
 
   const code = await loop.exited;

@@ -114,6 +114,25 @@ function decodeBody(kind: RequestKind, route: Route, text: string, fds: number[]
     body.fds = fds;
     used = fds;
   }
+  if (kind === "vm.restore" && fds.length > 0) {
+    // As Cloud Hypervisor: the descriptors go to net_fds in order, num_fds each.
+    const list = (body.net_fds as { id: string; num_fds: number; fds?: number[] }[] | undefined) ?? [];
+    const want = list.reduce((n, e) => n + e.num_fds, 0);
+    if (want !== fds.length) {
+      return bad(`invalid ${route.bodyName}`, `net_fds asks for ${want} descriptor(s), ${fds.length} were sent`);
+    }
+    let at = 0;
+    for (const e of list) {
+      e.fds = fds.slice(at, at + e.num_fds);
+      at += e.num_fds;
+    }
+    used = fds;
+  } else if (kind === "vm.restore" && (body.net_fds as { fds?: number[] }[] | undefined)?.some((e) => e.fds)) {
+    return bad(
+      `invalid ${route.bodyName}`,
+      "net_fds.fds: descriptors cannot be given as numbers in a JSON body; send them with the request (SCM_RIGHTS)",
+    );
+  }
   const nets = kind === "vm.add-net" ? [body] : kind === "vm.create" ? ((body.net as unknown[]) ?? []) : [];
   if (used.length === 0 && nets.some((n) => (n as { fds?: number[] }).fds !== undefined)) {
     return bad(
@@ -128,7 +147,6 @@ function decodeBody(kind: RequestKind, route: Route, text: string, fds: number[]
 /** Endpoints that take descriptors in Cloud Hypervisor, for what dvmm does not build yet. */
 const FD_TAKERS_NOT_BUILT: Partial<Record<RequestKind, string>> = {
   "vm.add-device": "a VFIO device given as a descriptor",
-  "vm.restore": "restoring (net_fds, vfio_fds)",
   "vm.receive-migration": "receiving a migration (vfio_fds)",
 };
 

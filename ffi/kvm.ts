@@ -295,6 +295,29 @@ export class VmFd {
     ioctlBuf(this.fd, C.KVM_SET_CLOCK, bytes, "KVM_SET_CLOCK");
   }
 
+  /** KVM_GET_IRQCHIP: the raw kvm_irqchip of chip `id` (0 PIC master, 1 PIC slave, 2 IOAPIC), 520 bytes. */
+  getIrqchip(id: number): Uint8Array {
+    const { bytes, view } = newStruct(SIZES.kvm_irqchip);
+    view.setUint32(0, id, true);
+    ioctlBuf(this.fd, C.KVM_GET_IRQCHIP, bytes, `KVM_GET_IRQCHIP ${id}`);
+    return bytes;
+  }
+  /** KVM_SET_IRQCHIP with a kvm_irqchip from getIrqchip (its first word names the chip). */
+  setIrqchip(bytes: Uint8Array): void {
+    if (bytes.length !== SIZES.kvm_irqchip) throw new RangeError(`setIrqchip: need ${SIZES.kvm_irqchip} bytes`);
+    ioctlBuf(this.fd, C.KVM_SET_IRQCHIP, bytes.slice(), "KVM_SET_IRQCHIP");
+  }
+  /** KVM_GET_PIT2: the raw kvm_pit_state2 (112 bytes). */
+  getPit2(): Uint8Array {
+    const { bytes } = newStruct(SIZES.kvm_pit_state2);
+    ioctlBuf(this.fd, C.KVM_GET_PIT2, bytes, "KVM_GET_PIT2");
+    return bytes;
+  }
+  setPit2(bytes: Uint8Array): void {
+    if (bytes.length !== SIZES.kvm_pit_state2) throw new RangeError(`setPit2: need ${SIZES.kvm_pit_state2} bytes`);
+    ioctlBuf(this.fd, C.KVM_SET_PIT2, bytes.slice(), "KVM_SET_PIT2");
+  }
+
   /** KVM_CREATE_VCPU and mmap of its kvm_run. */
   createVcpu(id: number): VcpuFd {
     const fd = ioctlVal(this.fd, C.KVM_CREATE_VCPU, id, `KVM_CREATE_VCPU ${id}`);
@@ -441,6 +464,20 @@ export interface VcpuDescriptor {
   runSize: number;
 }
 
+/** The vCPU state structs {@link VcpuFd.getRaw} reads. */
+export type VcpuRawState = keyof typeof RAW_STATE;
+const RAW_STATE = {
+  regs: [C.KVM_GET_REGS, C.KVM_SET_REGS, SIZES.kvm_regs],
+  sregs: [C.KVM_GET_SREGS, C.KVM_SET_SREGS, SIZES.kvm_sregs],
+  fpu: [C.KVM_GET_FPU, C.KVM_SET_FPU, SIZES.kvm_fpu],
+  lapic: [C.KVM_GET_LAPIC, C.KVM_SET_LAPIC, SIZES.kvm_lapic_state],
+  mp_state: [C.KVM_GET_MP_STATE, C.KVM_SET_MP_STATE, SIZES.kvm_mp_state],
+  events: [C.KVM_GET_VCPU_EVENTS, C.KVM_SET_VCPU_EVENTS, SIZES.kvm_vcpu_events],
+  xsave: [C.KVM_GET_XSAVE, C.KVM_SET_XSAVE, SIZES.kvm_xsave],
+  xcrs: [C.KVM_GET_XCRS, C.KVM_SET_XCRS, SIZES.kvm_xcrs],
+  debugregs: [C.KVM_GET_DEBUGREGS, C.KVM_SET_DEBUGREGS, SIZES.kvm_debugregs],
+} as const;
+
 export class VcpuFd {
   readonly fd: number;
   readonly id: number;
@@ -568,6 +605,32 @@ export class VcpuFd {
   setVcpuEvents(b: Uint8Array): void {
     this.#get(C.KVM_SET_VCPU_EVENTS, b, "KVM_SET_VCPU_EVENTS");
   }
+  /**
+   * One piece of the vCPU's state as KVM's raw struct (a copy), for save/restore: `regs`, `sregs`, `fpu`,
+   * `lapic`, `mp_state`, `events`, `xsave`, `xcrs`, `debugregs`.
+   */
+  getRaw(what: VcpuRawState): Uint8Array {
+    const [get, , size] = RAW_STATE[what];
+    const b = new Uint8Array(size);
+    this.#get(get, b, `KVM_GET ${what}`);
+    return b;
+  }
+  /** Loads a raw struct from {@link getRaw}; the size must match. */
+  setRaw(what: VcpuRawState, bytes: Uint8Array): void {
+    const [, set, size] = RAW_STATE[what];
+    if (bytes.length !== size) throw new RangeError(`vCPU ${what}: ${bytes.length} bytes, need ${size}`);
+    this.#get(set, bytes.slice(), `KVM_SET ${what}`);
+  }
+
+  /** Raw kvm_debugregs (128 bytes), for save/restore. */
+  getDebugRegs(): Uint8Array {
+    const b = new Uint8Array(SIZES.kvm_debugregs);
+    this.#get(C.KVM_GET_DEBUGREGS, b, "KVM_GET_DEBUGREGS");
+    return b;
+  }
+  setDebugRegs(b: Uint8Array): void {
+    this.#get(C.KVM_SET_DEBUGREGS, b, "KVM_SET_DEBUGREGS");
+  }
   /** Raw kvm_xsave (4096 bytes, legacy size), for save/restore. */
   getXsave(): Uint8Array {
     const b = new Uint8Array(SIZES.kvm_xsave);
@@ -663,6 +726,18 @@ export function mapFd(fd: number, size: number, offset = 0, noReserve = false): 
       offset,
     ),
     `mmap fd ${fd}`,
+  );
+  return { hostAddr: addr, size };
+}
+
+/**
+ * Copy-on-write mapping of `size` bytes of a file at `offset` (MAP_PRIVATE): pages are read from the file
+ * when first touched and writes stay in this process. Does not take ownership of fd.
+ */
+export function mapFilePrivate(fd: number, size: number, offset = 0): HostMapping {
+  const addr = checkBig(
+    shim().kvs_mmap(0, size, C.PROT_READ | C.PROT_WRITE, C.MAP_PRIVATE | C.MAP_NORESERVE, fd, offset),
+    `mmap (private) fd ${fd}`,
   );
   return { hostAddr: addr, size };
 }

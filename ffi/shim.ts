@@ -27,6 +27,7 @@ const SYMBOLS = {
   kvs_ftruncate: { parameters: ["i32", "i64"], result: "i64" },
   kvs_eventfd: { parameters: ["u32", "i32"], result: "i64" },
   kvs_fd_size: { parameters: ["i32"], result: "i64" },
+  kvs_lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
   kvs_read: { parameters: ["i32", "buffer", "u64"], result: "i64" },
   kvs_write: { parameters: ["i32", "buffer", "u64"], result: "i64" },
   kvs_pread: { parameters: ["i32", "buffer", "u64", "i64"], result: "i64" },

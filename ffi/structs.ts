@@ -30,6 +30,9 @@ export const SIZES = {
   kvm_debugregs: 128,
   kvm_xsave: 4096,
   kvm_xcrs: 392,
+  kvm_irqchip: 520,
+  kvm_pit_state2: 112,
+  kvm_dirty_log: 16,
 } as const;
 
 /** struct kvm_run (the fixed part; the union starts at 32). */

@@ -41,6 +41,7 @@ int64_t kvs_madvise(uint64_t addr, uint64_t len, int32_t advice) {
 int64_t kvs_memfd(const char *name, uint32_t flags) { RET(memfd_create(name, flags)); }
 int64_t kvs_ftruncate(int32_t fd, int64_t len) { RET(ftruncate(fd, (off_t)len)); }
 int64_t kvs_eventfd(uint32_t initval, int32_t flags) { RET(eventfd(initval, flags)); }
+int64_t kvs_lseek(int32_t fd, int64_t off, int32_t whence) { RET(lseek(fd, (off_t)off, whence)); }
 int64_t kvs_fd_size(int32_t fd) {
   struct stat st;
   if (fstat(fd, &st) < 0) return -errno;

@@ -17,6 +17,8 @@ int64_t kvs_ftruncate(int32_t fd, int64_t len);
 int64_t kvs_eventfd(uint32_t initval, int32_t flags);
 /* fstat st_size (a memfd's length), or -errno. */
 int64_t kvs_fd_size(int32_t fd);
+/* lseek(2); SEEK_DATA/SEEK_HOLE find a sparse file's (or memfd's) data. */
+int64_t kvs_lseek(int32_t fd, int64_t off, int32_t whence);
 int64_t kvs_read(int32_t fd, void *buf, uint64_t len);
 int64_t kvs_write(int32_t fd, const void *buf, uint64_t len);
 int64_t kvs_pread(int32_t fd, void *buf, uint64_t len, int64_t off);

@@ -39,6 +39,16 @@ import {
   withBootIdentities,
 } from "./vm_config.ts";
 import { DVMM_VERSION } from "./version.ts";
+import {
+  checkState,
+  CONFIG_FILE,
+  fileUrlPath,
+  MEMORY_FILE,
+  openMemory,
+  type RestoreSource,
+  type SnapshotState,
+  STATE_FILE,
+} from "./snapshot.ts";
 import { type EventSink, nullEventSink } from "./events.ts";
 import { closeFd } from "../ffi/socket.ts";
 import { type Logger, logger } from "./log.ts";
@@ -61,8 +71,8 @@ export type HotplugKind =
   | "generic-vhost-user";
 
 export interface VmBackend {
-  /** Create vCPUs and devices and start running. */
-  boot(): Promise<void>;
+  /** Create vCPUs and devices and start running; with `restore`, bring a snapshot back, paused. */
+  boot(restore?: RestoreSource): Promise<void>;
   pause(): Promise<void>;
   resume(): Promise<void>;
   /** Stop vCPUs and release everything; idempotent. */
@@ -93,6 +103,10 @@ export interface VmBackend {
   resize?(r: VmResize): Promise<void>;
   /** Optional: host input bytes (stdin in Tty mode) for the guest's serial port or console. */
   serialInput?(bytes: Uint8Array): void;
+  /** Optional: the paused VM's state (vm.snapshot); guest memory is written into `dir` here. */
+  snapshot?(dir: string): SnapshotState;
+  /** Optional: an ELF core of the paused guest at `path` (vm.coredump). */
+  coredump?(path: string): number;
 }
 
 export type VmBackendFactory = (config: VmConfig) => VmBackend;
@@ -375,14 +389,11 @@ export class ControlLoop {
       case "vm.resize-disk":
         return this.#resizeDisk(req.body);
       case "vm.snapshot":
-        return this.#needsPaused("snapshot", "VM snapshots");
+        return this.#snapshot(req.body.destination_url);
       case "vm.coredump":
-        return this.#needsPaused("coredump", "VM coredumps");
+        return this.#coredump(req.body.destination_url);
       case "vm.restore":
-        if (this.#config) {
-          throw new VmmError("WrongState", "cannot restore: a VM is already created; delete it first");
-        }
-        throw notImplemented("restoring a VM from a snapshot");
+        return this.#restore(req.body);
       case "vm.receive-migration":
         if (this.#config) {
           throw new VmmError("WrongState", "cannot receive a migration: a VM is already created");
@@ -437,7 +448,7 @@ export class ControlLoop {
     this.#events.emit("vm", "created");
   }
 
-  async #startBackend(): Promise<void> {
+  async #startBackend(restore?: RestoreSource): Promise<void> {
     // What boot decides (device identifiers, MACs) is part of the VM's config from here on, so that
     // vm.info, counters, the device tree and remove-device all name devices the same way.
     const named = withBootIdentities(this.#config!, this.#deviceCounter);
@@ -456,17 +467,17 @@ export class ControlLoop {
       this.#drain();
     });
     try {
-      await backend.boot();
+      await backend.boot(restore);
     } catch (e) {
       try {
         await backend.shutdown();
       } catch (e2) {
         this.#log.warn(`releasing a VM that failed to boot: ${errorText(e2)}`);
       }
-      throw new VmmError("Internal", ["failed to boot the VM", errorText(e)]);
+      throw new VmmError("Internal", [restore ? "failed to restore the VM" : "failed to boot the VM", errorText(e)]);
     }
     this.#backend = backend;
-    this.#state = "Running";
+    this.#state = restore ? "Paused" : "Running";
   }
 
   async #boot(): Promise<void> {
@@ -699,12 +710,114 @@ export class ControlLoop {
     await backend.resizeDisk(r.id, r.desired_size);
   }
 
-  #needsPaused(action: string, what: string): never {
-    this.#requireBooted(action);
+  #requirePaused(action: string): VmBackend {
+    const backend = this.#requireBooted(action);
     if (this.#state !== "Paused") {
       throw new VmmError("WrongState", `cannot ${action}: the VM must be paused first`);
     }
-    throw notImplemented(what);
+    return backend;
+  }
+
+  // -------------------------------------------------------------------------------------------------
+  // Snapshot, restore, coredump
+
+  /** vm.snapshot: config.json, state.json and the memory file into the destination directory. */
+  async #snapshot(url: string): Promise<void> {
+    const backend = this.#requirePaused("snapshot");
+    if (!backend.snapshot) throw notImplemented("VM snapshots");
+    const dir = this.#localPath(url, "destination_url");
+    try {
+      await Deno.mkdir(dir, { recursive: true });
+    } catch (e) {
+      throw new VmmError("Internal", [`cannot create the snapshot directory ${dir}`, errorText(e)]);
+    }
+    this.#events.emit("vm", "snapshotting");
+    let state: SnapshotState;
+    try {
+      state = backend.snapshot(dir);
+      await Deno.writeTextFile(`${dir}/${CONFIG_FILE}`, JSON.stringify(savedConfig(this.#config!), null, 1));
+      await Deno.writeTextFile(`${dir}/${STATE_FILE}`, JSON.stringify(state));
+    } catch (e) {
+      if (e instanceof VmmError) throw e;
+      throw new VmmError("Internal", ["the VM could not be snapshotted", errorText(e)]);
+    }
+    this.#events.emit("vm", "snapshotted");
+  }
+
+  /** vm.coredump: an ELF core of the paused guest. */
+  async #coredump(url: string): Promise<void> {
+    const backend = this.#requirePaused("coredump");
+    if (!backend.coredump) throw notImplemented("VM coredumps");
+    const path = this.#localPath(url, "destination_url");
+    try {
+      await Promise.resolve(backend.coredump(path));
+    } catch (e) {
+      if (e instanceof VmmError) throw e;
+      throw new VmmError("Internal", ["the guest could not be dumped", errorText(e)]);
+    }
+  }
+
+  #localPath(url: string, field: string): string {
+    try {
+      return fileUrlPath(url, field);
+    } catch (e) {
+      throw new VmmError("BadRequest", errorText(e));
+    }
+  }
+
+  /**
+   * vm.restore: the VM of a snapshot, brought back paused (running with `resume`). Taps given as
+   * descriptors at snapshot time must be given again (`net_fds`), one entry per such device.
+   */
+  async #restore(r: RestoreConfig): Promise<void> {
+    // On failure the descriptors in net_fds stay the caller's (the API front end closes them).
+    if (this.#config) {
+      throw new VmmError("WrongState", "cannot restore: a VM is already created; delete it first");
+    }
+    let config: VmConfig;
+    let state: SnapshotState;
+    let memoryFd = -1;
+    try {
+      if (r.vfio_fds?.length || r.iommufd_fd !== undefined) {
+        throw new VmmError("NotImplemented", "restoring VFIO devices (vfio_fds, iommufd_fd) is not implemented in dvmm yet");
+      }
+      if (r.zone_updates.length > 0) {
+        throw new VmmError("NotImplemented", "zone_updates (host NUMA nodes) is not implemented in dvmm yet");
+      }
+      const dir = this.#localPath(r.source_url, "source_url");
+      let saved: unknown;
+      try {
+        saved = JSON.parse(await Deno.readTextFile(`${dir}/${CONFIG_FILE}`));
+        state = checkState(JSON.parse(await Deno.readTextFile(`${dir}/${STATE_FILE}`)), dir);
+      } catch (e) {
+        throw new VmmError("BadRequest", [`cannot read the snapshot in ${dir}`, errorText(e)]);
+      }
+      config = revalidate(withRestoredNets(saved as VmConfig, r.net_fds ?? []));
+      memoryFd = openMemory(`${dir}/${MEMORY_FILE}`);
+    } catch (e) {
+      if (memoryFd >= 0) closeFd(memoryFd);
+      throw e instanceof VmmError ? e : new VmmError("Internal", ["cannot restore the VM", errorText(e)]);
+    }
+    this.#events.emit("vm", "restoring");
+    this.#config = config;
+    this.#state = "Created";
+    this.#deviceCounter = nextDeviceCounter(config);
+    const source: RestoreSource = {
+      state,
+      memoryFd,
+      onDemand: r.memory_restore_mode === "OnDemand",
+      prefault: r.prefault,
+    };
+    try {
+      await this.#startBackend(source);
+    } catch (e) {
+      this.#config = null;
+      throw e;
+    } finally {
+      closeFd(memoryFd);
+    }
+    this.#events.emit("vm", "restored");
+    if (r.resume) await this.#resume();
   }
 
   // -------------------------------------------------------------------------------------------------
@@ -759,6 +872,49 @@ export class ControlLoop {
  */
 function closeNetFds(config: { net?: { fds?: number[] }[] } | null): void {
   for (const n of config?.net ?? []) n.fds?.forEach(closeFd);
+}
+
+/** The config as a snapshot keeps it: descriptors are process-local, so a tap given as fds keeps its count. */
+function savedConfig(config: VmConfig): VmConfig {
+  const c = structuredClone(config);
+  for (const n of c.net ?? []) {
+    if (n.fds) (n as { fds?: number[]; num_fds?: number }).fds = n.fds.map(() => -1);
+  }
+  return c;
+}
+
+/** A restored config with the taps given again (`net_fds`) in place of the saved descriptors. */
+function withRestoredNets(
+  config: VmConfig,
+  netFds: { id: string; num_fds: number; fds?: number[] }[],
+): VmConfig {
+  const given = new Map(netFds.map((n) => [n.id, n]));
+  for (const n of config.net ?? []) {
+    if (!n.fds) continue;
+    const g = given.get(n.id ?? "");
+    if (!g?.fds || g.fds.length === 0) {
+      throw new VmmError(
+        "BadRequest",
+        `net '${n.id}' was given as ${n.fds.length} tap descriptor(s): restore needs them again (net_fds)`,
+      );
+    }
+    n.fds = g.fds;
+    given.delete(n.id!);
+  }
+  if (given.size > 0) {
+    throw new VmmError("BadRequest", `net_fds names no tap-descriptor net device: ${[...given.keys()].join(", ")}`);
+  }
+  return config;
+}
+
+/** Where generated identifiers go on after a restored config's (`_disk3` → 4). */
+function nextDeviceCounter(config: VmConfig): number {
+  let next = 0;
+  for (const d of deviceIds(config)) {
+    const m = d.id.match(/^_[a-z_-]+?(\d+)$/);
+    if (m) next = Math.max(next, Number(m[1]) + 1);
+  }
+  return next;
 }
 
 function notImplemented(what: string): VmmError {

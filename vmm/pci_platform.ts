@@ -103,6 +103,8 @@ import {
   ConsoleInput,
 } from "../devices/virtio/console.ts";
 import {
+  CTL_PAUSE,
+  CTL_RESTORE,
   CTL_STOP,
   newControlBlock,
   type VirtioDeviceDescriptor,
@@ -114,6 +116,7 @@ import { deviceMemoryWindow, Layout, mmio64Window, pciSegmentEcam, pciSegmentMmi
 import { PciHotplug, type PciHotplugDescriptor } from "../devices/pci_hotplug.ts";
 import { hotplugSpace, ramSize } from "./ram.ts";
 import { log } from "./log.ts";
+import type { VirtioState } from "./snapshot.ts";
 import { type HostEnd, openPty } from "./host_end.ts";
 
 const IRQCHIP_PIC_MASTER = 0;
@@ -562,7 +565,27 @@ export interface PciHost {
    * config space, config-change interrupt). Throws a message naming what is wrong otherwise.
    */
   resizeDisk(id: string, size: number): void;
+  /**
+   * Quiesces the device workers (vm.pause): each stops serving its queues and publishes their positions.
+   * vhost-user devices have no worker of ours on the data path and are left alone.
+   */
+  pauseWorkers(): Promise<void>;
+  resumeWorkers(): void;
+  /** For a snapshot (workers paused): each device's place and queue positions. */
+  saveVirtio(): VirtioState[];
+  /**
+   * Restore, after the shared state was loaded: the workers start their queues from the snapshot's
+   * positions once resumed; MSI routes and queue-notify ioeventfds are set up as the guest left them.
+   */
+  loadVirtio(states: VirtioState[]): void;
   close(): Promise<void>;
+}
+
+/** A device's place on the bus, fixed by a snapshot (restore builds each device where it was). */
+export interface DevicePlacement {
+  slot: number;
+  segment: number;
+  gsiBase: number;
 }
 
 function bdf(slot: number, segment = 0): string {
@@ -635,6 +658,7 @@ export function createPci(
   memTable?: SharedArrayBuffer,
   hotplugRam?: { gpa: number; size: number; hostAddr: bigint; fd?: number },
   virtioMemRegions: VirtioMemRegion[] = [],
+  placement?: Map<string, DevicePlacement>,
 ): PciHost {
   const m64 = mmio64Window(ramSize(cfg.memory), hotplugSpace(cfg.memory));
   const mmio32: Window = { base: Layout.mmio32Start, size: Layout.mmio32Size };
@@ -692,11 +716,17 @@ export function createPci(
     extra: Partial<VirtioDeviceDescriptor>,
     counters: SharedArrayBuffer,
   ): VirtioDeviceDescriptor => {
-    const segment = segmentOf.get(id) ?? 0;
+    const placed = placement?.get(id);
+    if (placement && !placed) throw new Error(`the snapshot has no device '${id}'`);
+    const segment = placed?.segment ?? segmentOf.get(id) ?? 0;
     const used = usedSlots[segment];
     if (!used) throw new Error(`${id}: no PCI segment ${segment}`);
     let slot = 1;
     while (slot < 32 && used.has(slot)) slot++;
+    if (placed) {
+      if (used.has(placed.slot)) throw new Error(`${id}: slot ${placed.slot} of segment ${segment} is taken`);
+      slot = placed.slot;
+    }
     if (slot > 31) throw new Error(`PCI segment ${segment} has no free slot for ${id}`);
     const t = new VirtioPciDevice(spec);
     const vectors = t.msix.vectors;
@@ -708,7 +738,11 @@ export function createPci(
     const queueFds = Array.from({ length: spec.numQueues }, mk);
     const irqFds = Array.from({ length: vectors }, mk);
     const controlFd = mk();
-    const gsiBase = takeGsis(vectors);
+    let gsiBase: number;
+    if (placed) {
+      gsiBase = placed.gsiBase;
+      nextGsi = Math.max(nextGsi, gsiBase + vectors);
+    } else gsiBase = takeGsis(vectors);
     const desc: VirtioDeviceDescriptor = {
       id,
       kind,
@@ -716,7 +750,7 @@ export function createPci(
       segment,
       spec,
       shared: t.shared,
-      control: newControlBlock(),
+      control: newControlBlock(spec.numQueues),
       queueFds,
       irqFds,
       controlFd,
@@ -986,7 +1020,14 @@ export function createPci(
           requested: Math.min(r.size, Math.floor(r.requested / MEM_BLOCK_SIZE) * MEM_BLOCK_SIZE),
         }),
       },
-      { mem: { hostAddr: Number(r.hostAddr), size: r.size, sharedMemory: r.sharedMemory } },
+      {
+        mem: {
+          hostAddr: Number(r.hostAddr),
+          size: r.size,
+          sharedMemory: r.sharedMemory,
+          plugged: new SharedArrayBuffer(Math.floor(r.size / MEM_BLOCK_SIZE)),
+        },
+      },
       new SharedArrayBuffer(8 * MEM_COUNTERS.length),
     );
 
@@ -1262,6 +1303,43 @@ export function createPci(
       devices.splice(devices.indexOf(desc), 1);
       usedSlots[desc.segment ?? 0].delete(desc.slot);
       segmentOf.delete(id);
+    },
+    pauseWorkers: async () => {
+      const live = primary.devices.filter((h) => h.desc.kind !== "vhost_user");
+      const ok = await Promise.all(live.map((h) => h.pauseWorker()));
+      const stuck = live.filter((_, i) => !ok[i]).map((h) => h.desc.id);
+      if (stuck.length > 0) {
+        for (const h of live) h.resumeWorker();
+        throw new Error(`device worker(s) did not pause: ${stuck.join(", ")}`);
+      }
+    },
+    resumeWorkers: () => {
+      for (const h of primary.devices) if (h.desc.kind !== "vhost_user") h.resumeWorker();
+    },
+    saveVirtio: () =>
+      primary.devices.map((h) => ({
+        id: h.desc.id,
+        kind: h.desc.kind,
+        slot: h.desc.slot,
+        segment: h.desc.segment ?? 0,
+        gsiBase: h.desc.gsiBase,
+        queues: h.desc.queueFds.map((_, i) => h.queuePosition(i)),
+        words: [...h.deviceWords],
+      })),
+    loadVirtio: (states) => {
+      for (const st of states) {
+        const h = handleOf(st.id);
+        st.queues.forEach((p, i) => h.setQueuePosition(i, p));
+        h.deviceWords.set(st.words.slice(0, h.deviceWords.length));
+        // The worker stays quiesced until the VM resumes, then activates from these positions.
+        Atomics.store(h.ctl, CTL_PAUSE, 1);
+        Atomics.store(h.ctl, CTL_RESTORE, 1);
+        if (h.transport.activated) {
+          moveIoeventfds(vm, h, descriptors.ioeventLen, h.transport.config.barDecodeAddress(BAR_INDEX));
+        }
+        h.kickWorker();
+      }
+      routing.install();
     },
     close: async () => {
       if (closed) return;

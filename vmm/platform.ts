@@ -23,6 +23,7 @@ import { DEFAULT_ZONE, ramSize } from "./ram.ts";
 import {
   buildPciBuses,
   createPci,
+  type DevicePlacement,
   type PciDescriptors,
   type PciHost,
   type PciThread,
@@ -296,6 +297,7 @@ export function createPlatform(
   memTable?: SharedArrayBuffer,
   hotplugRam?: { gpa: number; size: number; hostAddr: bigint; fd?: number },
   virtioMemRegions: VirtioMemRegion[] = [],
+  placement?: Map<string, DevicePlacement>,
 ): Platform {
   checkSupported(cfg);
   const memSize = ramSize(cfg.memory);
@@ -352,6 +354,7 @@ export function createPlatform(
         memTable,
         hotplugRam,
         virtioMemRegions,
+        placement,
       );
     } catch (e) {
       if (ownFd) shim().kvs_close(serialOutFd);

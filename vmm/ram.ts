@@ -8,7 +8,7 @@
 import { cstr, shim } from "../ffi/shim.ts";
 import { check } from "../ffi/shim.ts";
 import { type HostMapping, mapAnonymous, mapFd, mapMemfd, unmap } from "../ffi/kvm.ts";
-import { O_CLOEXEC, O_RDWR } from "../ffi/kvm_constants.ts";
+import { MADV_POPULATE_WRITE, O_CLOEXEC, O_RDWR } from "../ffi/kvm_constants.ts";
 import { hotplugRegion, ramRegions } from "./layout.ts";
 import type { MemoryConfig } from "./vm_config.ts";
 import { MEM_REGION_ALIGN } from "../devices/virtio/mem.ts";
@@ -145,7 +145,6 @@ const O_TMPFILE = 0o20000000 | 0o200000; // __O_TMPFILE | O_DIRECTORY
 
 const MADV_MERGEABLE = 12;
 const MADV_NOHUGEPAGE = 15;
-const MADV_POPULATE_WRITE = 23;
 
 /**
  * Maps a part's backing (a file or directory, a memfd with `shared`, or anonymous memory) and applies its

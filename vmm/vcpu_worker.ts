@@ -96,6 +96,11 @@ function runVcpu(c: VcpuContext): string {
     if (cmd === Cmd.Stop) return "stopped";
     if (cmd === Cmd.Reload) return RELOAD;
     if (cmd === Cmd.Pause) {
+      // An I/O exit is completed by the next KVM_RUN (an IN's data lands in a register then): one with
+      // immediate_exit set does just that, so the state a snapshot reads is whole.
+      run.immediateExit = 1;
+      vcpu.run();
+      run.immediateExit = 0;
       ctl.setState(State.Paused);
       while (ctl.command === Cmd.Pause) Atomics.wait(ctl.i32, 0, Cmd.Pause);
       ctl.setState(State.Running);

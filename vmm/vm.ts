@@ -9,7 +9,9 @@ import {
   kickTid,
   Kvm,
   mapAnonymous,
+  mapFilePrivate,
   mapMemfd,
+  mappingBytes,
   unmap,
   type VcpuFd,
   type VmFd,
@@ -41,6 +43,21 @@ import { bspRegisters } from "./boot_cpu.ts";
 import { writeResetVector } from "./reset_vector.ts";
 import { checkSupported, createPlatform, type Platform } from "./platform.ts";
 import { log } from "./log.ts";
+import { shim } from "../ffi/shim.ts";
+import { MADV_POPULATE_WRITE } from "../ffi/kvm_constants.ts";
+import { fromBase64, loadVcpu, saveVcpu, toBase64 } from "./vcpu_state.ts";
+import {
+  MEMORY_FILE,
+  type MemoryRange,
+  newState,
+  readRange,
+  type RestoreSource,
+  sharedBuffers,
+  type SnapshotState,
+  writeMemory,
+} from "./snapshot.ts";
+import { type CoreVcpu, writeCoredump } from "./coredump.ts";
+import type { DevicePlacement } from "./pci_platform.ts";
 
 const MSR = {
   IA32_SYSENTER_CS: 0x174,
@@ -80,6 +97,23 @@ const PCI_CHANGE_TIMEOUT_MS = 10_000;
 /** Device kinds dvmm can hot-add (the others answer "not implemented"). */
 const HOTPLUG_KINDS: readonly HotplugKind[] = ["disk", "net", "fs", "pmem", "vsock", "generic-vhost-user"];
 
+/** Bytes in whole MiB (bit shifts would wrap above 2 GiB). */
+function mib(n: number): number {
+  return Math.floor(n / 2 ** 20);
+}
+
+/** Control words of the device state that stay with the host (never saved or loaded). */
+const HOST_ONLY = new Set(["control"]);
+/** Virtio device kinds whose state dvmm saves (vhost-user devices keep theirs in the back-end). */
+const SAVABLE_KINDS = new Set(["rng", "blk", "net", "console", "pmem", "balloon", "vsock", "mem"]);
+const MSR_KERNEL_GS_BASE = 0xc0000102;
+
+/** A stretch of guest memory as a snapshot saves it. */
+interface MemoryPiece {
+  name: string;
+  map: HostMapping;
+}
+
 interface VcpuThread {
   fd: VcpuFd;
   control: VcpuControl;
@@ -113,6 +147,9 @@ export class Vm implements VmBackend {
   #parked = new Map<number, VcpuFd>();
   /** Generation of the last PCI change sent to the vCPU threads. */
   #pciGeneration = 0;
+  /** Guest memory by stretch (RAM parts, the ACPI hotplug region, virtio-mem regions), for snapshots. */
+  #pieces: MemoryPiece[] = [];
+
 
   constructor(readonly config: VmConfig) {}
 
@@ -189,7 +226,7 @@ export class Vm implements VmBackend {
     }
     dev.request(requested);
     log.info(
-      `memory ${id}: virtio-mem asked for ${requested >> 20} MiB (plugged: ${dev.plugged() >> 20} MiB)`,
+      `memory ${id}: virtio-mem asked for ${mib(requested)} MiB (plugged: ${mib(dev.plugged())} MiB)`,
     );
   }
 
@@ -239,7 +276,7 @@ export class Vm implements VmBackend {
     if ((want - now) % slots.slot !== 0) {
       throw new VmmError(
         "BadRequest",
-        `desired_ram must grow the RAM by a multiple of ${slots.slot >> 20} MiB`,
+        `desired_ram must grow the RAM by a multiple of ${mib(slots.slot)} MiB`,
       );
     }
     const plugged = m.plugged();
@@ -249,28 +286,36 @@ export class Vm implements VmBackend {
         "BadRequest",
         `desired_ram (${want}) exceeds memory size plus the usable hotplug_size (${
           c.size + slots.count * slots.slot
-        } bytes: hotplug_size in whole ${slots.slot >> 20} MiB slots)`,
+        } bytes: hotplug_size in whole ${mib(slots.slot)} MiB slots)`,
       );
     }
     const reserved = this.#hotplugRam;
     if (!reserved) throw new VmmError("Internal", "the memory hotplug region was not reserved");
     for (let i = plugged; i < plugged + n; i++) {
-      const gpa = slots.start + i * slots.slot;
-      const hostAddr = reserved.hostAddr + BigInt(i * slots.slot);
-      this.#vm!.setUserMemoryRegion({
-        slot: MEMORY_HOTPLUG_FIRST_SLOT + i,
-        flags: 0,
-        guestPhysAddr: BigInt(gpa),
-        memorySize: BigInt(slots.slot),
-        userspaceAddr: hostAddr,
-      });
-      const region = { gpa, size: slots.slot, hostAddr };
-      this.#mem!.addHostRegion(region);
-      this.#memTable.add(region);
+      this.#mapRamSlot(i);
       m.plug(i);
     }
     this.#platform!.raiseGed(Layout.acpiPm.gedMemoryHotplugBit);
-    log.info(`RAM: ${now >> 20} MiB → ${want >> 20} MiB (the guest onlines the new memory)`);
+    log.info(`RAM: ${mib(now)} MiB → ${mib(want)} MiB (the guest onlines the new memory)`);
+  }
+
+  /** ACPI memory hotplug: slot `i`'s memory given to KVM, to guest memory and to the device threads. */
+  #mapRamSlot(i: number): void {
+    const c = this.config.memory;
+    const slots = memoryHotplugSlots(ramSize(c), c.hotplug_size!);
+    const reserved = this.#hotplugRam!;
+    const gpa = slots.start + i * slots.slot;
+    const hostAddr = reserved.hostAddr + BigInt(i * slots.slot);
+    this.#vm!.setUserMemoryRegion({
+      slot: MEMORY_HOTPLUG_FIRST_SLOT + i,
+      flags: 0,
+      guestPhysAddr: BigInt(gpa),
+      memorySize: BigInt(slots.slot),
+      userspaceAddr: hostAddr,
+    });
+    const region = { gpa, size: slots.slot, hostAddr };
+    this.#mem!.addHostRegion(region);
+    this.#memTable.add(region);
   }
 
   /**
@@ -420,15 +465,29 @@ export class Vm implements VmBackend {
     if (ok.includes(false)) throw new Error("a vCPU thread did not take in the PCI change");
   }
 
-  async boot(): Promise<void> {
+  /** Boots the VM, or (`restore`) brings a snapshot's VM back, paused. */
+  async boot(restore?: RestoreSource): Promise<void> {
     const cfg = this.config;
-    const boot = cfg.cpus.boot_vcpus;
+    const boot = restore ? restore.state.vcpus.length : cfg.cpus.boot_vcpus;
     const max = cfg.cpus.max_vcpus;
-    if (!cfg.payload?.kernel) throw new Error("no kernel in the VM config (payload.kernel)");
+    if (!cfg.payload?.kernel && !restore) throw new Error("no kernel in the VM config (payload.kernel)");
     // What dvmm cannot honour is refused before anything is mapped or loaded.
     checkSupported(cfg);
     // Cheap checks before any expensive set-up: a missing kernel must not first start 255 workers.
-    await checkPayloadFiles(cfg.payload, ramSize(cfg.memory));
+    if (!restore) await checkPayloadFiles(cfg.payload, ramSize(cfg.memory));
+    const ranges = new Map((restore?.state.memory ?? []).map((r) => [r.name, r]));
+    const range = (name: string, size: number): MemoryRange | undefined => {
+      if (!restore) return undefined;
+      const r = ranges.get(name);
+      if (!r) throw new Error(`the snapshot has no memory range '${name}'`);
+      if (r.size !== size) throw new Error(`memory range '${name}': ${r.size} bytes saved, the config makes ${size}`);
+      return r;
+    };
+    /** Restore, copy mode: the saved bytes into a fresh mapping. */
+    const fill = (name: string, map: HostMapping) => {
+      const r = range(name, map.size);
+      if (r) readRange(restore!.memoryFd, r, mappingBytes(map));
+    };
     const huge = ramParts(cfg.memory).filter((p) => p.hugepages).reduce((n, p) => n + p.size, 0);
     if (huge > 0) checkHugePages(huge, cfg.memory.hugepage_size);
     // vCPU threads first: a Worker needs its own V8 isolate and module graph, which costs more than
@@ -456,8 +515,20 @@ export class Vm implements VmBackend {
       const parts = ramParts(mc);
       const hostRegions = [];
       const partMaps = parts.map((p) => {
-        const map = mapPart(p, `dvmm-ram-${p.id}`);
-        this.#maps.push(map);
+        const name = `ram:${p.id}`;
+        // Restore on demand: plain RAM is the memory file itself, copy-on-write; pages are read as touched.
+        const plain = !p.shared && !p.hugepages && p.file === undefined;
+        let map: HostMapping;
+        if (restore?.onDemand && plain) {
+          // The mapping holds the file open itself: the caller may close memoryFd after boot.
+          map = mapFilePrivate(restore.memoryFd, p.size, range(name, p.size)!.offset);
+        } else {
+          map = mapPart(p, `dvmm-ram-${p.id}`);
+          this.#maps.push(map);
+          fill(name, map);
+        }
+        if (restore?.onDemand && plain) this.#maps.push(map);
+        this.#pieces.push({ name, map });
         return map;
       });
       let slot = 0;
@@ -487,6 +558,8 @@ export class Vm implements VmBackend {
           ? mapMemfd(region.size, "dvmm-ram-hotplug", { hugepages: mc.hugepages, noReserve: true })
           : mapAnonymous(region.size, { hugepages: mc.hugepages });
         this.#maps.push(m);
+        this.#pieces.push({ name: "hotplug", map: m });
+        fill("hotplug", m);
         hotplugRam = this.#hotplugRam = {
           gpa: region.start,
           size: region.size,
@@ -504,6 +577,8 @@ export class Vm implements VmBackend {
           `dvmm-ram-${pl.id}-hotplug`,
         );
         this.#maps.push(m);
+        this.#pieces.push({ name: `virtio-mem:${pl.id}`, map: m });
+        fill(`virtio-mem:${pl.id}`, m);
         vm.setUserMemoryRegion({
           slot: VIRTIO_MEM_FIRST_SLOT + k,
           flags: 0,
@@ -526,13 +601,22 @@ export class Vm implements VmBackend {
       );
       phase("guest RAM mapped");
 
-      // Payload, ACPI.
-      const entry = await loadPayload(mem, ramSize(cfg.memory), {
-        kernel: cfg.payload.kernel,
+      if (restore?.prefault) {
+        // RAM only: the hotplug regions are reserved address space, most of it never used.
+        for (const p of this.#pieces.filter((x) => x.name.startsWith("ram:"))) {
+          shim().kvs_madvise(p.map.hostAddr, p.map.size, MADV_POPULATE_WRITE);
+        }
+      }
+      // Payload (a restored VM's is in its memory already).
+      const entry = restore ? null : await loadPayload(mem, ramSize(cfg.memory), {
+        kernel: cfg.payload.kernel!,
         initramfs: cfg.payload.initramfs ?? undefined,
         cmdline: cfg.payload.cmdline ?? "",
       });
-      phase("kernel and initramfs loaded");
+      phase(restore ? "guest memory restored" : "kernel and initramfs loaded");
+      const placement = restore
+        ? new Map<string, DevicePlacement>(restore.state.virtio.map((d) => [d.id, d]))
+        : undefined;
       this.#platform = createPlatform(
         cfg,
         vm,
@@ -541,10 +625,12 @@ export class Vm implements VmBackend {
         this.#memTable.sab,
         hotplugRam,
         virtioMemRegions,
+        placement,
       );
       phase("devices created");
-      writeResetVector(mem);
-      writeAcpiTables(mem, {
+      if (restore) this.#loadDevices(restore.state);
+      if (!restore) writeResetVector(mem);
+      if (!restore) writeAcpiTables(mem, {
         vcpus: boot,
         maxVcpus: max,
         memSize: ramSize(cfg.memory),
@@ -561,17 +647,34 @@ export class Vm implements VmBackend {
       phase("ACPI tables written");
       this.#supportedCpuid = kvm.supportedCpuid();
       this.#msrList = new Set(kvm.msrIndexList());
-      for (let id = 0; id < boot; id++) {
-        const fd = this.#createVcpu(id);
-        if (id === 0) {
-          const { regs, sregs } = bspRegisters(mem, entry, fd.getSregs());
-          fd.setSregs(sregs);
-          fd.setRegs(regs);
+      if (restore) {
+        // vCPUs as they were (their threads start paused), then the irqchip, PIT and clock.
+        for (const st of restore.state.vcpus) {
+          const fd = this.#createVcpu(st.id, true);
+          loadVcpu(fd, st);
+          this.#vcpus.push(this.#start(fd, this.#idle.shift()!, true));
         }
-        this.#vcpus.push(this.#start(fd, this.#idle.shift()!));
+        const v = restore.state.vm;
+        for (const chip of v.irqchip) vm.setIrqchip(fromBase64(chip));
+        vm.setPit2(fromBase64(v.pit2));
+        vm.setClock({ clock: BigInt(v.clock) });
+      } else {
+        for (let id = 0; id < boot; id++) {
+          const fd = this.#createVcpu(id);
+          if (id === 0) {
+            const { regs, sregs } = bspRegisters(mem, entry!, fd.getSregs());
+            fd.setSregs(sregs);
+            fd.setRegs(regs);
+          }
+          this.#vcpus.push(this.#start(fd, this.#idle.shift()!));
+        }
       }
       phase("vCPUs set up, workers spawned");
-      log.info(`booting: ${boot} vCPU(s), ${ramSize(cfg.memory) >> 20} MiB, kernel ${cfg.payload.kernel}`);
+      log.info(
+        restore
+          ? `restored: ${boot} vCPU(s), ${mib(ramSize(cfg.memory))} MiB (memory ${restore.onDemand ? "on demand" : "copied"})`
+          : `booting: ${boot} vCPU(s), ${mib(ramSize(cfg.memory))} MiB, kernel ${cfg.payload.kernel}`,
+      );
       this.#watchEvents();
       // Wait until every worker has published its thread, so pause/stop can kick it.
       await Promise.all(this.#vcpus.map((v) => waitReady(v.control)));
@@ -612,9 +715,10 @@ export class Vm implements VmBackend {
     return fd;
   }
 
-  /** Hands vCPU `fd` to a started worker. */
-  #start(fd: VcpuFd, worker: Worker): VcpuThread {
+  /** Hands vCPU `fd` to a started worker (`paused`: it waits for resume before it first runs). */
+  #start(fd: VcpuFd, worker: Worker, paused = false): VcpuThread {
     const control = new VcpuControl();
+    if (paused) control.setCommand(Cmd.Pause);
     const exited = new Promise<VcpuWorkerExit>((resolve) => {
       worker.onmessage = (ev: MessageEvent<VcpuWorkerExit>) => resolve(ev.data);
       worker.onerror = (ev) => {
@@ -668,15 +772,100 @@ export class Vm implements VmBackend {
     await Promise.all(this.#vcpus.map((v) => v.exited));
   }
 
+  /** vCPUs first, then the device workers (their queue positions are then published). */
   async pause(): Promise<void> {
     for (const v of this.#vcpus) v.control.setCommand(Cmd.Pause);
     this.#kickAll();
     await Promise.all(this.#vcpus.map((v) => waitState(v.control, State.Paused)));
+    try {
+      await this.#platform?.pci?.pauseWorkers();
+    } catch (e) {
+      // Not paused after all: the vCPUs go on, and the caller hears why.
+      await this.resume();
+      throw new VmmError("Internal", ["the VM could not be paused", (e as Error).message]);
+    }
   }
 
   async resume(): Promise<void> {
+    this.#platform?.pci?.resumeWorkers();
     for (const v of this.#vcpus) v.control.setCommand(Cmd.Run);
     await Promise.all(this.#vcpus.map((v) => waitState(v.control, State.Running)));
+  }
+
+  /**
+   * Snapshot of the paused VM into directory `dir` (which exists): state.json's content is returned for
+   * the caller to write beside the config; the memory file is written here. Fails, naming it, on a
+   * device whose state dvmm cannot save.
+   */
+  snapshot(dir: string): SnapshotState {
+    const platform = this.#platform;
+    const vm = this.#vm;
+    if (!platform || !vm) throw new VmmError("WrongState", "the VM is not running");
+    for (const d of platform.pci?.descriptors.devices ?? []) {
+      if (!SAVABLE_KINDS.has(d.kind)) {
+        throw new VmmError(
+          "Internal",
+          `device '${d.id}' (${d.kind === "vhost_user" ? "vhost-user" : d.kind}) has no save path: its ` +
+            "state lives in its back-end, which dvmm cannot snapshot",
+        );
+      }
+    }
+    const state = newState();
+    const msrs = [...this.#msrList];
+    state.vcpus = this.#vcpus.map((v) => saveVcpu(v.fd, msrs));
+    state.vm = {
+      clock: vm.getClock().clock.toString(),
+      irqchip: [0, 1, 2].map((id) => toBase64(vm.getIrqchip(id))),
+      pit2: toBase64(vm.getPit2()),
+    };
+    for (const [path, sab] of sharedBuffers(platform.descriptors, HOST_ONLY)) {
+      state.devices[path] = toBase64(new Uint8Array(sab));
+    }
+    state.virtio = platform.pci?.saveVirtio() ?? [];
+    const t = performance.now();
+    const { ranges, written } = writeMemory(
+      `${dir}/${MEMORY_FILE}`,
+      this.#pieces.map((p) => ({ name: p.name, bytes: mappingBytes(p.map), fd: p.map.fd })),
+    );
+    state.memory = ranges;
+    log.info(
+      `snapshot: ${mib(written)} MiB of guest memory written in ${(performance.now() - t).toFixed(0)} ms ` +
+        `(${mib(ranges.reduce((n, r) => n + r.size, 0))} MiB mapped)`,
+    );
+    return state;
+  }
+
+  /** Restore: the saved shared state into the fresh devices; ACPI-plugged RAM mapped again. */
+  #loadDevices(state: SnapshotState): void {
+    const platform = this.#platform!;
+    const now = sharedBuffers(platform.descriptors, HOST_ONLY);
+    for (const [path, b64] of Object.entries(state.devices)) {
+      const sab = now.get(path);
+      if (!sab) throw new Error(`the snapshot holds state for '${path}', which this VM does not have`);
+      const bytes = fromBase64(b64);
+      if (bytes.length !== sab.byteLength) {
+        throw new Error(`device state '${path}': ${bytes.length} bytes saved, ${sab.byteLength} now`);
+      }
+      new Uint8Array(sab).set(bytes);
+    }
+    const missing = [...now.keys()].filter((p) => !(p in state.devices));
+    if (missing.length > 0) throw new Error(`the snapshot has no state for ${missing.join(", ")}`);
+    const m = platform.memoryHotplug;
+    if (m) for (let i = 0; i < m.plugged(); i++) this.#mapRamSlot(i);
+    platform.pci?.loadVirtio(state.virtio);
+  }
+
+  /** vm.coredump of the paused VM: an ELF core at `path`; returns the RAM bytes written. */
+  coredump(path: string): number {
+    if (!this.#mem) throw new VmmError("WrongState", "the VM is not running");
+    const vcpus: CoreVcpu[] = this.#vcpus.map((v) => ({
+      id: v.fd.id,
+      regs: v.fd.getRegs(),
+      sregs: v.fd.getSregs(),
+      kernelGsBase: v.fd.getMsrs([MSR_KERNEL_GS_BASE])[0]?.data ?? 0n,
+    }));
+    const ram = this.#mem.regions.map((r) => ({ gpa: r.gpa, bytes: r.bytes }));
+    return writeCoredump(path, vcpus, ram);
   }
 
   powerButton(): Promise<void> {
@@ -730,6 +919,7 @@ export class Vm implements VmBackend {
     this.#kvm?.close();
     for (const m of this.#maps) unmap(m);
     this.#maps = [];
+    this.#pieces = [];
     this.#mem = undefined;
   }
 }
@@ -750,8 +940,8 @@ export function checkHugePages(bytes: number, pageSize?: number, meminfo?: strin
   const free = field("HugePages_Free") * size;
   if (!(free >= bytes)) {
     throw new Error(
-      `memory hugepages=on: ${bytes >> 20} MiB of huge pages needed, ${
-        Number.isNaN(free) ? 0 : free >> 20
+      `memory hugepages=on: ${mib(bytes)} MiB of huge pages needed, ${
+        Number.isNaN(free) ? 0 : mib(free)
       } MiB free (raise /proc/sys/vm/nr_hugepages)`,
     );
   }

@@ -168,6 +168,20 @@ export class NetService {
     return this.#setActive(Math.max(1, Math.min(n, this.pairs.length)));
   }
 
+  /** RX chains pair `index / 2` holds for frames not received yet (mergeable RX). */
+  heldChains(index: number): number {
+    const p = index % 2 === 0 ? this.pairs[index / 2] : undefined;
+    return p ? p.device.heldChains : 0;
+  }
+
+  /** Saved with the device: the queue pairs in use. */
+  saveWords(words: Int32Array): void {
+    words[0] = this.#active;
+  }
+  loadWords(words: Int32Array): void {
+    if (words[0] > 0) this.setActivePairs(words[0]);
+  }
+
   /** Reset: stop receiving. */
   deactivate(): void {
     for (let k = 0; k < this.pairs.length; k++) {

@@ -13,6 +13,13 @@
  *   [5]     worker state: 0 starting, 1 running, 2 exited.
  *   f64 [3] (byte 24): guest-physical base at which the queue ioeventfds are registered, -1 if none.
  *   f64 [4] (byte 32): blk: the disk's size in bytes once resized (vm.resize-disk), -1 before.
+ *   [10]    pause: set by the main thread to quiesce the worker (vm.pause, snapshots); cleared to resume.
+ *   [11]    paused: the worker's acknowledgement; its queue positions are then in the queue area.
+ *   [12]    restore: the queue area (and device words) hold a snapshot's positions, for the worker to start
+ *           its queues from at the next activation instead of from 0.
+ *   [16..24) device words: a device's own small state (virtio-net: queue pairs in use), saved with it.
+ *   [24..)  queue area: per queue, the next available index the device reads and the next used index it
+ *           writes (-1, -1 when the queue is not live).
  */
 import { shim } from "../../ffi/shim.ts";
 import { SharedLock } from "../shared.ts";
@@ -24,7 +31,16 @@ export const CTL_STOP = 4;
 export const CTL_WORKER_STATE = 5;
 const CTL_IOEVENT_BASE_F64 = 3; // Float64 index (byte offset 24)
 const CTL_DISK_SIZE_F64 = 4; // Float64 index (byte offset 32): blk, the image's size after a resize
-export const CONTROL_BYTES = 40;
+export const CTL_PAUSE = 10;
+export const CTL_PAUSED = 11;
+export const CTL_RESTORE = 12;
+/** Int32 index of the device words, and how many there are. */
+export const CTL_DEVICE_WORDS = 16;
+export const DEVICE_WORDS = 8;
+/** Int32 index of the queue area (two words per queue). */
+export const CTL_QUEUES = 24;
+/** Bytes before the queue area. */
+export const CONTROL_BYTES = 4 * CTL_QUEUES;
 
 export type VirtioKind =
   | "rng"
@@ -74,7 +90,7 @@ export interface VirtioDeviceDescriptor {
   /** pmem: the backing file (owned by the main thread), for flushes; discard_writes. */
   pmem?: { fd: number; discardWrites: boolean };
   /** virtio-mem: the region's host mapping (address as a number), and whether it is a shared memfd. */
-  mem?: { hostAddr: number; size: number; sharedMemory: boolean };
+  mem?: { hostAddr: number; size: number; sharedMemory: boolean; plugged?: SharedArrayBuffer };
   /** balloon: whether guest RAM is a shared memfd (pages are then released with MADV_REMOVE). */
   balloon?: { sharedMemory: boolean };
   /**
@@ -145,6 +161,50 @@ export class VirtioDeviceHandle {
     if (vector >= 0 && vector < this.desc.irqFds.length) this.signal(this.desc.irqFds[vector]);
   }
 
+  get pauseRequested(): boolean {
+    return Atomics.load(this.ctl, CTL_PAUSE) !== 0;
+  }
+
+  /** Queue `i`'s saved positions (next available, next used), or null when it was not live. */
+  queuePosition(i: number): [number, number] | null {
+    const o = CTL_QUEUES + 2 * i;
+    if (o + 1 >= this.ctl.length || this.ctl[o] < 0) return null;
+    return [this.ctl[o], this.ctl[o + 1]];
+  }
+  setQueuePosition(i: number, p: [number, number] | null): void {
+    const o = CTL_QUEUES + 2 * i;
+    if (o + 1 >= this.ctl.length) return;
+    this.ctl[o] = p ? p[0] & 0xffff : -1;
+    this.ctl[o + 1] = p ? p[1] & 0xffff : -1;
+  }
+  /** The device's own words (see the control block layout). */
+  get deviceWords(): Int32Array {
+    return this.ctl.subarray(CTL_DEVICE_WORDS, CTL_DEVICE_WORDS + DEVICE_WORDS);
+  }
+
+  /**
+   * Main thread: asks the worker to stop serving its queues and waits (bounded) until it has published
+   * their positions. False when the worker did not answer (it is not running).
+   */
+  async pauseWorker(timeoutMs = 5000): Promise<boolean> {
+    Atomics.store(this.ctl, CTL_PAUSE, 1);
+    this.kickWorker();
+    const end = Date.now() + timeoutMs;
+    while (Atomics.load(this.ctl, CTL_PAUSED) !== 1) {
+      if (Atomics.load(this.ctl, CTL_WORKER_STATE) === 2 || Date.now() > end) return false;
+      const w = Atomics.waitAsync(this.ctl, CTL_PAUSED, 0, 50);
+      if (w.async) await w.value;
+    }
+    return true;
+  }
+
+  /** Main thread: lets a paused worker serve its queues again. */
+  resumeWorker(): void {
+    Atomics.store(this.ctl, CTL_PAUSE, 0);
+    Atomics.notify(this.ctl, CTL_PAUSE);
+    this.kickWorker();
+  }
+
   /** Wakes the device worker to look at the epoch / stop flag. */
   kickWorker(): void {
     this.signal(this.desc.controlFd);
@@ -157,9 +217,9 @@ export class VirtioDeviceHandle {
   }
 }
 
-/** A fresh control block (no ioeventfds registered). */
-export function newControlBlock(): SharedArrayBuffer {
-  const sab = new SharedArrayBuffer(CONTROL_BYTES);
+/** A fresh control block for a device with `queues` queues (no ioeventfds registered). */
+export function newControlBlock(queues = 0): SharedArrayBuffer {
+  const sab = new SharedArrayBuffer(CONTROL_BYTES + 8 * queues);
   new Float64Array(sab)[CTL_IOEVENT_BASE_F64] = -1;
   new Float64Array(sab)[CTL_DISK_SIZE_F64] = -1;
   return sab;

@@ -93,11 +93,22 @@ export class VirtioMemDevice {
   readonly #addr: number;
   readonly #regionSize: number;
 
-  constructor(readonly config: MemConfigAccess, readonly backing: MemDiscard, counters?: MemCounters) {
+  /**
+   * `plugged`: where the block map lives (one byte per block; a shared buffer, so a snapshot saves it with
+   * the rest of the device's shared state); a fresh array when absent.
+   */
+  constructor(
+    readonly config: MemConfigAccess,
+    readonly backing: MemDiscard,
+    counters?: MemCounters,
+    plugged?: Uint8Array,
+  ) {
     this.counters = counters ?? new MemCounters();
     this.#addr = config.read(MEM_CONFIG.ADDR);
     this.#regionSize = config.read(MEM_CONFIG.REGION_SIZE);
-    this.plugged = new Uint8Array(Math.floor(this.#regionSize / MEM_BLOCK_SIZE));
+    const blocks = Math.floor(this.#regionSize / MEM_BLOCK_SIZE);
+    if (plugged && plugged.length < blocks) throw new RangeError(`virtio-mem: block map for ${plugged.length} of ${blocks} blocks`);
+    this.plugged = plugged ? plugged.subarray(0, blocks) : new Uint8Array(blocks);
   }
 
   /** Bytes plugged now. */

@@ -29,7 +29,14 @@ import { FileEntropySource, RngCounters, RngDevice } from "./rng.ts";
 import { ShimFileDisk } from "./device_blk.ts";
 import { netService } from "./device_net.ts";
 import { type ByteSink, CONSOLE_RX_QUEUE, ConsoleCounters, ConsoleDevice, ConsoleInput } from "./console.ts";
-import { CTL_WORKER_STATE, type VirtioDeviceDescriptor, VirtioDeviceHandle } from "./device_shared.ts";
+import {
+  CTL_PAUSE,
+  CTL_PAUSED,
+  CTL_RESTORE,
+  CTL_WORKER_STATE,
+  type VirtioDeviceDescriptor,
+  VirtioDeviceHandle,
+} from "./device_shared.ts";
 import { vsockService } from "./device_vsock.ts";
 import { PmemCounters, PmemDevice } from "./pmem.ts";
 import { FdPmemBackend } from "./device_pmem.ts";
@@ -68,6 +75,12 @@ interface Processor {
   /** DRIVER_OK (with the negotiated features) / reset or a broken queue. */
   activate?(features: bigint): void;
   deactivate?(): void;
+  /** Chains of queue `index` the device has taken but not used yet (given back in a snapshot). */
+  heldChains?(index: number): number;
+  /** The device's own state as small integers (saved in the control block's device words). */
+  saveWords?(words: Int32Array): void;
+  /** After a restored activation: takes back what saveWords wrote. */
+  loadWords?(words: Int32Array): void;
   close?(): void;
 }
 
@@ -185,6 +198,7 @@ function run(init: DeviceWorkerInit): void {
           Number(s.kvs_madvise(BigInt(m.hostAddr + off), len, advice)) === 0,
       },
       new MemCounters(d.counters),
+      m.plugged ? new Uint8Array(m.plugged) : undefined,
     );
     proc = { service: (q, i) => vmem.service(q, i) };
   } else if (d.kind === "balloon") {
@@ -219,6 +233,40 @@ function run(init: DeviceWorkerInit): void {
     signalVector(dev.configInterrupt());
   };
 
+  /**
+   * Quiesced (vm.pause, snapshot): publishes each queue's positions (chains taken but not used are given
+   * back) and the device's own words, acknowledges, and waits until resumed. False when asked to stop.
+   */
+  const pause = (): boolean => {
+    h.lock.lock();
+    try {
+      // Restored and not activated yet: the queue area still holds the snapshot's positions.
+      const pending = Atomics.load(h.ctl, CTL_RESTORE) === 1;
+      for (let i = 0; !pending && i < d.queueFds.length; i++) {
+        const q = queues[i];
+        const held = q ? proc.heldChains?.(i) ?? 0 : 0;
+        h.setQueuePosition(i, q ? [(q.lastAvailIdx - held) & 0xffff, q.nextUsedIdx] : null);
+      }
+      if (!pending) {
+        h.deviceWords.fill(0);
+        proc.saveWords?.(h.deviceWords);
+      }
+    } finally {
+      h.lock.unlock();
+    }
+    Atomics.store(h.ctl, CTL_PAUSED, 1);
+    Atomics.notify(h.ctl, CTL_PAUSED);
+    while (Atomics.load(h.ctl, CTL_PAUSE) !== 0) {
+      if (h.stopRequested) return false;
+      Atomics.wait(h.ctl, CTL_PAUSE, 1, 100);
+    }
+    Atomics.store(h.ctl, CTL_PAUSED, 0);
+    // A restored worker re-activates from the published positions (the device state was loaded).
+    if (Atomics.load(h.ctl, CTL_RESTORE) === 1) epoch = -1;
+    notified.fill(1); // what the driver queued meanwhile
+    return true;
+  };
+
   try {
     for (;;) {
       const n = Number(s.kvs_epoll_wait(epfd, outBytes, out.length, -1));
@@ -237,6 +285,10 @@ function run(init: DeviceWorkerInit): void {
         }
       }
       if (h.stopRequested) return;
+      if (h.pauseRequested) {
+        if (!pause()) return;
+        continue;
+      }
       if (table && table.count !== seenRegions) seenRegions = table.syncInto(mem, seenRegions);
       h.lock.lock();
       try {
@@ -247,12 +299,21 @@ function run(init: DeviceWorkerInit): void {
           proc.deactivate?.();
           if (dev.activated) {
             const a = dev.activation();
+            // A restored device goes on from the snapshot's queue positions (taken once).
+            const restored = Atomics.exchange(h.ctl, CTL_RESTORE, 0) === 1;
             try {
               for (const qa of a.queues) {
-                queues[qa.index] = new SplitQueue(mem, qa, { eventIdx: a.eventIdx, indirect: a.indirect });
+                const at = restored ? h.queuePosition(qa.index) : null;
+                queues[qa.index] = new SplitQueue(mem, qa, {
+                  eventIdx: a.eventIdx,
+                  indirect: a.indirect,
+                  lastAvailIdx: at?.[0],
+                  nextUsedIdx: at?.[1],
+                });
               }
               notified.fill(1); // buffers may have been made available before DRIVER_OK
               proc.activate?.(a.features);
+              if (restored) proc.loadWords?.(h.deviceWords);
             } catch {
               queues = [];
               fail();

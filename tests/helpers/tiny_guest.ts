@@ -94,3 +94,35 @@ export function pvhElf(code: Uint8Array, loadAddr = 0x100000): Uint8Array {
   out.set(code, codeOff);
   return out;
 }
+
+/** Where {@link countingGuest} counts (a little-endian dword). */
+export const COUNTER = 0x200000;
+
+/**
+ * 32-bit guest: counts in the dword at 0x200000 forever; each turn reads COM1's line status, echoes a
+ * received byte, and powers off on 'q'.
+ *
+ *   l: inc dword [0x200000] ; mov dx, 0x3fd ; in al, dx ; test al, 1 ; jz l
+ *      mov dx, 0x3f8 ; in al, dx ; cmp al, 'q' ; je p ; out dx, al ; jmp l
+ *   p: mov dx, 0x600 ; mov al, 0x34 ; out dx, al ; h: hlt ; jmp h
+ */
+export function countingGuest(): Uint8Array {
+  return new Uint8Array([
+    0xff, 0x05, 0x00, 0x00, 0x20, 0x00, // 0: inc dword [0x200000]
+    0x66, 0xba, 0xfd, 0x03, // 6: mov dx, 0x3fd
+    0xec, // 10: in al, dx
+    0xa8, 0x01, // 11: test al, 1
+    0x74, 0xf1, // 13: jz 0
+    0x66, 0xba, 0xf8, 0x03, // 15: mov dx, 0x3f8
+    0xec, // 19: in al, dx
+    0x3c, 0x71, // 20: cmp al, 'q'
+    0x74, 0x03, // 22: je 27
+    0xee, // 24: out dx, al
+    0xeb, 0xe5, // 25: jmp 0
+    0x66, 0xba, 0x00, 0x06, // 27: mov dx, 0x600
+    0xb0, 0x34, // 31: mov al, 0x34
+    0xee, // 33: out dx, al
+    0xf4, // 34: hlt
+    0xeb, 0xfd, // 35: jmp 34
+  ]);
+}
