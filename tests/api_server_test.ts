@@ -71,9 +71,9 @@ Deno.test("api: without a VM, VM actions answer 404 and delete answers 204", asy
     assertError(await put(t.socket, "vm.coredump", { destination_url: "file:///tmp/c" }), 404);
     assertError(await put(t.socket, "vm.send-migration", { destination_url: "unix:/tmp/m" }), 404);
     assertError(
-      await put(t.socket, "vm.restore", { source_url: "file:///tmp/s" }),
-      500,
-      /not implemented in dvmm yet/,
+      await put(t.socket, "vm.restore", { source_url: "file:///nonexistent/snap" }),
+      400,
+      /cannot read the snapshot in \/nonexistent\/snap/,
     );
     assertError(
       await put(t.socket, "vm.receive-migration", { receiver_url: "unix:/tmp/m" }),

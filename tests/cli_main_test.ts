@@ -62,7 +62,7 @@ Deno.test("cli: bad options exit non-zero with a message naming the option", asy
     [["--log-format", "{nope}"], /--log-format: unknown format token '\{nope\}'/],
     [["--log-format", "{msg}"], /--log-format: dvmm cannot change its log line format/],
     [["--restore", "prefault=on"], /--restore: source_url is required/],
-    [["--restore", "source_url=file:///nonexistent"], /cannot restore the VM: .*not implemented/],
+    [["--restore", "source_url=file:///nonexistent"], /cannot restore the VM: cannot read the snapshot in \/nonexistent/],
     [["--dbus-service-name", "org.example.Vmm"], /--dbus-service-name needs --dbus-object-path/],
     [["--cpus", "boot=2"], /--kernel \(or --firmware\) is required/],
     [["-v"], /nothing to do/],

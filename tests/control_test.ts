@@ -301,8 +301,8 @@ Deno.test("control: cold plug, duplicates, removal and resize before boot", asyn
 Deno.test("control: what dvmm cannot do yet says so", async () => {
   const { loop } = setup();
   assert.equal(
-    errKind(await loop.request("vm.restore", { source_url: "file:///x" } as never)),
-    "NotImplemented",
+    errKind(await loop.request("vm.restore", { source_url: "file:///nonexistent/snap" } as never)),
+    "BadRequest",
   );
   assert.equal(
     errKind(await loop.request("vm.receive-migration", { receiver_url: "unix:/x" } as never)),

@@ -65,6 +65,9 @@ Deno.test("struct sizes match the kernel headers", () => {
     kvm_debugregs: 128,
     kvm_xsave: 4096,
     kvm_xcrs: 392,
+    kvm_irqchip: 520,
+    kvm_pit_state2: 112,
+    kvm_dirty_log: 16,
   };
   assert.deepEqual({ ...SIZES }, expected);
 });

@@ -130,10 +130,11 @@ Deno.test({
     assert.match(out, /^a-exit 0$/m);
   });
   await t.step("the restored guest counts on from the next number: none lost, none repeated", () => {
-    const ticks = (s: string) => [...section(s).matchAll(/^tick (\d+)$/gm)].map((m) => Number(m[1]));
+    // A tick may share its line with the shell's prompt (and the terminal query it prints).
+    const ticks = (s: string) => [...section(s).matchAll(/tick (\d+)$/gm)].map((m) => Number(m[1]));
     const a = ticks("A-OUT");
     const b = ticks("B-OUT");
-    assert.ok(a.length >= 4 && b.length >= 1, all.slice(-6000));
+    assert.ok(a.length >= 4 && b.length >= 1, `ticks ${a} / ${b}\n${all.slice(-6000)}`);
     assert.equal(b[0], a[a.length - 1] + 1, `A ended at ${a.at(-1)}, B began at ${b[0]}`);
     b.forEach((n, i) => i > 0 && assert.equal(n, b[i - 1] + 1));
   });

@@ -781,7 +781,7 @@ export class ControlLoop {
       if (r.vfio_fds?.length || r.iommufd_fd !== undefined) {
         throw new VmmError("NotImplemented", "restoring VFIO devices (vfio_fds, iommufd_fd) is not implemented in dvmm yet");
       }
-      if (r.zone_updates.length > 0) {
+      if ((r.zone_updates ?? []).length > 0) {
         throw new VmmError("NotImplemented", "zone_updates (host NUMA nodes) is not implemented in dvmm yet");
       }
       const dir = this.#localPath(r.source_url, "source_url");
