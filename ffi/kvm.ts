@@ -6,7 +6,7 @@
 // owner (normally the main thread) should call close().
 
 import * as C from "./kvm_constants.ts";
-import { check, checkBig, cstr, EAGAIN, hostBytes, OsError, shim } from "./shim.ts";
+import { addressOf, check, checkBig, cstr, EAGAIN, hostBytes, OsError, shim } from "./shim.ts";
 import {
   type CpuidEntry,
   decodeClockData,
@@ -307,6 +307,17 @@ export class VmFd {
     if (bytes.length !== SIZES.kvm_irqchip) throw new RangeError(`setIrqchip: need ${SIZES.kvm_irqchip} bytes`);
     ioctlBuf(this.fd, C.KVM_SET_IRQCHIP, bytes.slice(), "KVM_SET_IRQCHIP");
   }
+  /**
+   * KVM_GET_DIRTY_LOG: fills `bitmap` (one bit per page of the slot, in 64-bit words) with the pages
+   * written since the last call, and clears KVM's record (the slot needs KVM_MEM_LOG_DIRTY_PAGES).
+   */
+  getDirtyLog(slot: number, bitmap: BigUint64Array<ArrayBuffer>): void {
+    const { bytes, view } = newStruct(SIZES.kvm_dirty_log);
+    view.setUint32(0, slot, true);
+    view.setBigUint64(8, addressOf(bitmap), true);
+    ioctlBuf(this.fd, C.KVM_GET_DIRTY_LOG, bytes, `KVM_GET_DIRTY_LOG slot ${slot}`);
+  }
+
   /** KVM_GET_PIT2: the raw kvm_pit_state2 (112 bytes). */
   getPit2(): Uint8Array {
     const { bytes } = newStruct(SIZES.kvm_pit_state2);

@@ -49,6 +49,8 @@ const SYMBOLS = {
   kvs_unix_listen: { parameters: ["buffer", "i32"], result: "i64" },
   kvs_unix_connect: { parameters: ["buffer"], result: "i64" },
   kvs_accept: { parameters: ["i32"], result: "i64" },
+  kvs_tcp_listen: { parameters: ["buffer", "i32", "i32"], result: "i64" },
+  kvs_tcp_connect: { parameters: ["buffer", "i32"], result: "i64" },
   kvs_sockopt_int: { parameters: ["i32", "i32"], result: "i64" },
   kvs_recv_fds: { parameters: ["i32", "buffer", "u64", "buffer", "i32"], result: "i64" },
   kvs_send_fds: { parameters: ["i32", "buffer", "u64", "buffer", "i32"], result: "i64" },

@@ -3,9 +3,13 @@
 #include "kvmshim.h"
 #include <errno.h>
 #include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -122,6 +126,52 @@ int64_t kvs_unix_connect(const char *path) {
     return -(int64_t)e;
   }
   return fd;
+}
+/* TCP (live migration): `host` numeric or a name (getaddrinfo), "" for any address when listening. */
+static int tcp_socket(const char *host, int32_t port, int passive, struct addrinfo **res) {
+  struct addrinfo hints;
+  char svc[16];
+  memset(&hints, 0, sizeof hints);
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = passive ? AI_PASSIVE : 0;
+  snprintf(svc, sizeof svc, "%d", port);
+  int r = getaddrinfo(host[0] ? host : NULL, svc, &hints, res);
+  if (r != 0) return r == EAI_SYSTEM ? -errno : -EHOSTUNREACH;
+  return 0;
+}
+int64_t kvs_tcp_listen(const char *host, int32_t port, int32_t backlog) {
+  struct addrinfo *res, *ai;
+  int r = tcp_socket(host, port, 1, &res), e = EADDRNOTAVAIL;
+  if (r < 0) return r;
+  for (ai = res; ai; ai = ai->ai_next) {
+    int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0), one = 1;
+    if (fd < 0) { e = errno; continue; }
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, backlog) == 0) { freeaddrinfo(res); return fd; }
+    e = errno;
+    close(fd);
+  }
+  freeaddrinfo(res);
+  return -(int64_t)e;
+}
+int64_t kvs_tcp_connect(const char *host, int32_t port) {
+  struct addrinfo *res, *ai;
+  int r = tcp_socket(host, port, 0, &res), e = EHOSTUNREACH;
+  if (r < 0) return r;
+  for (ai = res; ai; ai = ai->ai_next) {
+    int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
+    if (fd < 0) { e = errno; continue; }
+    if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
+      setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+      freeaddrinfo(res);
+      return fd;
+    }
+    e = errno;
+    close(fd);
+  }
+  freeaddrinfo(res);
+  return -(int64_t)e;
 }
 int64_t kvs_accept(int32_t fd) { RET(accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)); }
 int64_t kvs_sockopt_int(int32_t fd, int32_t opt) {

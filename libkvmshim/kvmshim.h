@@ -46,6 +46,9 @@ int64_t kvs_unix_listen(const char *path, int32_t backlog);
 /* A connected socket (blocking). */
 int64_t kvs_unix_connect(const char *path);
 /* accept4 with SOCK_NONBLOCK|SOCK_CLOEXEC. */
+/* TCP listen/connect (live migration); host numeric or a name, "" = any when listening. */
+int64_t kvs_tcp_listen(const char *host, int32_t port, int32_t backlog);
+int64_t kvs_tcp_connect(const char *host, int32_t port);
 int64_t kvs_accept(int32_t fd);
 /* getsockopt(SOL_SOCKET, opt) of an int option (e.g. SO_ACCEPTCONN, SO_TYPE, SO_DOMAIN). */
 int64_t kvs_sockopt_int(int32_t fd, int32_t opt);

@@ -40,6 +40,13 @@ import {
 } from "./vm_config.ts";
 import { DVMM_VERSION } from "./version.ts";
 import {
+  type MigrationStats,
+  type MigrationUrl,
+  parseMigrationUrl,
+  type ReceivedMigration,
+  receiveMigration,
+} from "./migration.ts";
+import {
   checkState,
   CONFIG_FILE,
   fileUrlPath,
@@ -107,6 +114,8 @@ export interface VmBackend {
   snapshot?(dir: string): SnapshotState;
   /** Optional: an ELF core of the paused guest at `path` (vm.coredump). */
   coredump?(path: string): number;
+  /** Optional: send the running VM to another dvmm (vm.send-migration); on failure it runs on. */
+  sendMigration?(opts: SendMigrationData, config: unknown): Promise<MigrationStats>;
 }
 
 export type VmBackendFactory = (config: VmConfig) => VmBackend;
@@ -395,21 +404,9 @@ export class ControlLoop {
       case "vm.restore":
         return this.#restore(req.body);
       case "vm.receive-migration":
-        if (this.#config) {
-          throw new VmmError("WrongState", "cannot receive a migration: a VM is already created");
-        }
-        throw notImplemented("receiving a live migration");
-      case "vm.send-migration": {
-        this.#requireBooted("send a migration");
-        const m = this.#config!.memory;
-        if (!m.shared && !m.hugepages) {
-          throw new VmmError(
-            "WrongState",
-            "sending a migration needs guest memory with shared=on or hugepages=on",
-          );
-        }
-        throw notImplemented("sending a live migration");
-      }
+        return this.#receiveMigration(req.body);
+      case "vm.send-migration":
+        return this.#sendMigration(req.body);
       default: {
         const never: never = req;
         throw new VmmError("BadRequest", `unknown request ${(never as { kind: string }).kind}`);
@@ -742,6 +739,93 @@ export class ControlLoop {
       throw new VmmError("Internal", ["the VM could not be snapshotted", errorText(e)]);
     }
     this.#events.emit("vm", "snapshotted");
+  }
+
+  /**
+   * vm.send-migration: the running VM goes to another dvmm (pre-copy, then its state); once the
+   * destination runs it, this VM is shut down and the VMM exits. On failure the VM runs on here.
+   */
+  async #sendMigration(opts: SendMigrationData): Promise<void> {
+    const backend = this.#requireBooted("send a migration");
+    if (this.#state !== "Running") {
+      throw new VmmError("WrongState", "cannot send a migration: the VM must be running (resume it first)");
+    }
+    if (!backend.sendMigration) throw notImplemented("sending a live migration");
+    if (opts.memory_mode === "Postcopy") throw notImplemented("post-copy migration (memory_mode Postcopy)");
+    if (opts.tls_dir !== undefined) throw notImplemented("migration over TLS (tls_dir)");
+    if (opts.connections > 1) throw notImplemented("migration over several connections (connections > 1)");
+    if (opts.preserve_source) throw notImplemented("keeping the source VM after a migration (preserve_source)");
+    this.#events.emit("vm", "migration-sending");
+    let stats: MigrationStats;
+    try {
+      stats = await backend.sendMigration(opts, savedConfig(this.#config!));
+    } catch (e) {
+      this.#events.emit("vm", "migration-failed");
+      if (e instanceof VmmError) throw e;
+      throw new VmmError("Internal", ["the VM migration could not be sent", errorText(e)]);
+    }
+    this.#log.info(
+      `migration sent: ${stats.rounds} round(s), ${Math.round(stats.bytes / 2 ** 20)} MiB, ` +
+        `${stats.totalMs.toFixed(0)} ms in all, ${stats.downtimeMs.toFixed(0)} ms paused`,
+    );
+    this.#events.emit("vm", "migration-sent", {
+      rounds: String(stats.rounds),
+      bytes: String(stats.bytes),
+      total_ms: stats.totalMs.toFixed(0),
+      downtime_ms: stats.downtimeMs.toFixed(0),
+    });
+    // The VM lives on at the destination: this one ends, and so does the VMM (as Cloud Hypervisor's).
+    queueMicrotask(() => this.submit({ kind: "vmm.shutdown", body: undefined, reply: () => {} }));
+  }
+
+  /**
+   * vm.receive-migration: waits on the receiver URL for one migration, then brings the VM up from what
+   * arrived (the restore path) and runs it; the sender hears the outcome.
+   */
+  async #receiveMigration(r: ReceiveMigrationData): Promise<void> {
+    if (this.#config) {
+      throw new VmmError("WrongState", "cannot receive a migration: a VM is already created");
+    }
+    if (r.memory_mode === "Postcopy") throw notImplemented("post-copy migration (memory_mode Postcopy)");
+    if (r.tls_dir !== undefined) throw notImplemented("migration over TLS (tls_dir)");
+    if (r.vfio_fds?.length || r.iommufd_fd !== undefined) {
+      throw notImplemented("receiving VFIO devices (vfio_fds, iommufd_fd)");
+    }
+    if ((r.zone_updates ?? []).length > 0) throw notImplemented("zone_updates (host NUMA nodes)");
+    let url: MigrationUrl;
+    try {
+      url = parseMigrationUrl(r.receiver_url, "receiver_url");
+    } catch (e) {
+      throw new VmmError("BadRequest", errorText(e));
+    }
+    this.#events.emit("vm", "migration-receiving");
+    let got: ReceivedMigration;
+    try {
+      got = await receiveMigration(url);
+    } catch (e) {
+      throw new VmmError("Internal", ["the VM migration could not be received", errorText(e)]);
+    }
+    try {
+      const config = revalidate(withRestoredNets(got.config as VmConfig, []));
+      const state = checkState(got.state, "the migration");
+      this.#config = config;
+      this.#state = "Created";
+      this.#deviceCounter = nextDeviceCounter(config);
+      await this.#startBackend({ state, memoryFd: got.memfd, onDemand: true, prefault: false, memfds: got.memfds });
+      await this.#resume();
+    } catch (e) {
+      const why = errorText(e);
+      if (this.#backend) await this.#stopBackend().catch(() => {});
+      this.#config = null;
+      this.#state = "Created";
+      await got.answer(false, why).catch(() => {});
+      this.#events.emit("vm", "migration-failed");
+      throw e instanceof VmmError ? e : new VmmError("Internal", ["the VM migration could not be received", why]);
+    } finally {
+      if (got.memfd >= 0) closeFd(got.memfd);
+    }
+    await got.answer(true).catch((e) => this.#log.warn(`telling the sender: ${errorText(e)}`));
+    this.#events.emit("vm", "migration-received");
   }
 
   /** vm.coredump: an ELF core of the paused guest. */

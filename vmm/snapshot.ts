@@ -82,6 +82,8 @@ export interface RestoreSource {
   onDemand: boolean;
   /** Fault all of RAM in before the VM runs. */
   prefault: boolean;
+  /** Local migration: the sender's memory by piece name, mapped shared as this VM's (owned by the VM). */
+  memfds?: Record<string, number>;
 }
 
 /** The local path of a `file://` URL (the only kind dvmm snapshots to); `field` names it in errors. */

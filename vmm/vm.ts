@@ -9,6 +9,7 @@ import {
   kickTid,
   Kvm,
   mapAnonymous,
+  mapFd,
   mapFilePrivate,
   mapMemfd,
   mappingBytes,
@@ -16,7 +17,7 @@ import {
   type VcpuFd,
   type VmFd,
 } from "../ffi/kvm.ts";
-import type { VmConfig, VmResize } from "./vm_config.ts";
+import type { SendMigrationData, VmConfig, VmResize } from "./vm_config.ts";
 import { type GuestEvent, type VmBackend, VmmError } from "./control.ts";
 import { GuestMemory, GuestMemoryTable } from "./memory.ts";
 import { vcpuCpuid } from "./cpuid.ts";
@@ -58,6 +59,9 @@ import {
 } from "./snapshot.ts";
 import { type CoreVcpu, writeCoredump } from "./coredump.ts";
 import type { DevicePlacement } from "./pci_platform.ts";
+import { DirtyTracker, type TrackedSlot } from "./dirty.ts";
+import { type MigrationSource, type MigrationStats, sendMigration } from "./migration.ts";
+import { lockImage, unlockImage } from "../devices/virtio/device_blk.ts";
 
 const MSR = {
   IA32_SYSENTER_CS: 0x174,
@@ -122,7 +126,7 @@ interface VcpuThread {
 }
 
 /** A running (or runnable) VM built from a VmConfig. */
-export class Vm implements VmBackend {
+export class Vm implements VmBackend, MigrationSource {
   #kvm?: Kvm;
   #vm?: VmFd;
   #maps: HostMapping[] = [];
@@ -149,6 +153,8 @@ export class Vm implements VmBackend {
   #pciGeneration = 0;
   /** Guest memory by stretch (RAM parts, the ACPI hotplug region, virtio-mem regions), for snapshots. */
   #pieces: MemoryPiece[] = [];
+  /** Every KVM memory slot with guest RAM and where it lies in #pieces (live migration's dirty log). */
+  #slots: TrackedSlot[] = [];
 
 
   constructor(readonly config: VmConfig) {}
@@ -316,6 +322,14 @@ export class Vm implements VmBackend {
     const region = { gpa, size: slots.slot, hostAddr };
     this.#mem!.addHostRegion(region);
     this.#memTable.add(region);
+    this.#slots.push({
+      slot: MEMORY_HOTPLUG_FIRST_SLOT + i,
+      gpa,
+      size: slots.slot,
+      hostAddr,
+      piece: this.#pieces.findIndex((p) => p.name === "hotplug"),
+      pieceOffset: i * slots.slot,
+    });
   }
 
   /**
@@ -519,7 +533,12 @@ export class Vm implements VmBackend {
         // Restore on demand: plain RAM is the memory file itself, copy-on-write; pages are read as touched.
         const plain = !p.shared && !p.hugepages && p.file === undefined;
         let map: HostMapping;
-        if (restore?.onDemand && plain) {
+        const given = restore?.memfds?.[name];
+        if (given !== undefined) {
+          // Local migration: the sender's own memory, shared, becomes this VM's (nothing is copied).
+          map = { ...mapFd(given, p.size, 0), fd: given };
+          this.#maps.push(map);
+        } else if (restore?.onDemand && plain) {
           // The mapping holds the file open itself: the caller may close memoryFd after boot.
           map = mapFilePrivate(restore.memoryFd, p.size, range(name, p.size)!.offset);
         } else {
@@ -527,7 +546,7 @@ export class Vm implements VmBackend {
           this.#maps.push(map);
           fill(name, map);
         }
-        if (restore?.onDemand && plain) this.#maps.push(map);
+        if (given === undefined && restore?.onDemand && plain) this.#maps.push(map);
         this.#pieces.push({ name, map });
         return map;
       });
@@ -538,6 +557,7 @@ export class Vm implements VmBackend {
       for (const c of chunks) {
         const map = partMaps[c.part];
         const hostAddr = map.hostAddr + BigInt(c.offset);
+        this.#slots.push({ slot, gpa: c.gpa, size: c.size, hostAddr, piece: c.part, pieceOffset: c.offset });
         vm.setUserMemoryRegion({
           slot: slot++,
           flags: 0,
@@ -554,12 +574,15 @@ export class Vm implements VmBackend {
       let hotplugRam: { gpa: number; size: number; hostAddr: bigint; fd?: number } | undefined;
       const region = acpiHotplugReservation(mc);
       if (region) {
-        const m = mc.shared
+        const given = restore?.memfds?.hotplug;
+        const m = given !== undefined
+          ? { ...mapFd(given, region.size, 0, true), fd: given }
+          : mc.shared
           ? mapMemfd(region.size, "dvmm-ram-hotplug", { hugepages: mc.hugepages, noReserve: true })
           : mapAnonymous(region.size, { hugepages: mc.hugepages });
         this.#maps.push(m);
         this.#pieces.push({ name: "hotplug", map: m });
-        fill("hotplug", m);
+        if (given === undefined) fill("hotplug", m);
         hotplugRam = this.#hotplugRam = {
           gpa: region.start,
           size: region.size,
@@ -572,19 +595,28 @@ export class Vm implements VmBackend {
       const virtioMemRegions: VirtioMemRegion[] = [];
       virtioMemPlacements(mc, parts).forEach((pl, k) => {
         const part = parts[pl.part];
-        const m = mapPart(
+        const given = restore?.memfds?.[`virtio-mem:${pl.id}`];
+        const m = given !== undefined ? { ...mapFd(given, pl.size, 0, true), fd: given } : mapPart(
           { ...part, file: undefined, size: pl.size, prefault: false, noReserve: true },
           `dvmm-ram-${pl.id}-hotplug`,
         );
         this.#maps.push(m);
         this.#pieces.push({ name: `virtio-mem:${pl.id}`, map: m });
-        fill(`virtio-mem:${pl.id}`, m);
+        if (given === undefined) fill(`virtio-mem:${pl.id}`, m);
         vm.setUserMemoryRegion({
           slot: VIRTIO_MEM_FIRST_SLOT + k,
           flags: 0,
           guestPhysAddr: BigInt(pl.gpa),
           memorySize: BigInt(pl.size),
           userspaceAddr: m.hostAddr,
+        });
+        this.#slots.push({
+          slot: VIRTIO_MEM_FIRST_SLOT + k,
+          gpa: pl.gpa,
+          size: pl.size,
+          hostAddr: m.hostAddr,
+          piece: this.#pieces.length - 1,
+          pieceOffset: 0,
         });
         virtioMemRegions.push({
           id: pl.id,
@@ -795,21 +827,29 @@ export class Vm implements VmBackend {
   /**
    * Snapshot of the paused VM into directory `dir` (which exists): state.json's content is returned for
    * the caller to write beside the config; the memory file is written here. Fails, naming it, on a
-   * device whose state dvmm cannot save.
+   * device whose state dvmm cannot save, before anything is written.
    */
   snapshot(dir: string): SnapshotState {
+    const state = this.saveState();
+    const t = performance.now();
+    const { ranges, written } = writeMemory(
+      `${dir}/${MEMORY_FILE}`,
+      this.#pieces.map((p) => ({ name: p.name, bytes: mappingBytes(p.map), fd: p.map.fd })),
+    );
+    state.memory = ranges;
+    log.info(
+      `snapshot: ${mib(written)} MiB of guest memory written in ${(performance.now() - t).toFixed(0)} ms ` +
+        `(${mib(ranges.reduce((n, r) => n + r.size, 0))} MiB mapped)`,
+    );
+    return state;
+  }
+
+  /** The paused VM's state without its memory (snapshot and migration). */
+  saveState(): SnapshotState {
     const platform = this.#platform;
     const vm = this.#vm;
     if (!platform || !vm) throw new VmmError("WrongState", "the VM is not running");
-    for (const d of platform.pci?.descriptors.devices ?? []) {
-      if (!SAVABLE_KINDS.has(d.kind)) {
-        throw new VmmError(
-          "Internal",
-          `device '${d.id}' (${d.kind === "vhost_user" ? "vhost-user" : d.kind}) has no save path: its ` +
-            "state lives in its back-end, which dvmm cannot snapshot",
-        );
-      }
-    }
+    this.checkSavable();
     const state = newState();
     const msrs = [...this.#msrList];
     state.vcpus = this.#vcpus.map((v) => saveVcpu(v.fd, msrs));
@@ -822,17 +862,62 @@ export class Vm implements VmBackend {
       state.devices[path] = toBase64(new Uint8Array(sab));
     }
     state.virtio = platform.pci?.saveVirtio() ?? [];
-    const t = performance.now();
-    const { ranges, written } = writeMemory(
-      `${dir}/${MEMORY_FILE}`,
-      this.#pieces.map((p) => ({ name: p.name, bytes: mappingBytes(p.map), fd: p.map.fd })),
-    );
-    state.memory = ranges;
-    log.info(
-      `snapshot: ${mib(written)} MiB of guest memory written in ${(performance.now() - t).toFixed(0)} ms ` +
-        `(${mib(ranges.reduce((n, r) => n + r.size, 0))} MiB mapped)`,
-    );
     return state;
+  }
+
+  /** Throws, naming it, when a device's state cannot be saved (before anything is written or sent). */
+  checkSavable(): void {
+    for (const d of this.#platform?.pci?.descriptors.devices ?? []) {
+      if (!SAVABLE_KINDS.has(d.kind)) {
+        throw new VmmError(
+          "Internal",
+          `device '${d.id}' (${d.kind === "vhost_user" ? "vhost-user" : d.kind}) has no save path: its ` +
+            "state lives in its back-end, which dvmm cannot save",
+        );
+      }
+    }
+  }
+
+  /** Guest memory pieces, for live migration. */
+  pieces(): { name: string; hostAddr: bigint; size: number; fd?: number }[] {
+    return this.#pieces.map((p) => ({ name: p.name, hostAddr: p.map.hostAddr, size: p.map.size, fd: p.map.fd }));
+  }
+
+  /** A dirty-page tracker over every memory slot (live migration). */
+  dirtyTracker(): DirtyTracker {
+    if (!this.#vm) throw new VmmError("WrongState", "the VM is not running");
+    return new DirtyTracker(this.#vm, this.#slots, this.#pieces.map((p) => p.map));
+  }
+
+  /** Holds the device workers (their writes to guest memory stop) while the vCPUs run on. */
+  async quiesceDevices(): Promise<void> {
+    await this.#platform?.pci?.pauseWorkers();
+  }
+
+  releaseDevices(): void {
+    this.#platform?.pci?.resumeWorkers();
+  }
+
+  /** Lets go of the disk images' locks (the paused VM's destination takes them). */
+  releaseImages(): void {
+    for (const d of this.#platform?.pci?.descriptors.devices ?? []) if (d.blk) unlockImage(d.blk.fd);
+  }
+
+  /** Takes the disk images' locks back (a migration that failed after releaseImages). */
+  retakeImages(): void {
+    for (const d of this.#platform?.pci?.descriptors.devices ?? []) {
+      if (!d.blk) continue;
+      try {
+        lockImage(d.blk.fd, !d.blk.readonly);
+      } catch (e) {
+        log.error(`disk ${d.id}: ${(e as Error).message}`);
+      }
+    }
+  }
+
+  /** Sends this running VM to another dvmm (vm.send-migration); on failure it runs on here. */
+  sendMigration(opts: SendMigrationData, config: unknown): Promise<MigrationStats> {
+    return sendMigration(this, config, opts);
   }
 
   /** Restore: the saved shared state into the fresh devices; ACPI-plugged RAM mapped again. */

@@ -56,6 +56,7 @@ export function openDiskImage(
 const F_OFD_SETLK = 37;
 const F_RDLCK = 0;
 const F_WRLCK = 1;
+const F_UNLCK = 2;
 
 /**
  * Locks an open image as Cloud Hypervisor does (an open-file-description lock over the whole file): a
@@ -75,6 +76,15 @@ export function lockImage(fd: number, write: boolean): void {
     );
   }
   if (r < 0) throw new Error(`locking the image failed (errno ${-r})`);
+}
+
+/** Lets go of the lock {@link lockImage} took (a migration hands the image to the destination). */
+export function unlockImage(fd: number): void {
+  const lock = new Uint8Array(32);
+  new DataView(lock.buffer).setInt16(0, F_UNLCK, true);
+  const ptr = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(lock)));
+  const r = Number(shim().kvs_fcntl(fd, F_OFD_SETLK, ptr));
+  if (r < 0) throw new Error(`unlocking the image failed (errno ${-r})`);
 }
 
 /** An image's format as Cloud Hypervisor names it (its `image_type`). */

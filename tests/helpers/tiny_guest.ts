@@ -126,3 +126,22 @@ export function countingGuest(): Uint8Array {
     0xeb, 0xfd, // 35: jmp 34
   ]);
 }
+
+/**
+ * 32-bit guest that dirties memory as fast as it can, with no exits: counts at {@link COUNTER} and writes
+ * each count into one of 256 pages from 0x300000 in turn.
+ *
+ *   l: inc dword [0x200000] ; mov eax, [0x200000] ; mov ebx, eax ; and ebx, 0xff ; shl ebx, 12
+ *      mov [ebx + 0x300000], eax ; jmp l
+ */
+export function dirtyingGuest(): Uint8Array {
+  return new Uint8Array([
+    0xff, 0x05, 0x00, 0x00, 0x20, 0x00, // 0: inc dword [0x200000]
+    0xa1, 0x00, 0x00, 0x20, 0x00, // 6: mov eax, [0x200000]
+    0x89, 0xc3, // 11: mov ebx, eax
+    0x81, 0xe3, 0xff, 0x00, 0x00, 0x00, // 13: and ebx, 0xff
+    0xc1, 0xe3, 0x0c, // 19: shl ebx, 12
+    0x89, 0x83, 0x00, 0x00, 0x30, 0x00, // 22: mov [ebx + 0x300000], eax
+    0xeb, 0xe2, // 28: jmp 0
+  ]);
+}
