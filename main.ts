@@ -629,6 +629,16 @@ async function main(argv: string[]): Promise<number> {
   }
 
   let restoreTerminal = wireTerminal(config, () => backend);
+  // A VM created through the API (or restored, or received) may put its serial port or console on this
+  // terminal too: wired once, when the first such VM comes up.
+  let wired = config !== null;
+  events.attach((json) => {
+    if (wired || !/"event":"(booted|restored|migration-received)"/.test(json)) return;
+    wired = true;
+    loop.request("vm.info").then((info) => {
+      if (info.ok) restoreTerminal = wireTerminal((info.body as { config: VmConfig }).config, () => backend);
+    });
+  });
   const cleanup = async () => {
     restoreTerminal();
     await server?.close();
@@ -658,9 +668,7 @@ async function main(argv: string[]): Promise<number> {
       await cleanup();
       return 1;
     }
-    // The restored VM's serial port or console may be on this terminal.
-    const info = await loop.request("vm.info");
-    if (info.ok) restoreTerminal = wireTerminal((info.body as { config: VmConfig }).config, () => backend);
+
   }
 
   const code = await loop.exited;

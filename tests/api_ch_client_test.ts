@@ -40,7 +40,7 @@ const STEPS: Step[] = [
   ["PUT", "vm.snapshot", { destination_url: "file:///tmp/s" }, 500],
   ["PUT", "vm.coredump", { destination_url: "file:///tmp/c" }, 500],
   ["PUT", "vm.resume", undefined, 204],
-  ["PUT", "vm.send-migration", { destination_url: "unix:/tmp/m" }, 405],
+  ["PUT", "vm.send-migration", { destination_url: "unix:/tmp/m" }, 500],
   ["PUT", "vm.power-button", undefined, 204],
   ["PUT", "vm.nmi", undefined, 204],
   ["PUT", "vm.reboot", undefined, 204],

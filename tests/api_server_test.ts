@@ -76,9 +76,9 @@ Deno.test("api: without a VM, VM actions answer 404 and delete answers 204", asy
       /cannot read the snapshot in \/nonexistent\/snap/,
     );
     assertError(
-      await put(t.socket, "vm.receive-migration", { receiver_url: "unix:/tmp/m" }),
-      500,
-      /not implemented/,
+      await put(t.socket, "vm.receive-migration", { receiver_url: "file:///tmp/m" }),
+      400,
+      /use unix:PATH or tcp:HOST:PORT/,
     );
     const del = await put(t.socket, "vm.delete");
     assert.equal(del.status, 204);

@@ -305,7 +305,7 @@ Deno.test("control: what dvmm cannot do yet says so", async () => {
     "BadRequest",
   );
   assert.equal(
-    errKind(await loop.request("vm.receive-migration", { receiver_url: "unix:/x" } as never)),
+    errKind(await loop.request("vm.receive-migration", { receiver_url: "unix:/x", tls_dir: "/t" } as never)),
     "NotImplemented",
   );
   await loop.request("vm.create", config());
