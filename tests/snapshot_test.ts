@@ -162,6 +162,25 @@ Deno.test("coredump: ELF core with a PRSTATUS and a QEMU note per vCPU; RAM at i
   const at = Number(v.getBigUint64(ph + 8, true)) + 0x123456;
   assert.equal(new TextDecoder().decode(f.subarray(at, at + token.length)), "core-token-4711");
   assert.equal(f.length, Number(v.getBigUint64(ph + 8, true)) + ram.length);
+  // Standard tools read it: readelf lists one NT_PRSTATUS per vCPU.
+  const readelf = await new Deno.Command("readelf", { args: ["-n", path], stdout: "piped", stderr: "piped" })
+    .output().catch(() => null);
+  if (readelf) {
+    const text = new TextDecoder().decode(readelf.stdout);
+    assert.ok(readelf.success, new TextDecoder().decode(readelf.stderr));
+    assert.equal(text.match(/NT_PRSTATUS/g)?.length, 2, text);
+  }
+  // gdb shows one thread per vCPU, each where its vCPU stood.
+  const gdb = await new Deno.Command("gdb", {
+    args: ["-batch", "-nx", "-c", path, "-ex", "info threads"],
+    stdout: "piped",
+    stderr: "piped",
+  }).output().catch(() => null);
+  if (gdb) {
+    const text = new TextDecoder().decode(gdb.stdout);
+    assert.match(text, /1 +LWP 1 +0x0+100000 /, text);
+    assert.match(text, /2 +LWP 2 +0x0+100001 /, text);
+  }
   await Deno.remove(dir, { recursive: true });
 });
 
@@ -210,6 +229,19 @@ for (const onDemand of [false, true]) {
       assert.ok(Object.keys(state.devices).some((k) => k.startsWith("legacy.serial")));
       assert.ok(state.virtio.some((d) => d.id === "__console"), "the virtio console is saved");
 
+      if (onDemand) {
+        // A memory file cut short is refused before anything is mapped from it (a touch would SIGBUS).
+        await Deno.copyFile(`${dir}/${MEMORY_FILE}`, `${dir}/short`);
+        await Deno.truncate(`${dir}/short`, 64 << 20);
+        const bad = new Vm(config("bad.out"));
+        const sfd = openMemory(`${dir}/short`);
+        await assert.rejects(
+          bad.boot({ state: JSON.parse(JSON.stringify(state)), memoryFd: sfd, onDemand, prefault: false }),
+          /memory range 'ram:mem0' lies outside the memory file \(67108864 bytes\)/,
+        );
+        shim().kvs_close(sfd);
+        await bad.shutdown();
+      }
       // A fresh VM from the same config and the saved state: paused where it was.
       b = new Vm(config("b.out"));
       const event = new Promise<GuestEvent>((resolve) => b!.onGuestEvent(resolve));

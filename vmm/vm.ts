@@ -490,6 +490,15 @@ export class Vm implements VmBackend, MigrationSource {
     // Cheap checks before any expensive set-up: a missing kernel must not first start 255 workers.
     if (!restore) await checkPayloadFiles(cfg.payload, ramSize(cfg.memory));
     const ranges = new Map((restore?.state.memory ?? []).map((r) => [r.name, r]));
+    if (restore && restore.memoryFd >= 0) {
+      // A short file would fault (SIGBUS) where RAM is mapped from it: refuse it up front.
+      const have = Number(shim().kvs_fd_size(restore.memoryFd));
+      for (const r of ranges.values()) {
+        if (!Number.isSafeInteger(r.offset) || r.offset < 0 || r.offset % 4096 !== 0 || r.offset + r.size > have) {
+          throw new Error(`memory range '${r.name}' lies outside the memory file (${have} bytes)`);
+        }
+      }
+    }
     const range = (name: string, size: number): MemoryRange | undefined => {
       if (!restore) return undefined;
       const r = ranges.get(name);
