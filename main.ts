@@ -578,8 +578,13 @@ async function main(argv: string[]): Promise<number> {
   // The VM backend (KVM, devices) is loaded here rather than statically so the API, `remote` and the
   // option checks keep working when it cannot load (no shim built, no /dev/kvm); boot then says why.
   let createBackend: (cfg: VmConfig) => VmBackend;
+  let prewarm: ((cfg: VmConfig) => void) | undefined;
+  let drainPrewarmed: (() => void) | undefined;
   try {
-    createBackend = (await import("./vmm/vm.ts")).createVmBackend;
+    const backendModule = await import("./vmm/vm.ts");
+    createBackend = backendModule.createVmBackend;
+    prewarm = backendModule.prewarmVm;
+    drainPrewarmed = () => backendModule.workerPool.drain();
   } catch (e) {
     const why = (e as Error).message.split("\n")[0];
     log.warn(`VM backend not available: ${why}`);
@@ -592,6 +597,8 @@ async function main(argv: string[]): Promise<number> {
     factory: (cfg) => (backend = createBackend(cfg)),
     events,
     noShutdown: cli.noShutdown,
+    prewarm,
+    drainPrewarmed,
   });
 
   for (const sig of ["SIGINT", "SIGTERM"] as const) {

@@ -118,3 +118,56 @@ Deno.test({
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test({
+  name: "api: send-migration to a second dvmm over unix: the source exits 0, the destination runs the guest on",
+  ignore: !kvmAvailable(),
+}, async () => {
+  const dir = await Deno.makeTempDir({ prefix: "dvmm-api-mig-" });
+  const put = (sock: string, ep: string, body?: unknown) => apiRequest(sock, "PUT", `/api/v1/${ep}`, body);
+  await Deno.writeFile(`${dir}/count.elf`, pvhElf(countingGuest()));
+  const a = dvmm([
+    "--kernel", `${dir}/count.elf`, "--memory", "size=128M", "--console", "off", "--serial", "null",
+    "--api-socket", `path=${dir}/a.sock`, "--event-monitor", `path=${dir}/a.ev`,
+  ]);
+  const b = dvmm(["--api-socket", `path=${dir}/b.sock`, "--event-monitor", `path=${dir}/b.ev`]);
+  try {
+    await waitSocket(`${dir}/a.sock`);
+    await waitSocket(`${dir}/b.sock`);
+    const receiving = put(`${dir}/b.sock`, "vm.receive-migration", { receiver_url: `unix:${dir}/mig.sock` });
+    for (let i = 0; i < 200; i++) {
+      try {
+        if (Deno.statSync(`${dir}/mig.sock`).isSocket) break;
+      } catch { /* not yet */ }
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    const sent = await put(`${dir}/a.sock`, "vm.send-migration", { destination_url: `unix:${dir}/mig.sock` });
+    assert.equal(sent.status, 204, sent.body);
+    assert.equal((await receiving).status, 204);
+    assert.equal((await a.status).code, 0, "the source VMM exits after the hand-over");
+    assert.match(await Deno.readTextFile(`${dir}/a.ev`), /"migration-sent".*"downtime_ms":"\d+"/);
+    assert.match(await Deno.readTextFile(`${dir}/b.ev`), /"migration-receiving"[\s\S]*"migration-received"/);
+    const info = JSON.parse((await apiRequest(`${dir}/b.sock`, "GET", "/api/v1/vm.info")).body);
+    assert.equal(info.state, "Running");
+    assert.equal((await put(`${dir}/b.sock`, "vm.pause")).status, 204);
+    assert.equal((await put(`${dir}/b.sock`, "vm.coredump", { destination_url: `file://${dir}/core.1` })).status, 204);
+    assert.equal((await put(`${dir}/b.sock`, "vm.resume")).status, 204);
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal((await put(`${dir}/b.sock`, "vm.pause")).status, 204);
+    assert.equal((await put(`${dir}/b.sock`, "vm.coredump", { destination_url: `file://${dir}/core.2` })).status, 204);
+    const c1 = await counterInCore(`${dir}/core.1`);
+    const c2 = await counterInCore(`${dir}/core.2`);
+    assert.ok(c1 > 0 && c2 > c1, `the guest counts at the destination (${c1} → ${c2})`);
+    assert.equal((await put(`${dir}/b.sock`, "vmm.shutdown")).status, 204);
+    assert.equal((await b.status).code, 0);
+  } finally {
+    for (const p of [a, b]) {
+      try {
+        p.kill("SIGKILL");
+      } catch { /* exited */ }
+      await p.stdout.cancel().catch(() => {});
+      await p.stderr.cancel().catch(() => {});
+    }
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -221,6 +221,10 @@ export interface ControlLoopOptions {
   log?: Logger;
   /** `--no-shutdown`: a guest power-off shuts the VM down but the VMM keeps running (and serving). */
   noShutdown?: boolean;
+  /** Starts the threads a VM of this config will need, ahead of its start (a migration's receiver). */
+  prewarm?: (config: VmConfig) => void;
+  /** Ends what `prewarm` started and nobody used. */
+  drainPrewarmed?: () => void;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -230,6 +234,8 @@ export class ControlLoop {
   readonly #events: EventSink;
   readonly #log: Logger;
   readonly #noShutdown: boolean;
+  readonly #prewarmHook?: (config: VmConfig) => void;
+  readonly #drainHook?: () => void;
   readonly #queue: QueueItem[] = [];
   #draining = false;
 
@@ -251,6 +257,8 @@ export class ControlLoop {
     this.#events = opts.events ?? nullEventSink;
     this.#log = opts.log ?? logger("control");
     this.#noShutdown = opts.noShutdown ?? false;
+    this.#prewarmHook = opts.prewarm;
+    this.#drainHook = opts.drainPrewarmed;
     this.exited = new Promise((resolve) => (this.#resolveExit = resolve));
   }
 
@@ -801,8 +809,10 @@ export class ControlLoop {
     this.#events.emit("vm", "migration-receiving");
     let got: ReceivedMigration;
     try {
-      got = await receiveMigration(url);
+      // The VM's workers start while its memory arrives (each is an isolate that takes long to load).
+      got = await receiveMigration(url, (config) => this.#prewarm(config as VmConfig));
     } catch (e) {
+      this.#drainWorkers();
       throw new VmmError("Internal", ["the VM migration could not be received", errorText(e)]);
     }
     try {
@@ -823,9 +833,22 @@ export class ControlLoop {
       throw e instanceof VmmError ? e : new VmmError("Internal", ["the VM migration could not be received", why]);
     } finally {
       if (got.memfd >= 0) closeFd(got.memfd);
+      this.#drainWorkers();
     }
     await got.answer(true).catch((e) => this.#log.warn(`telling the sender: ${errorText(e)}`));
     this.#events.emit("vm", "migration-received");
+  }
+
+  #prewarm(config: VmConfig): void {
+    try {
+      this.#prewarmHook?.(revalidate(config));
+    } catch (e) {
+      this.#log.debug(`no head start for the received VM: ${errorText(e)}`);
+    }
+  }
+
+  #drainWorkers(): void {
+    this.#drainHook?.();
   }
 
   /** vm.coredump: an ELF core of the paused guest. */

@@ -67,6 +67,7 @@ export type WorkerCommand =
   | { op: "complete" }
   | { op: "abort" }
   | { op: "listen"; url: MigrationUrl }
+  | { op: "receive-config" }
   | { op: "receive" }
   | { op: "ack"; ok: boolean; error?: string };
 
@@ -257,11 +258,21 @@ export interface ReceivedMigration {
   answer(ok: boolean, error?: string): Promise<void>;
 }
 
-/** Listens on `url` and receives one migration (the returned promise settles when it is complete). */
-export async function receiveMigration(url: MigrationUrl): Promise<ReceivedMigration> {
+/**
+ * Listens on `url` and receives one migration (the returned promise settles when it is complete);
+ * `onConfig` hears the VM's config as soon as it arrives, before the memory.
+ */
+export async function receiveMigration(
+  url: MigrationUrl,
+  onConfig: (config: unknown) => void = () => {},
+): Promise<ReceivedMigration> {
   const ch = new MigrationChannel();
   try {
     await ch.run({ op: "listen", url });
+    const c = await ch.run({ op: "receive-config" });
+    try {
+      onConfig(c.config);
+    } catch { /* only a head start */ }
     const r = await ch.run({ op: "receive" });
     const state = r.state as SnapshotState;
     state.memory = r.layout ?? [];

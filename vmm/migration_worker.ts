@@ -22,6 +22,8 @@ const PAGE = 4096;
 const s = shim();
 let fd = -1;
 let listenFd = -1;
+/** The config a receiver read first. */
+let received: unknown = null;
 const head = new Uint8Array(FRAME_HEADER);
 const headView = new DataView(head.buffer);
 
@@ -98,9 +100,22 @@ function readJson(length: number): unknown {
   return JSON.parse(new TextDecoder().decode(b));
 }
 
-function isZeroPage(addr: bigint): boolean {
-  const w = new BigUint64Array(Deno.UnsafePointerView.getArrayBuffer(Deno.UnsafePointer.create(addr)!, PAGE));
-  for (let i = 0; i < w.length; i++) if (w[i] !== 0n) return false;
+/** Int32 views of the pieces, made once (the zero-page scan reads them page by page). */
+const views = new Map<bigint, Int32Array>();
+function pieceView(p: PieceLayout): Int32Array {
+  let v = views.get(p.hostAddr);
+  if (!v) {
+    v = new Int32Array(Deno.UnsafePointerView.getArrayBuffer(Deno.UnsafePointer.create(p.hostAddr)!, p.size));
+    views.set(p.hostAddr, v);
+  }
+  return v;
+}
+
+function isZeroPage(w: Int32Array, off: number): boolean {
+  const end = (off + PAGE) / 4;
+  for (let i = off / 4; i < end; i += 8) {
+    if ((w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7]) !== 0) return false;
+  }
   return true;
 }
 
@@ -125,12 +140,12 @@ function sendPages(pieces: PieceLayout[], runs: number[], skipZero: boolean): nu
       for (let o = 0; o < len; o += 64 << 20) send(piece, off + o, Math.min(64 << 20, len - o));
       continue;
     }
-    const base = pieces[piece].hostAddr;
+    const w = pieceView(pieces[piece]);
     let p = off;
     while (p < off + len) {
-      while (p < off + len && isZeroPage(base + BigInt(p))) p += PAGE;
+      while (p < off + len && isZeroPage(w, p)) p += PAGE;
       const start = p;
-      while (p < off + len && p - start < (64 << 20) && !isZeroPage(base + BigInt(p))) p += PAGE;
+      while (p < off + len && p - start < (64 << 20) && !isZeroPage(w, p)) p += PAGE;
       if (p > start) send(piece, start, Math.min(p, off + len) - start);
     }
   }
@@ -158,8 +173,8 @@ function listen(url: MigrationUrl): void {
   listenFd = r;
 }
 
-/** Receives a whole migration; returns what the main thread restores from. */
-function receive(): WorkerReply {
+/** Waits for the sender and reads up to its config (the main thread starts workers meanwhile). */
+function receiveConfig(): WorkerReply {
   for (;;) {
     const p = Number(s.kvs_poll1(listenFd, POLLIN, 1000));
     if (p > 0) break;
@@ -170,7 +185,20 @@ function receive(): WorkerReply {
   fd = c;
   s.kvs_close(listenFd);
   listenFd = -1;
-  let config: unknown = null;
+  for (;;) {
+    const [type, length] = readFrame();
+    if (type === FRAME.HELLO) {
+      const h = readJson(length) as { format?: string; version?: number };
+      if (h.format !== "dvmm-migration" || h.version !== 1) {
+        throw new Error(`the sender speaks ${h.format ?? "an unknown protocol"} version ${h.version}`);
+      }
+    } else if (type === FRAME.CONFIG) return { ok: true, config: readJson(length) };
+    else throw new Error(`migration message ${type} before the config`);
+  }
+}
+
+/** Receives the rest of a migration; returns what the main thread restores from. */
+function receive(config: unknown): WorkerReply {
   let layout: { name: string; size: number; offset: number }[] = [];
   let memfd = -1;
   let map: { hostAddr: bigint; size: number } | null = null;
@@ -179,13 +207,7 @@ function receive(): WorkerReply {
   try {
     for (;;) {
       const [type, length] = readFrame();
-      if (type === FRAME.HELLO) {
-        const h = readJson(length) as { format?: string; version?: number };
-        if (h.format !== "dvmm-migration" || h.version !== 1) {
-          throw new Error(`the sender speaks ${h.format ?? "an unknown protocol"} version ${h.version}`);
-        }
-      } else if (type === FRAME.CONFIG) config = readJson(length);
-      else if (type === FRAME.RANGES) {
+      if (type === FRAME.RANGES) {
         const ranges = readJson(length) as { name: string; size: number }[];
         let off = 0;
         layout = ranges.map((r) => {
@@ -286,8 +308,11 @@ function handle(cmd: WorkerCommand): WorkerReply {
     case "listen":
       listen(cmd.url);
       return { ok: true };
+    case "receive-config":
+      received = receiveConfig().config;
+      return { ok: true, config: received };
     case "receive":
-      return receive();
+      return receive(received);
     case "ack":
       sendJson(FRAME.ACK, { ok: cmd.ok, error: cmd.error });
       return { ok: true };

@@ -117,6 +117,7 @@ import { PciHotplug, type PciHotplugDescriptor } from "../devices/pci_hotplug.ts
 import { hotplugSpace, ramSize } from "./ram.ts";
 import { log } from "./log.ts";
 import type { VirtioState } from "./snapshot.ts";
+import { workerPool } from "./worker_pool.ts";
 import { type HostEnd, openPty } from "./host_end.ts";
 
 const IRQCHIP_PIC_MASTER = 0;
@@ -590,6 +591,19 @@ export interface DevicePlacement {
 
 function bdf(slot: number, segment = 0): string {
   return `${segment.toString(16).padStart(4, "0")}:00:${slot.toString(16).padStart(2, "0")}.0`;
+}
+
+/** The module every virtio device worker runs. */
+export const DEVICE_WORKER = new URL("../devices/virtio/worker.ts", import.meta.url).href;
+
+/** How many virtio devices (so device workers) a config makes at boot. */
+export function virtioDeviceCount(cfg: VmConfig): number {
+  const m = cfg.memory;
+  const virtioMem = (m.hotplug_size && m.hotplug_method === "VirtioMem" ? 1 : 0) +
+    (m.zones ?? []).filter((z) => z.hotplug_size).length;
+  return (wantsConsole(cfg) ? 1 : 0) + (cfg.disks?.length ?? 0) + (cfg.net?.length ?? 0) + (cfg.rng?.src ? 1 : 0) +
+    (cfg.generic_vhost_user?.length ?? 0) + (cfg.fs?.length ?? 0) + (cfg.pmem?.length ?? 0) + (cfg.vsock ? 1 : 0) +
+    (cfg.balloon ? 1 : 0) + virtioMem;
 }
 
 /** Whether the config asks for a virtio-console (every console mode but Off). */
@@ -1095,7 +1109,7 @@ export function createPci(
 
   // Device workers, one per device, named after it.
   const startWorker = (desc: VirtioDeviceDescriptor) => {
-    const w = new Worker(new URL("../devices/virtio/worker.ts", import.meta.url).href, { type: "module" });
+    const w = workerPool.take(DEVICE_WORKER);
     const exited = new Promise<void>((resolve) => {
       w.onmessage = (ev: MessageEvent<DeviceWorkerExit>) => {
         if (ev.data.error) log.error(`virtio device ${ev.data.id}: ${ev.data.error}`);

@@ -58,7 +58,9 @@ import {
   writeMemory,
 } from "./snapshot.ts";
 import { type CoreVcpu, writeCoredump } from "./coredump.ts";
-import type { DevicePlacement } from "./pci_platform.ts";
+import { DEVICE_WORKER, type DevicePlacement, virtioDeviceCount } from "./pci_platform.ts";
+import { workerPool } from "./worker_pool.ts";
+export { workerPool };
 import { DirtyTracker, type TrackedSlot } from "./dirty.ts";
 import { type MigrationSource, type MigrationStats, sendMigration } from "./migration.ts";
 import { lockImage, unlockImage } from "../devices/virtio/device_blk.ts";
@@ -1041,8 +1043,20 @@ export function checkHugePages(bytes: number, pageSize?: number, meminfo?: strin
   }
 }
 
+const VCPU_WORKER = new URL("./vcpu_worker.ts", import.meta.url).href;
+
 function newVcpuWorker(): Worker {
-  return new Worker(new URL("./vcpu_worker.ts", import.meta.url).href, { type: "module" });
+  return workerPool.take(VCPU_WORKER);
+}
+
+/**
+ * Starts the workers a VM of `config` will need (its vCPUs' and its virtio devices'), ahead of its boot
+ * or restore (a migration's receiver, while memory arrives). Those not taken are ended by
+ * `workerPool.drain()`.
+ */
+export function prewarmVm(config: VmConfig): void {
+  workerPool.prewarm(VCPU_WORKER, config.cpus.boot_vcpus);
+  workerPool.prewarm(DEVICE_WORKER, virtioDeviceCount(config));
 }
 
 async function waitState(ctl: VcpuControl, want: number): Promise<void> {
