@@ -519,6 +519,9 @@ export class Vm implements VmBackend, MigrationSource {
     // the rest of the set-up when the host is slow (the lab runs this ~20x slower than hardware), so
     // they load while this thread maps RAM and loads the kernel. Each gets its vCPU later.
     this.#idle = Array.from({ length: boot }, () => newVcpuWorker());
+    // The device workers too: they load while RAM is mapped and the payload read, not after.
+    const devices = virtioDeviceCount(cfg);
+    workerPool.prewarm(DEVICE_WORKER, Math.max(0, devices - workerPool.idle(DEVICE_WORKER)));
     try {
       const kvm = this.#kvm = Kvm.open();
       const vm = this.#vm = kvm.createVm();
@@ -722,6 +725,7 @@ export class Vm implements VmBackend, MigrationSource {
       // Wait until every worker has published its thread, so pause/stop can kick it.
       await Promise.all(this.#vcpus.map((v) => waitReady(v.control)));
       phase("vCPU workers running");
+      workerPool.drain(); // what a head start prepared and this VM did not take
     } catch (e) {
       await this.shutdown();
       throw e;

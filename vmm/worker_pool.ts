@@ -18,6 +18,11 @@ export class WorkerPool {
     return this.#idle.get(url)?.shift() ?? new Worker(url, { type: "module" });
   }
 
+  /** Workers of module `url` started and not taken yet. */
+  idle(url: string): number {
+    return this.#idle.get(url)?.length ?? 0;
+  }
+
   /** Ends the workers nobody took. */
   drain(): void {
     for (const list of this.#idle.values()) for (const w of list) w.terminate();
