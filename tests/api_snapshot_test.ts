@@ -9,6 +9,7 @@ import assert from "node:assert/strict";
 import { apiRequest } from "../api/client.ts";
 import { COUNTER, countingGuest, pvhElf } from "./helpers/tiny_guest.ts";
 import { kvmAvailable } from "./helpers/realmode.ts";
+import { waitForSocket } from "./helpers/host.ts";
 
 const MAIN = new URL("../main.ts", import.meta.url).pathname;
 
@@ -135,12 +136,7 @@ Deno.test({
     await waitSocket(`${dir}/a.sock`);
     await waitSocket(`${dir}/b.sock`);
     const receiving = put(`${dir}/b.sock`, "vm.receive-migration", { receiver_url: `unix:${dir}/mig.sock` });
-    for (let i = 0; i < 200; i++) {
-      try {
-        if (Deno.statSync(`${dir}/mig.sock`).isSocket) break;
-      } catch { /* not yet */ }
-      await new Promise((r) => setTimeout(r, 25));
-    }
+    assert.ok(await waitForSocket(`${dir}/mig.sock`), "the receiver listens");
     const sent = await put(`${dir}/a.sock`, "vm.send-migration", { destination_url: `unix:${dir}/mig.sock` });
     assert.equal(sent.status, 204, sent.body);
     assert.equal((await receiving).status, 204);

@@ -12,6 +12,7 @@ import { parseMigrationUrl, receiveMigration, sendMigration } from "../vmm/migra
 import { SendMigrationDataSchema } from "../vmm/vm_config.ts";
 import { COUNTER, dirtyingGuest, pvhElf } from "./helpers/tiny_guest.ts";
 import { kvmAvailable } from "./helpers/realmode.ts";
+import { waitForSocket } from "./helpers/host.ts";
 
 const ignore = !kvmAvailable();
 
@@ -64,13 +65,7 @@ Deno.test({ name: "live migration over a UNIX socket: memory identical at the sw
   try {
     const url = `unix:${dir}/mig.sock`;
     const received = receiveMigration(parseMigrationUrl(url, "receiver_url"));
-    await until("the receiver to listen", () => {
-      try {
-        return Deno.statSync(`${dir}/mig.sock`).isSocket === true;
-      } catch {
-        return false;
-      }
-    });
+    assert.ok(await waitForSocket(`${dir}/mig.sock`), "the receiver listens");
     const sent = sendMigration(
       a,
       config,
@@ -110,13 +105,7 @@ Deno.test({ name: "a migration that fails leaves the source running: no receiver
     await until("the source to run on", () => counter(a) > c + 10_000);
     const url = `unix:${dir}/refuse.sock`;
     const received = receiveMigration(parseMigrationUrl(url, "receiver_url"));
-    await until("the receiver to listen", () => {
-      try {
-        return Deno.statSync(`${dir}/refuse.sock`).isSocket === true;
-      } catch {
-        return false;
-      }
-    });
+    assert.ok(await waitForSocket(`${dir}/refuse.sock`), "the receiver listens");
     const sent = sendMigration(a, config, opts(url));
     const got = await received;
     await got.answer(false, "no room here");

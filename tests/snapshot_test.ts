@@ -24,6 +24,7 @@ import { shim } from "../ffi/shim.ts";
 import { mapAnonymous, mappingBytes, unmap } from "../ffi/kvm.ts";
 import { COUNTER, countingGuest, pvhElf } from "./helpers/tiny_guest.ts";
 import { kvmAvailable } from "./helpers/realmode.ts";
+import { waitForSocket, which } from "./helpers/host.ts";
 
 const ignore = !kvmAvailable();
 
@@ -268,14 +269,6 @@ for (const onDemand of [false, true]) {
   });
 }
 
-function which(cmd: string): string | null {
-  for (const d of (Deno.env.get("PATH") ?? "").split(":")) {
-    try {
-      if (Deno.statSync(`${d}/${cmd}`).isFile) return `${d}/${cmd}`;
-    } catch { /* not here */ }
-  }
-  return null;
-}
 const QSD = which("qemu-storage-daemon");
 
 Deno.test({
@@ -296,13 +289,7 @@ Deno.test({
   }).spawn();
   let vm: Vm | null = null;
   try {
-    await until("the back-end's socket", () => {
-      try {
-        return Deno.statSync(sock).isSocket === true;
-      } catch {
-        return false;
-      }
-    });
+    assert.ok(await waitForSocket(sock), "the back-end's socket");
     vm = new Vm(VmConfigSchema.parse({
       memory: { size: 64 << 20, shared: true },
       payload: { kernel: `${dir}/guest.elf` },

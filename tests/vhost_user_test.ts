@@ -47,6 +47,7 @@ import {
   VirtioDeviceHandle,
 } from "../devices/virtio/device_shared.ts";
 import type { DeviceWorkerExit } from "../devices/virtio/worker.ts";
+import { which } from "./helpers/host.ts";
 
 const hex = (b: Uint8Array) => Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
 const bit = (n: number) => featureBit(n);
@@ -428,14 +429,6 @@ Deno.test("vhost-user: a back-end that hangs up, answers garbage, stays silent o
 // a hand-made driver puts one request in a ring, kicks, and waits for the call eventfd.
 
 const VIRTIOFSD = "/usr/lib/qemu/virtiofsd";
-function which(cmd: string): string | null {
-  for (const dir of (Deno.env.get("PATH") ?? "").split(":")) {
-    try {
-      if (Deno.statSync(`${dir}/${cmd}`).isFile) return `${dir}/${cmd}`;
-    } catch { /* not here */ }
-  }
-  return null;
-}
 const QSD = which("qemu-storage-daemon");
 const hasVirtiofsd = (() => {
   try {

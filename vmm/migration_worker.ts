@@ -31,45 +31,37 @@ function fail(what: string, r: number): never {
   throw new Error(`${what}: ${r === 0 ? "connection closed" : `errno ${-r}`}`);
 }
 
-/** Writes `len` bytes from host address `addr` (blocking; the socket may be non-blocking). */
-function writeAddr(addr: bigint, len: number): void {
+/**
+ * Moves `len` bytes through the socket, blocking: `io(done, n)` reads or writes up to `n` bytes at
+ * position `done` and returns what the system call returned; the socket may be non-blocking (`events`
+ * is what to wait for then).
+ */
+function pump(len: number, events: number, what: string, io: (done: number, n: number) => number): void {
   let done = 0;
   while (done < len) {
-    const r = Number(s.kvs_write_addr(fd, addr + BigInt(done), BigInt(Math.min(len - done, 1 << 30))));
+    const r = io(done, Math.min(len - done, 1 << 30));
     if (r > 0) done += r;
-    else if (r === -EAGAIN) s.kvs_poll1(fd, POLLOUT, 1000);
-    else if (r !== -EINTR) fail("sending", r);
+    else if (r === -EAGAIN) s.kvs_poll1(fd, events, 1000);
+    else if (r !== -EINTR) fail(what, r);
   }
+}
+
+/** Writes `len` bytes from host address `addr`. */
+function writeAddr(addr: bigint, len: number): void {
+  pump(len, POLLOUT, "sending", (d, n) => Number(s.kvs_write_addr(fd, addr + BigInt(d), BigInt(n))));
 }
 
 function writeBytes(b: Uint8Array): void {
-  let done = 0;
-  while (done < b.length) {
-    const r = Number(s.kvs_write(fd, b.subarray(done), BigInt(b.length - done)));
-    if (r > 0) done += r;
-    else if (r === -EAGAIN) s.kvs_poll1(fd, POLLOUT, 1000);
-    else if (r !== -EINTR) fail("sending", r);
-  }
+  pump(b.length, POLLOUT, "sending", (d, n) => Number(s.kvs_write(fd, b.subarray(d, d + n), BigInt(n))));
 }
 
+/** Reads `len` bytes to host address `addr`. */
 function readAddr(addr: bigint, len: number): void {
-  let done = 0;
-  while (done < len) {
-    const r = Number(s.kvs_read_addr(fd, addr + BigInt(done), BigInt(Math.min(len - done, 1 << 30))));
-    if (r > 0) done += r;
-    else if (r === -EAGAIN) s.kvs_poll1(fd, POLLIN, 1000);
-    else if (r !== -EINTR) fail("receiving", r);
-  }
+  pump(len, POLLIN, "receiving", (d, n) => Number(s.kvs_read_addr(fd, addr + BigInt(d), BigInt(n))));
 }
 
 function readBytes(b: Uint8Array): void {
-  let done = 0;
-  while (done < b.length) {
-    const r = Number(s.kvs_read(fd, b.subarray(done), BigInt(b.length - done)));
-    if (r > 0) done += r;
-    else if (r === -EAGAIN) s.kvs_poll1(fd, POLLIN, 1000);
-    else if (r !== -EINTR) fail("receiving", r);
-  }
+  pump(b.length, POLLIN, "receiving", (d, n) => Number(s.kvs_read(fd, b.subarray(d, d + n), BigInt(n))));
 }
 
 function frame(type: number, length: number): void {
