@@ -95,11 +95,16 @@ export const Layout = {
   /** 32-bit device MMIO window (PCI BARs, virtio-mmio if any) inside the hole, below ECAM. */
   mmio32Start: MMIO_HOLE_START,
   mmio32Size: PCI_ECAM_START - MMIO_HOLE_START,
-  /** PCI Express ECAM for segment 0, buses 0..255 (1 MiB per bus). */
+  /** PCI Express ECAM window for segment 0 (room for buses 0..255, 1 MiB per bus). */
   pciEcamStart: PCI_ECAM_START,
   pciEcamSize: PCI_ECAM_SIZE,
+  /**
+   * The buses the MCFG and the host bridge describe: bus 0 only, the one bus dvmm has (as Cloud
+   * Hypervisor). Describing 0..255 made Linux probe 255 empty buses one type-1 config cycle at a time
+   * (its "peer bridge" fix-up): some 16,000 port exits at boot, 1.2 s of guest time in the lab.
+   */
   pciBusStart: 0,
-  pciBusEnd: 255,
+  pciBusEnd: 0,
   /** IOAPIC (one, id 0, GSI base 0, 24 pins). */
   ioapicAddr: 0xFEC0_0000,
   ioapicSize: 0x1000,
