@@ -184,14 +184,16 @@ export class VirtioDeviceHandle {
 
   /**
    * Main thread: asks the worker to stop serving its queues and waits (bounded) until it has published
-   * their positions. False when the worker did not answer (it is not running).
+   * their positions. A worker that has exited serves nothing: that counts as paused. False when a live
+   * worker did not answer in time.
    */
   async pauseWorker(timeoutMs = 5000): Promise<boolean> {
     Atomics.store(this.ctl, CTL_PAUSE, 1);
     this.kickWorker();
     const end = Date.now() + timeoutMs;
     while (Atomics.load(this.ctl, CTL_PAUSED) !== 1) {
-      if (Atomics.load(this.ctl, CTL_WORKER_STATE) === 2 || Date.now() > end) return false;
+      if (Atomics.load(this.ctl, CTL_WORKER_STATE) === 2) return true;
+      if (Date.now() > end) return false;
       const w = Atomics.waitAsync(this.ctl, CTL_PAUSED, 0, 50);
       if (w.async) await w.value;
     }
