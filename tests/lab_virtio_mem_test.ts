@@ -20,8 +20,11 @@ echo MARK-ready
 i=0; while [ $(mt) -lt $((m0 + 500000)) ] && [ $i -lt 2400 ]; do online; usleep 50000; i=$((i+1)); done
 echo "mem-grown $(mt)"
 dd if=/dev/zero of=/tmp/fill bs=1M count=256 2>/dev/null; rm -f /tmp/fill
+# Freed pages can sit on per-CPU lists for a while; a busy block makes the driver back off (5 s, 10 s,
+# ... doubling), so give the unplug free blocks from the start and enough time for two back-offs.
+sync; echo 3 >/proc/sys/vm/drop_caches
 echo MARK-grown
-i=0; while [ $(mt) -gt $((m0 + 16384)) ] && [ $i -lt 2400 ]; do usleep 50000; i=$((i+1)); done
+i=0; while [ $(mt) -gt $((m0 + 16384)) ] && [ $i -lt 4800 ]; do usleep 50000; i=$((i+1)); done
 echo "mem-shrunk $(mt)"
 dmesg | grep -i virtio_mem | tail -n 8
 read -t 300 -r l </dev/hvc0
