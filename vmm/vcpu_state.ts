@@ -16,6 +16,9 @@ export interface VcpuState {
   msrs: [number, string][];
 }
 
+const MSR_IA32_TSC = 0x10;
+const MSR_TSC_DEADLINE = 0x6e0;
+
 /** Structs saved, in the order they are loaded back (Cloud Hypervisor's and QEMU's order). */
 const LOAD_ORDER: VcpuRawState[] = ["mp_state", "regs", "sregs", "fpu", "xsave", "xcrs", "lapic"];
 /** Loaded after the MSRs: pending events and the debug registers. */
@@ -76,8 +79,12 @@ export function loadVcpu(fd: VcpuFd, s: VcpuState): void {
     fd.setRaw(what, fromBase64(b64));
   };
   for (const what of LOAD_ORDER) load(what);
+  // The TSC first and the TSC deadline last: KVM arms the deadline timer against the TSC as it is when
+  // the deadline is written, so a deadline loaded before the TSC would fire far too late (or never).
+  const rank = (i: number) => i === MSR_IA32_TSC ? 0 : i === MSR_TSC_DEADLINE ? 2 : 1;
+  const ordered = [...s.msrs].sort((a, b) => rank(a[0]) - rank(b[0]));
   // KVM stops at the first MSR it refuses: skip that one, set the rest, say which were refused.
-  let rest = s.msrs.map(([index, v]) => ({ index, data: BigInt(v) }));
+  let rest = ordered.map(([index, v]) => ({ index, data: BigInt(v) }));
   const refused: number[] = [];
   while (rest.length > 0) {
     const n = fd.setMsrs(rest);
