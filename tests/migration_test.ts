@@ -10,9 +10,9 @@ import { VmConfigSchema } from "../vmm/vm_config.ts";
 import { Vm } from "../vmm/vm.ts";
 import { parseMigrationUrl, receiveMigration, sendMigration } from "../vmm/migration.ts";
 import { SendMigrationDataSchema } from "../vmm/vm_config.ts";
-import { COUNTER, dirtyingGuest, pvhElf } from "./helpers/tiny_guest.ts";
+import { dirtyingGuest, guestCounter, pvhElf } from "./helpers/tiny_guest.ts";
 import { kvmAvailable } from "./helpers/realmode.ts";
-import { waitForSocket } from "./helpers/host.ts";
+import { until, waitForSocket } from "./helpers/host.ts";
 
 const ignore = !kvmAvailable();
 
@@ -31,18 +31,7 @@ Deno.test("migration URLs: unix:PATH and tcp:HOST:PORT", () => {
   assert.throws(() => parseMigrationUrl("unix:", "receiver_url"), /names no socket path/);
 });
 
-function counter(vm: Vm): number {
-  const r = vm.memory!.regions.find((x) => x.gpa <= COUNTER && COUNTER < x.gpa + x.bytes.length)!;
-  return new DataView(r.bytes.buffer, r.bytes.byteOffset).getUint32(COUNTER - r.gpa, true);
-}
 
-async function until(what: string, f: () => boolean, ms = 20_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!f()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 async function setUp() {
   const dir = await Deno.makeTempDir({ prefix: "dvmm-mig-" });
@@ -55,7 +44,7 @@ async function setUp() {
   });
   const a = new Vm(config);
   await a.boot();
-  await until("the guest to count", () => counter(a) > 100_000);
+  await until("the guest to count", () => guestCounter(a) > 100_000);
   return { dir, config, a };
 }
 
@@ -75,8 +64,8 @@ Deno.test({ name: "live migration over a UNIX socket: memory identical at the sw
     b = new Vm(structuredClone(config));
     await b.boot({ state: got.state, memoryFd: got.memfd, onDemand: true, prefault: false });
     // The source is paused now: every byte of its RAM must have arrived.
-    const at = counter(a);
-    assert.equal(counter(b), at, "the counter at the switch-over");
+    const at = guestCounter(a);
+    assert.equal(guestCounter(b), at, "the counter at the switch-over");
     a.memory!.regions.forEach((r, i) => {
       const other = b!.memory!.regions[i].bytes;
       assert.equal(other.length, r.bytes.length);
@@ -87,8 +76,8 @@ Deno.test({ name: "live migration over a UNIX socket: memory identical at the sw
     assert.ok(stats.rounds >= 1, `pre-copy ran ${stats.rounds} round(s)`);
     console.log(`  ${JSON.stringify(stats)}`);
     await b.resume();
-    await until("the destination guest to count on", () => counter(b!) > at + 100_000);
-    assert.equal(counter(a), at, "the source stays paused");
+    await until("the destination guest to count on", () => guestCounter(b!) > at + 100_000);
+    assert.equal(guestCounter(a), at, "the source stays paused");
   } finally {
     await a.shutdown();
     await b?.shutdown();
@@ -101,8 +90,8 @@ Deno.test({ name: "a migration that fails leaves the source running: no receiver
   try {
     const opts = (u: string) => SendMigrationDataSchema.parse({ destination_url: u });
     await assert.rejects(sendMigration(a, config, opts(`unix:${dir}/nobody.sock`)), /connecting to unix:/);
-    let c = counter(a);
-    await until("the source to run on", () => counter(a) > c + 10_000);
+    let c = guestCounter(a);
+    await until("the source to run on", () => guestCounter(a) > c + 10_000);
     const url = `unix:${dir}/refuse.sock`;
     const received = receiveMigration(parseMigrationUrl(url, "receiver_url"));
     assert.ok(await waitForSocket(`${dir}/refuse.sock`), "the receiver listens");
@@ -110,8 +99,8 @@ Deno.test({ name: "a migration that fails leaves the source running: no receiver
     const got = await received;
     await got.answer(false, "no room here");
     await assert.rejects(sent, /the receiver could not start the VM: no room here/);
-    c = counter(a);
-    await until("the source to run on after the refusal", () => counter(a) > c + 10_000);
+    c = guestCounter(a);
+    await until("the source to run on after the refusal", () => guestCounter(a) > c + 10_000);
   } finally {
     await a.shutdown();
     await Deno.remove(dir, { recursive: true });

@@ -22,9 +22,9 @@ import {
 import { writeCoredump } from "../vmm/coredump.ts";
 import { shim } from "../ffi/shim.ts";
 import { mapAnonymous, mappingBytes, unmap } from "../ffi/kvm.ts";
-import { COUNTER, countingGuest, pvhElf } from "./helpers/tiny_guest.ts";
+import { countingGuest, guestCounter, pvhElf } from "./helpers/tiny_guest.ts";
 import { kvmAvailable } from "./helpers/realmode.ts";
-import { waitForSocket, which } from "./helpers/host.ts";
+import { until, waitForSocket, which } from "./helpers/host.ts";
 
 const ignore = !kvmAvailable();
 
@@ -185,18 +185,7 @@ Deno.test("coredump: ELF core with a PRSTATUS and a QEMU note per vCPU; RAM at i
   await Deno.remove(dir, { recursive: true });
 });
 
-function counter(vm: Vm): number {
-  const r = vm.memory!.regions.find((x) => x.gpa <= COUNTER && COUNTER < x.gpa + x.bytes.length)!;
-  return new DataView(r.bytes.buffer, r.bytes.byteOffset).getUint32(COUNTER - r.gpa, true);
-}
 
-async function until(what: string, f: () => boolean | Promise<boolean>, ms = 20_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!(await f())) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 for (const onDemand of [false, true]) {
   Deno.test({
@@ -218,11 +207,11 @@ for (const onDemand of [false, true]) {
     await a.boot();
     let b: Vm | null = null;
     try {
-      await until("the guest to count", () => counter(a) > 2000);
+      await until("the guest to count", () => guestCounter(a) > 2000);
       await a.pause();
-      const saved = counter(a);
+      const saved = guestCounter(a);
       await new Promise((r) => setTimeout(r, 100));
-      assert.equal(counter(a), saved, "a paused guest does not count");
+      assert.equal(guestCounter(a), saved, "a paused guest does not count");
       const state = a.snapshot(dir);
       await a.shutdown();
       assert.equal(state.vcpus.length, 2);
@@ -252,11 +241,11 @@ for (const onDemand of [false, true]) {
       } finally {
         shim().kvs_close(fd);
       }
-      assert.equal(counter(b), saved, "guest memory is the saved memory");
+      assert.equal(guestCounter(b), saved, "guest memory is the saved memory");
       await new Promise((r) => setTimeout(r, 100));
-      assert.equal(counter(b), saved, "the restored VM waits, paused");
+      assert.equal(guestCounter(b), saved, "the restored VM waits, paused");
       await b.resume();
-      await until("the restored guest to count on", () => counter(b!) > saved + 2000);
+      await until("the restored guest to count on", () => guestCounter(b!) > saved + 2000);
       b.serialInput(new TextEncoder().encode("xyz"));
       await until("the echo", async () => (await Deno.readTextFile(`${dir}/b.out`)).includes("xyz"));
       b.serialInput(new TextEncoder().encode("q"));

@@ -818,10 +818,7 @@ export class ControlLoop {
     try {
       const config = revalidate(withRestoredNets(got.config as VmConfig, []));
       const state = checkState(got.state, "the migration");
-      this.#config = config;
-      this.#state = "Created";
-      this.#deviceCounter = nextDeviceCounter(config);
-      await this.#startBackend({ state, memoryFd: got.memfd, onDemand: true, prefault: false, memfds: got.memfds });
+      await this.#startSaved(config, { state, memoryFd: got.memfd, onDemand: true, prefault: false, memfds: got.memfds });
       await this.#resume();
     } catch (e) {
       const why = errorText(e);
@@ -849,6 +846,14 @@ export class ControlLoop {
 
   #drainWorkers(): void {
     this.#drainHook?.();
+  }
+
+  /** Restore and migration: the saved VM becomes this loop's VM and is brought up from `source`, paused. */
+  async #startSaved(config: VmConfig, source: RestoreSource): Promise<void> {
+    this.#config = config;
+    this.#state = "Created";
+    this.#deviceCounter = nextDeviceCounter(config);
+    await this.#startBackend(source);
   }
 
   /** vm.coredump: an ELF core of the paused guest. */
@@ -906,9 +911,6 @@ export class ControlLoop {
       throw e instanceof VmmError ? e : new VmmError("Internal", ["cannot restore the VM", errorText(e)]);
     }
     this.#events.emit("vm", "restoring");
-    this.#config = config;
-    this.#state = "Created";
-    this.#deviceCounter = nextDeviceCounter(config);
     const source: RestoreSource = {
       state,
       memoryFd,
@@ -916,7 +918,7 @@ export class ControlLoop {
       prefault: r.prefault,
     };
     try {
-      await this.#startBackend(source);
+      await this.#startSaved(config, source);
     } catch (e) {
       this.#config = null;
       throw e;

@@ -90,12 +90,16 @@ export class DirtyTracker {
         for (let b = 0; word !== 0n; b++, word >>= 1n) if (word & 1n) pages[first + w * 64 + b] = 1;
       }
     });
+    const s = shim();
     await quiesce();
+    let pagemap = -1;
     try {
-      this.pieces.forEach((p, i) => this.#softDirty(p, this.#pages[i]));
+      pagemap = check(s.kvs_open(cstr("/proc/self/pagemap"), O_RDONLY, 0), "open /proc/self/pagemap");
+      for (let i = 0; i < this.pieces.length; i++) this.#softDirty(pagemap, this.pieces[i], this.#pages[i]);
       clearSoftDirty();
     } finally {
       release();
+      if (pagemap >= 0) s.kvs_close(pagemap);
     }
     const runs: DirtyRuns = [];
     let bytes = 0;
@@ -115,20 +119,14 @@ export class DirtyTracker {
     return { runs, bytes };
   }
 
-  /** Marks the soft-dirty pages of piece `p` in `pages`. */
-  #softDirty(p: TrackedPiece, pages: Uint8Array): void {
+  /** Marks the soft-dirty pages of piece `p` in `pages`, read from the open /proc/self/pagemap `fd`. */
+  #softDirty(fd: number, p: TrackedPiece, pages: Uint8Array): void {
     const n = pages.length;
     if (!this.#pagemap || this.#pagemap.length < 2 * n) this.#pagemap = new Uint32Array(2 * n);
     const buf = this.#pagemap.subarray(0, 2 * n);
-    const s = shim();
-    const fd = check(s.kvs_open(cstr("/proc/self/pagemap"), O_RDONLY, 0), "open /proc/self/pagemap");
-    try {
-      const off = (p.hostAddr / BigInt(PAGE)) * 8n;
-      const r = Number(s.kvs_pread(fd, buf, BigInt(8 * n), off));
-      if (r !== 8 * n) throw new Error(`reading /proc/self/pagemap: ${r < 0 ? `errno ${-r}` : "short read"}`);
-    } finally {
-      s.kvs_close(fd);
-    }
+    const off = (p.hostAddr / BigInt(PAGE)) * 8n;
+    const r = Number(shim().kvs_pread(fd, buf, BigInt(8 * n), off));
+    if (r !== 8 * n) throw new Error(`reading /proc/self/pagemap: ${r < 0 ? `errno ${-r}` : "short read"}`);
     for (let i = 0; i < n; i++) if (buf[2 * i + 1] & SOFT_DIRTY_HIGH_BIT) pages[i] = 1;
   }
 }

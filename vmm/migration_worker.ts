@@ -9,6 +9,7 @@ import { cstr, EAGAIN, EINTR, shim } from "../ffi/shim.ts";
 import { setThreadName } from "../ffi/socket.ts";
 import { POLLIN, POLLOUT } from "../ffi/kvm_constants.ts";
 import { mapFd, unmap } from "../ffi/kvm.ts";
+import { zeroPage } from "./snapshot.ts";
 import {
   FRAME,
   FRAME_HEADER,
@@ -103,14 +104,6 @@ function pieceView(p: PieceLayout): Int32Array {
   return v;
 }
 
-function isZeroPage(w: Int32Array, off: number): boolean {
-  const end = (off + PAGE) / 4;
-  for (let i = off / 4; i < end; i += 8) {
-    if ((w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7]) !== 0) return false;
-  }
-  return true;
-}
-
 const pageHead = new Uint8Array(16);
 const pageView = new DataView(pageHead.buffer);
 
@@ -135,9 +128,9 @@ function sendPages(pieces: PieceLayout[], runs: number[], skipZero: boolean): nu
     const w = pieceView(pieces[piece]);
     let p = off;
     while (p < off + len) {
-      while (p < off + len && isZeroPage(w, p)) p += PAGE;
+      while (p < off + len && zeroPage(w, p)) p += PAGE;
       const start = p;
-      while (p < off + len && p - start < (64 << 20) && !isZeroPage(w, p)) p += PAGE;
+      while (p < off + len && p - start < (64 << 20) && !zeroPage(w, p)) p += PAGE;
       if (p > start) send(piece, start, Math.min(p, off + len) - start);
     }
   }

@@ -177,10 +177,10 @@ export interface MemorySource {
   fdOffset?: number;
 }
 
-/** Whether 4 KiB page `p` of `w` (Int32 view of a range) is all zero. */
-function zeroPage(w: Int32Array, p: number): boolean {
-  const end = p + PAGE / 4;
-  for (let i = p; i < end; i += 8) {
+/** Whether the 4 KiB page at byte offset `off` of `w` (an Int32 view of guest memory) is all zero. */
+export function zeroPage(w: Int32Array, off: number): boolean {
+  const end = (off + PAGE) / 4;
+  for (let i = off / 4; i < end; i += 8) {
     if ((w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7]) !== 0) return false;
   }
   return true;
@@ -214,9 +214,9 @@ export function writeSparse(
   for (const [a, b] of extents) {
     let p = Math.floor(a / PAGE) * PAGE;
     while (p < b) {
-      while (p < b && zeroPage(w, p / 4)) p += PAGE;
+      while (p < b && zeroPage(w, p)) p += PAGE;
       const runStart = p;
-      while (p < b && !zeroPage(w, p / 4)) p += PAGE;
+      while (p < b && !zeroPage(w, p)) p += PAGE;
       if (p > runStart) {
         const end = Math.min(p, size);
         pwriteAll(fd, bytes.subarray(runStart, end), offset + runStart, what);

@@ -21,3 +21,12 @@ export async function waitForSocket(path: string, ms = 10_000): Promise<boolean>
     await new Promise((r) => setTimeout(r, 25));
   }
 }
+
+/** Waits (bounded, polling every 20 ms) until `f` holds; throws naming `what` when it does not. */
+export async function until(what: string, f: () => boolean | Promise<boolean>, ms = 20_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!(await f())) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}

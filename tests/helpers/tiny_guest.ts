@@ -98,6 +98,12 @@ export function pvhElf(code: Uint8Array, loadAddr = 0x100000): Uint8Array {
 /** Where {@link countingGuest} counts (a little-endian dword). */
 export const COUNTER = 0x200000;
 
+/** The count at {@link COUNTER} in a VM's guest memory (read from the host). */
+export function guestCounter(vm: { memory?: { regions: readonly { gpa: number; bytes: Uint8Array }[] } }): number {
+  const r = vm.memory!.regions.find((x) => x.gpa <= COUNTER && COUNTER < x.gpa + x.bytes.length)!;
+  return new DataView(r.bytes.buffer, r.bytes.byteOffset).getUint32(COUNTER - r.gpa, true);
+}
+
 /**
  * 32-bit guest: counts in the dword at 0x200000 forever; each turn reads COM1's line status, echoes a
  * received byte, and powers off on 'q'.
