@@ -18,6 +18,7 @@ import { ControlLoop, type VmBackend } from "./vmm/control.ts";
 import { EventHub, EventMonitor } from "./vmm/events.ts";
 import type { DbusService } from "./api/dbus.ts";
 import { logger, setLogFile, setVerbosity } from "./vmm/log.ts";
+import { type SeccompMode, startSeccomp } from "./vmm/seccomp.ts";
 
 // ---------------------------------------------------------------------------------------------------
 // The option table (Cloud Hypervisor's, in its --help order)
@@ -509,16 +510,6 @@ async function main(argv: string[]): Promise<number> {
   }
   const log = logger("main");
 
-  // Sandboxing: accepted as Cloud Hypervisor spells it, but not built yet; say so rather than pretend.
-  if (cli.seccomp === undefined) {
-    log.info("no seccomp filter is installed: dvmm does not implement seccomp filtering yet");
-  } else if (cli.seccomp !== "false") {
-    log.warn(`--seccomp ${cli.seccomp}: dvmm does not install a seccomp filter yet; the VMM runs unfiltered`);
-  }
-  if (cli.vm?.landlock) {
-    log.warn("--landlock: dvmm does not apply Landlock sandboxing yet");
-  }
-
   let config: VmConfig | null = null;
   if (cli.vm) {
     try {
@@ -592,6 +583,13 @@ async function main(argv: string[]): Promise<number> {
       throw new Error(`VM backend not available: ${why}`);
     };
   }
+  // Seccomp (Cloud Hypervisor's default: on), before any worker thread starts so that all inherit it.
+  try {
+    startSeccomp((cli.seccomp ?? "true") as SeccompMode);
+  } catch (e) {
+    fail(`--seccomp: ${(e as Error).message}`);
+  }
+
   let backend: VmBackend | null = null;
   const loop = new ControlLoop({
     factory: (cfg) => (backend = createBackend(cfg)),
@@ -675,7 +673,6 @@ async function main(argv: string[]): Promise<number> {
       await cleanup();
       return 1;
     }
-
   }
 
   const code = await loop.exited;

@@ -77,6 +77,23 @@ export function duplicateKey(text: string): string | null {
   return null;
 }
 
+/** Cloud Hypervisor's JSON reader (serde_json) refuses texts nested deeper than this. */
+export const MAX_JSON_DEPTH = 128;
+
+/** The deepest nesting of objects and arrays in a JSON text (strings skipped). */
+export function jsonDepth(text: string): number {
+  let depth = 0;
+  let max = 0;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 0x22) { // a string: skip to its closing quote
+      for (i++; i < text.length && text.charCodeAt(i) !== 0x22; i++) if (text.charCodeAt(i) === 0x5c) i++;
+    } else if (c === 0x7b || c === 0x5b) max = Math.max(max, ++depth);
+    else if (c === 0x7d || c === 0x5d) depth--;
+  }
+  return max;
+}
+
 type Decoded =
   | { ok: true; body: unknown; used: number[] }
   | { ok: false; status: number; messages: string[] };
@@ -97,6 +114,9 @@ function decodeBody(kind: RequestKind, route: Route, text: string, fds: number[]
   }
   if (json === null || typeof json !== "object" || Array.isArray(json)) {
     return bad(`the body of ${kind} must be a JSON object (${route.bodyName})`);
+  }
+  if (jsonDepth(text) > MAX_JSON_DEPTH) {
+    return bad(`the body of ${kind} is nested more than ${MAX_JSON_DEPTH} levels deep`);
   }
   const dup = duplicateKey(text);
   if (dup !== null) return bad(`the body of ${kind} names the field '${dup}' twice`);
@@ -119,7 +139,10 @@ function decodeBody(kind: RequestKind, route: Route, text: string, fds: number[]
     const list = (body.net_fds as { id: string; num_fds: number; fds?: number[] }[] | undefined) ?? [];
     const want = list.reduce((n, e) => n + e.num_fds, 0);
     if (want !== fds.length) {
-      return bad(`invalid ${route.bodyName}`, `net_fds asks for ${want} descriptor(s), ${fds.length} were sent`);
+      return bad(
+        `invalid ${route.bodyName}`,
+        `net_fds asks for ${want} descriptor(s), ${fds.length} were sent`,
+      );
     }
     let at = 0;
     for (const e of list) {
@@ -127,7 +150,9 @@ function decodeBody(kind: RequestKind, route: Route, text: string, fds: number[]
       at += e.num_fds;
     }
     used = fds;
-  } else if (kind === "vm.restore" && (body.net_fds as { fds?: number[] }[] | undefined)?.some((e) => e.fds)) {
+  } else if (
+    kind === "vm.restore" && (body.net_fds as { fds?: number[] }[] | undefined)?.some((e) => e.fds)
+  ) {
     return bad(
       `invalid ${route.bodyName}`,
       "net_fds.fds: descriptors cannot be given as numbers in a JSON body; send them with the request (SCM_RIGHTS)",
@@ -163,7 +188,13 @@ export async function callApi(
   log: Logger = logger("api"),
 ): Promise<ApiResult> {
   const route = ROUTES[kind];
-  const decoded = decodeBody(kind, route, text, fds, log);
+  let decoded: Decoded;
+  try {
+    decoded = decodeBody(kind, route, text, fds, log);
+  } catch (e) {
+    fds.forEach(closeFd); // never leak what came with a request, whatever went wrong
+    throw e;
+  }
   const unused = new Set(fds);
   if (!decoded.ok) {
     unused.forEach(closeFd);

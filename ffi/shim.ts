@@ -64,6 +64,13 @@ const SYMBOLS = {
   kvs_now_ns: { parameters: [], result: "u64" },
   kvs_unix_connect_nb: { parameters: ["buffer"], result: "i64" },
   kvs_shutdown: { parameters: ["i32", "i32"], result: "i64" },
+  kvs_seccomp_setup: { parameters: ["i32", "buffer", "u64"], result: "i64" },
+  kvs_seccomp_mode: { parameters: [], result: "i32" },
+  kvs_seccomp_install: { parameters: ["buffer", "u32", "i32", "buffer", "i32"], result: "i64" },
+  kvs_seccomp_escape_ip: { parameters: [], result: "u64" },
+  kvs_landlock_create_ruleset: { parameters: ["buffer", "u64", "u32"], result: "i64" },
+  kvs_landlock_add_rule: { parameters: ["i32", "i32", "buffer"], result: "i64" },
+  kvs_landlock_restrict_self: { parameters: ["i32"], result: "i64" },
 
   // ---- aliases (same C functions, different FFI signatures) ----
   /** ioctl with a struct buffer, int result (hot paths: get/set regs...). */

@@ -76,4 +76,18 @@ uint64_t kvs_now_ns(void);
 int64_t kvs_unix_connect_nb(const char *path);
 /* shutdown(2) of a socket (how: SHUT_RD 0, SHUT_WR 1, SHUT_RDWR 2). */
 int64_t kvs_shutdown(int32_t fd, int32_t how);
+/* Sandbox (sandbox.c). Seccomp: `setup` is called once by the main thread before any filter: the mode
+ * (1 trap: report the call and end the process; 2 log: report each call once and carry it out; 3 errno)
+ * and the system call names (NUL-separated, by number) for the reports; it installs the SIGSYS handler.
+ * `install` loads a classic-BPF filter (`count` sock_filter entries) on the calling thread (with `tsync`:
+ * on every thread of the process), naming the thread's kind for reports. Log-mode filters allow the one
+ * system call instruction whose return address `escape_ip` gives (the handler carries calls out there). */
+int64_t kvs_seccomp_setup(int32_t mode, const char *names, uint64_t len);
+int32_t kvs_seccomp_mode(void);
+int64_t kvs_seccomp_install(const void *insns, uint32_t count, int32_t kind, const char *kind_name, int32_t tsync);
+uint64_t kvs_seccomp_escape_ip(void);
+/* Landlock's three system calls, as the kernel defines them (restrict_self also sets no_new_privs). */
+int64_t kvs_landlock_create_ruleset(const void *attr, uint64_t size, uint32_t flags);
+int64_t kvs_landlock_add_rule(int32_t ruleset, int32_t type, const void *attr);
+int64_t kvs_landlock_restrict_self(int32_t ruleset);
 #endif

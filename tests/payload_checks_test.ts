@@ -4,7 +4,7 @@
  * the path named, and no vCPU worker is started for a boot that cannot happen.
  */
 import assert from "node:assert/strict";
-import { checkHugePages, Vm } from "../vmm/vm.ts";
+import { checkHugePages, hostMemoryWarning, Vm } from "../vmm/vm.ts";
 import { VmConfigSchema } from "../vmm/vm_config.ts";
 import { kvmAvailable } from "./helpers/realmode.ts";
 import { pvhElf } from "./helpers/tiny_guest.ts";
@@ -67,6 +67,18 @@ Deno.test("hugepages: boot refuses when the huge pages are not free, instead of 
   );
   checkHugePages(256 << 20, undefined, meminfo(128)); // 256 MiB free: fine
   assert.throws(() => checkHugePages(256 << 20, 1 << 30, meminfo(128)), /hugepage_size=1073741824/);
+});
+
+Deno.test("memory larger than the host's memory and swap is named in a warning", () => {
+  const meminfo = "MemTotal: 1048576 kB\nMemFree: 1000 kB\nSwapTotal: 524288 kB\n";
+  assert.equal(hostMemoryWarning(1 << 30, meminfo), null);
+  assert.match(
+    hostMemoryWarning(2 ** 31, meminfo)!,
+    /^--memory size=2048 MiB is more than this host's memory and swap \(1536 MiB\)/,
+  );
+  // The real host: its own size is fine, a terabyte is not.
+  assert.equal(hostMemoryWarning(64 << 20), null);
+  assert.match(hostMemoryWarning(2 ** 40)!, /more than this host's memory/);
 });
 
 Deno.test(

@@ -123,8 +123,9 @@ export class EventMonitor implements EventSink {
 /** Split `path=FILE` / `fd=N` (Cloud Hypervisor takes nothing else). */
 export function parseEventMonitorOption(spec: string): { path?: string; fd?: number } {
   if (spec.startsWith("fd=")) {
-    const fd = Number(spec.slice(3));
-    if (!Number.isInteger(fd) || fd < 0) {
+    const text = spec.slice(3);
+    const fd = Number(text);
+    if (!/^\d{1,9}$/.test(text) || !Number.isSafeInteger(fd)) {
       throw new Error(`--event-monitor: fd must be a file descriptor number`);
     }
     return { fd };

@@ -18,6 +18,7 @@ import type { SendMigrationData } from "./vm_config.ts";
 import type { DirtyTracker } from "./dirty.ts";
 import type { SnapshotState } from "./snapshot.ts";
 import { log } from "./log.ts";
+import { workerUrl } from "./worker_pool.ts";
 
 export const FRAME_HEADER = 16;
 export const FRAME = {
@@ -90,7 +91,7 @@ export class MigrationChannel {
   #dead: string | null = null;
 
   constructor() {
-    this.#w = new Worker(new URL("./migration_worker.ts", import.meta.url).href, { type: "module" });
+    this.#w = new Worker(workerUrl("./migration_worker.ts", import.meta.url), { type: "module" });
     this.#w.onmessage = (ev: MessageEvent<WorkerReply>) => {
       const p = this.#pending;
       this.#pending = null;

@@ -7,6 +7,7 @@
  */
 import { cstr, EAGAIN, EINTR, shim } from "../ffi/shim.ts";
 import { setThreadName } from "../ffi/socket.ts";
+import { confineThread } from "./seccomp.ts";
 import { POLLIN, POLLOUT } from "../ffi/kvm_constants.ts";
 import { mapFd, unmap } from "../ffi/kvm.ts";
 import { zeroPage } from "./snapshot.ts";
@@ -152,7 +153,9 @@ function listen(url: MigrationUrl): void {
     } catch { /* not there */ }
   }
   const r = Number(
-    url.kind === "unix" ? s.kvs_unix_listen(cstr(url.path), 1) : s.kvs_tcp_listen(cstr(url.host), url.port, 1),
+    url.kind === "unix"
+      ? s.kvs_unix_listen(cstr(url.path), 1)
+      : s.kvs_tcp_listen(cstr(url.host), url.port, 1),
   );
   if (r < 0) fail(`listening on ${url.text}`, r);
   listenFd = r;
@@ -315,3 +318,4 @@ self.onmessage = (ev: MessageEvent<WorkerCommand>) => {
 };
 
 setThreadName("migration");
+confineThread("migration");

@@ -117,7 +117,7 @@ import { PciHotplug, type PciHotplugDescriptor } from "../devices/pci_hotplug.ts
 import { hotplugSpace, ramSize } from "./ram.ts";
 import { log } from "./log.ts";
 import type { VirtioState } from "./snapshot.ts";
-import { workerPool } from "./worker_pool.ts";
+import { workerPool, workerUrl } from "./worker_pool.ts";
 import { type HostEnd, openPty } from "./host_end.ts";
 
 const IRQCHIP_PIC_MASTER = 0;
@@ -594,15 +594,17 @@ function bdf(slot: number, segment = 0): string {
 }
 
 /** The module every virtio device worker runs. */
-export const DEVICE_WORKER = new URL("../devices/virtio/worker.ts", import.meta.url).href;
+export const DEVICE_WORKER = workerUrl("../devices/virtio/worker.ts", import.meta.url);
 
 /** How many virtio devices (so device workers) a config makes at boot. */
 export function virtioDeviceCount(cfg: VmConfig): number {
   const m = cfg.memory;
   const virtioMem = (m.hotplug_size && m.hotplug_method === "VirtioMem" ? 1 : 0) +
     (m.zones ?? []).filter((z) => z.hotplug_size).length;
-  return (wantsConsole(cfg) ? 1 : 0) + (cfg.disks?.length ?? 0) + (cfg.net?.length ?? 0) + (cfg.rng?.src ? 1 : 0) +
-    (cfg.generic_vhost_user?.length ?? 0) + (cfg.fs?.length ?? 0) + (cfg.pmem?.length ?? 0) + (cfg.vsock ? 1 : 0) +
+  return (wantsConsole(cfg) ? 1 : 0) + (cfg.disks?.length ?? 0) + (cfg.net?.length ?? 0) +
+    (cfg.rng?.src ? 1 : 0) +
+    (cfg.generic_vhost_user?.length ?? 0) + (cfg.fs?.length ?? 0) + (cfg.pmem?.length ?? 0) +
+    (cfg.vsock ? 1 : 0) +
     (cfg.balloon ? 1 : 0) + virtioMem;
 }
 
@@ -1112,6 +1114,12 @@ export function createPci(
     const w = workerPool.take(DEVICE_WORKER);
     const exited = new Promise<void>((resolve) => {
       w.onmessage = (ev: MessageEvent<DeviceWorkerExit>) => {
+        if (ev.data.type === "failed") {
+          log.error(
+            `virtio device ${ev.data.id} failed (the guest sees DEVICE_NEEDS_RESET): ${ev.data.error}`,
+          );
+          return;
+        }
         if (ev.data.error) log.error(`virtio device ${ev.data.id}: ${ev.data.error}`);
         else log.debug(`virtio device ${ev.data.id} worker exited`);
         resolve();

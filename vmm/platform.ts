@@ -183,7 +183,6 @@ export function checkSupported(cfg: VmConfig): void {
       "--pci-segment mmio32_aperture_weight=/mmio64_aperture_weight=",
     );
   }
-  if (cfg.landlock_enable) missing("Landlock sandboxing", "--landlock / landlock_enable");
   if (cfg.debug_console && cfg.debug_console.mode !== "Off") {
     missing("the debug console (port 0xe9)", "--debug-console / debug_console");
   }

@@ -21,6 +21,7 @@ import {
 } from "../ffi/kvm_constants.ts";
 import { kickInit, threadId, type VcpuDescriptor, VcpuFd } from "../ffi/kvm.ts";
 import { setThreadName } from "../ffi/socket.ts";
+import { confineThread } from "./seccomp.ts";
 import { Cmd, CTL_EXITS, State, VcpuControl, VmEvent, VmEvents } from "./vcpu_control.ts";
 import { buildPlatformBuses, type PlatformDescriptors } from "./platform.ts";
 import type { MmioBus, PioBus } from "../devices/bus.ts";
@@ -71,6 +72,7 @@ function setUp(init: VcpuWorkerInit): VcpuContext {
   // Named as Cloud Hypervisor names its vCPU threads: orchestrators (Kata) find them by this name.
   setThreadName(`vcpu${init.vcpu.id}`);
   kickInit();
+  confineThread("vcpu");
   const ctl = new VcpuControl(init.control);
   const events = new VmEvents(init.events);
   ctl.publishThread(threadId());

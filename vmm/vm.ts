@@ -4,6 +4,7 @@
  * `Vm` implements the control loop's `VmBackend`. Guest-initiated events (poweroff, reboot, crash)
  * arrive through the shared {@link VmEvents} word; the VM stops its vCPUs and reports the event once.
  */
+import { applyLandlock } from "./landlock.ts";
 import {
   type HostMapping,
   kickTid,
@@ -59,7 +60,7 @@ import {
 } from "./snapshot.ts";
 import { type CoreVcpu, writeCoredump } from "./coredump.ts";
 import { DEVICE_WORKER, type DevicePlacement, virtioDeviceCount } from "./pci_platform.ts";
-import { workerPool } from "./worker_pool.ts";
+import { workerPool, workerUrl } from "./worker_pool.ts";
 export { workerPool };
 import { DirtyTracker, type TrackedSlot } from "./dirty.ts";
 import { type MigrationSource, type MigrationStats, sendMigration } from "./migration.ts";
@@ -157,7 +158,6 @@ export class Vm implements VmBackend, MigrationSource {
   #pieces: MemoryPiece[] = [];
   /** Every KVM memory slot with guest RAM and where it lies in #pieces (live migration's dirty log). */
   #slots: TrackedSlot[] = [];
-
 
   constructor(readonly config: VmConfig) {}
 
@@ -483,6 +483,13 @@ export class Vm implements VmBackend, MigrationSource {
 
   /** Boots the VM, or (`restore`) brings a snapshot's VM back, paused. */
   async boot(restore?: RestoreSource): Promise<void> {
+    // Time each phase of the set-up (-vv): the lab runs it ~18x slower than hardware.
+    let t = performance.now();
+    const phase = (what: string) => {
+      const now = performance.now();
+      log.debug(`boot: ${what} ${(now - t).toFixed(1)} ms`);
+      t = now;
+    };
     const cfg = this.config;
     const boot = restore ? restore.state.vcpus.length : cfg.cpus.boot_vcpus;
     const max = cfg.cpus.max_vcpus;
@@ -491,12 +498,15 @@ export class Vm implements VmBackend, MigrationSource {
     checkSupported(cfg);
     // Cheap checks before any expensive set-up: a missing kernel must not first start 255 workers.
     if (!restore) await checkPayloadFiles(cfg.payload, ramSize(cfg.memory));
+    phase("checks");
     const ranges = new Map((restore?.state.memory ?? []).map((r) => [r.name, r]));
     if (restore && restore.memoryFd >= 0) {
       // A short file would fault (SIGBUS) where RAM is mapped from it: refuse it up front.
       const have = Number(shim().kvs_fd_size(restore.memoryFd));
       for (const r of ranges.values()) {
-        if (!Number.isSafeInteger(r.offset) || r.offset < 0 || r.offset % 4096 !== 0 || r.offset + r.size > have) {
+        if (
+          !Number.isSafeInteger(r.offset) || r.offset < 0 || r.offset % 4096 !== 0 || r.offset + r.size > have
+        ) {
           throw new Error(`memory range '${r.name}' lies outside the memory file (${have} bytes)`);
         }
       }
@@ -505,7 +515,9 @@ export class Vm implements VmBackend, MigrationSource {
       if (!restore) return undefined;
       const r = ranges.get(name);
       if (!r) throw new Error(`the snapshot has no memory range '${name}'`);
-      if (r.size !== size) throw new Error(`memory range '${name}': ${r.size} bytes saved, the config makes ${size}`);
+      if (r.size !== size) {
+        throw new Error(`memory range '${name}': ${r.size} bytes saved, the config makes ${size}`);
+      }
       return r;
     };
     /** Restore, copy mode: the saved bytes into a fresh mapping. */
@@ -515,6 +527,8 @@ export class Vm implements VmBackend, MigrationSource {
     };
     const huge = ramParts(cfg.memory).filter((p) => p.hugepages).reduce((n, p) => n + p.size, 0);
     if (huge > 0) checkHugePages(huge, cfg.memory.hugepage_size);
+    const tooBig = hostMemoryWarning(ramSize(cfg.memory) + (cfg.memory.hotplug_size ?? 0));
+    if (tooBig) log.warn(tooBig);
     // vCPU threads first: a Worker needs its own V8 isolate and module graph, which costs more than
     // the rest of the set-up when the host is slow (the lab runs this ~20x slower than hardware), so
     // they load while this thread maps RAM and loads the kernel. Each gets its vCPU later.
@@ -522,6 +536,7 @@ export class Vm implements VmBackend, MigrationSource {
     // The device workers too: they load while RAM is mapped and the payload read, not after.
     const devices = virtioDeviceCount(cfg);
     workerPool.prewarm(DEVICE_WORKER, Math.max(0, devices - workerPool.idle(DEVICE_WORKER)));
+    phase("workers started");
     try {
       const kvm = this.#kvm = Kvm.open();
       const vm = this.#vm = kvm.createVm();
@@ -529,14 +544,6 @@ export class Vm implements VmBackend, MigrationSource {
       vm.createIrqchip();
       vm.createPit2(0);
 
-      // Guest RAM.
-      // Time each phase of the set-up (-vv): the lab runs it ~18x slower than hardware.
-      let t = performance.now();
-      const phase = (what: string) => {
-        const now = performance.now();
-        log.debug(`boot: ${what} ${(now - t).toFixed(1)} ms`);
-        t = now;
-      };
       phase("KVM VM, irqchip, PIT");
       // Guest RAM: the default memory and the memory zones, each mapped once, laid over the RAM regions.
       const mc = cfg.memory;
@@ -676,18 +683,20 @@ export class Vm implements VmBackend, MigrationSource {
       phase("devices created");
       if (restore) this.#loadDevices(restore.state);
       if (!restore) writeResetVector(mem);
-      if (!restore) writeAcpiTables(mem, {
-        vcpus: boot,
-        maxVcpus: max,
-        memSize: ramSize(cfg.memory),
-        hotplugSize: hotplugSpace(cfg.memory),
-        pciSegments: cfg.platform?.num_pci_segments ?? 1,
-        pci: this.#platform.pciAcpi,
-        memorySlots:
-          this.#platform.memoryHotplug && cfg.memory.hotplug_size && cfg.memory.hotplug_method === "Acpi"
-            ? memoryHotplugSlots(ramSize(cfg.memory), cfg.memory.hotplug_size)
-            : undefined,
-      });
+      if (!restore) {
+        writeAcpiTables(mem, {
+          vcpus: boot,
+          maxVcpus: max,
+          memSize: ramSize(cfg.memory),
+          hotplugSize: hotplugSpace(cfg.memory),
+          pciSegments: cfg.platform?.num_pci_segments ?? 1,
+          pci: this.#platform.pciAcpi,
+          memorySlots:
+            this.#platform.memoryHotplug && cfg.memory.hotplug_size && cfg.memory.hotplug_method === "Acpi"
+              ? memoryHotplugSlots(ramSize(cfg.memory), cfg.memory.hotplug_size)
+              : undefined,
+        });
+      }
 
       // vCPUs.
       phase("ACPI tables written");
@@ -718,7 +727,9 @@ export class Vm implements VmBackend, MigrationSource {
       phase("vCPUs set up, workers spawned");
       log.info(
         restore
-          ? `restored: ${boot} vCPU(s), ${mib(ramSize(cfg.memory))} MiB (memory ${restore.onDemand ? "on demand" : "copied"})`
+          ? `restored: ${boot} vCPU(s), ${mib(ramSize(cfg.memory))} MiB (memory ${
+            restore.onDemand ? "on demand" : "copied"
+          })`
           : `booting: ${boot} vCPU(s), ${mib(ramSize(cfg.memory))} MiB, kernel ${cfg.payload.kernel}`,
       );
       this.#watchEvents();
@@ -895,7 +906,12 @@ export class Vm implements VmBackend, MigrationSource {
 
   /** Guest memory pieces, for live migration. */
   pieces(): { name: string; hostAddr: bigint; size: number; fd?: number }[] {
-    return this.#pieces.map((p) => ({ name: p.name, hostAddr: p.map.hostAddr, size: p.map.size, fd: p.map.fd }));
+    return this.#pieces.map((p) => ({
+      name: p.name,
+      hostAddr: p.map.hostAddr,
+      size: p.map.size,
+      fd: p.map.fd,
+    }));
   }
 
   /** A dirty-page tracker over every memory slot (live migration). */
@@ -951,7 +967,7 @@ export class Vm implements VmBackend, MigrationSource {
     const missing = [...now.keys()].filter((p) => !(p in state.devices));
     if (missing.length > 0) throw new Error(`the snapshot has no state for ${missing.join(", ")}`);
     const m = platform.memoryHotplug;
-    if (m) for (let i = 0; i < m.plugged(); i++) this.#mapRamSlot(i);
+    if (m) { for (let i = 0; i < m.plugged(); i++) this.#mapRamSlot(i); }
     platform.pci?.loadVirtio(state.virtio);
   }
 
@@ -1025,6 +1041,21 @@ export class Vm implements VmBackend, MigrationSource {
 }
 
 /**
+ * Guest RAM larger than the host's memory and swap together: dvmm maps it without reserving it (as Cloud
+ * Hypervisor does), so the VM starts, but the guest cannot use all of it (the host kills dvmm first).
+ * Returns the warning to log, naming the option, or null.
+ */
+export function hostMemoryWarning(bytes: number, meminfo?: string): string | null {
+  const text = meminfo ?? Deno.readTextFileSync("/proc/meminfo");
+  const kb = (name: string) => Number(text.match(new RegExp(`^${name}:\\s+(\\d+)`, "m"))?.[1] ?? NaN) * 1024;
+  const host = kb("MemTotal") + (kb("SwapTotal") || 0);
+  if (!(bytes > host)) return null;
+  return `--memory size=${mib(bytes)} MiB is more than this host's memory and swap (${
+    mib(host)
+  } MiB): the guest cannot use all of it, and the host's OOM killer ends dvmm when it tries`;
+}
+
+/**
  * Guest RAM on huge pages must find them free now: the kernel hands out a hugetlb mapping without
  * reserving it, and the first access past the free pages is a SIGBUS that kills the VMM.
  */
@@ -1047,7 +1078,7 @@ export function checkHugePages(bytes: number, pageSize?: number, meminfo?: strin
   }
 }
 
-const VCPU_WORKER = new URL("./vcpu_worker.ts", import.meta.url).href;
+const VCPU_WORKER = workerUrl("./vcpu_worker.ts", import.meta.url);
 
 function newVcpuWorker(): Worker {
   return workerPool.take(VCPU_WORKER);
@@ -1059,6 +1090,7 @@ function newVcpuWorker(): Worker {
  * `workerPool.drain()`.
  */
 export function prewarmVm(config: VmConfig): void {
+  if (applyLandlock(config)) workerPool.drain();
   workerPool.prewarm(VCPU_WORKER, config.cpus.boot_vcpus);
   workerPool.prewarm(DEVICE_WORKER, virtioDeviceCount(config));
 }
@@ -1082,5 +1114,7 @@ async function waitReady(ctl: VcpuControl): Promise<void> {
 
 /** The factory the control loop uses. */
 export function createVmBackend(config: VmConfig): VmBackend {
+  // Cloud Hypervisor applies Landlock when the VM is created, before any of its threads start.
+  if (applyLandlock(config)) workerPool.drain();
   return new Vm(config);
 }

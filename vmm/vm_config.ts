@@ -40,7 +40,8 @@ const pciCommon = () => ({
 });
 
 function isPowerOfTwo(n: number): boolean {
-  return n > 0 && (n & (n - 1)) === 0;
+  // Arithmetic, not `n & (n - 1)`: bit operators cut to 32 bits (6 GiB would pass).
+  return Number.isSafeInteger(n) && n > 0 && 2 ** Math.round(Math.log2(n)) === n;
 }
 const queueSize = (dflt: number) =>
   int().min(1).max(32768).refine(isPowerOfTwo, "must be a power of two").default(dflt);

@@ -30,5 +30,14 @@ export class WorkerPool {
   }
 }
 
+/**
+ * The URL of a worker module given relative to the calling module (`./vcpu_worker.ts`). Under the bundled
+ * build (build/js, made by `make`), modules are .js files laid out as the sources are: the same relative
+ * path with .js.
+ */
+export function workerUrl(relative: string, base: string): string {
+  return new URL(base.endsWith(".js") ? relative.replace(/\.ts$/, ".js") : relative, base).href;
+}
+
 /** The process's pool. */
 export const workerPool: WorkerPool = new WorkerPool();

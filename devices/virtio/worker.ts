@@ -13,6 +13,7 @@
  */
 import { check, EAGAIN, EINTR, shim } from "../../ffi/shim.ts";
 import { setThreadName } from "../../ffi/socket.ts";
+import { confineThread } from "../../vmm/seccomp.ts";
 import {
   EPOLL_CTL_ADD,
   EPOLL_CTL_DEL,
@@ -54,8 +55,13 @@ export interface DeviceWorkerInit {
 }
 
 /** The worker's last message. */
+/**
+ * What a device worker reports: `exit` when it ends (with the error that ended it, if any); `failed` when
+ * the device's own code threw while serving a queue: the device is then marked DEVICE_NEEDS_RESET for the
+ * guest and the worker goes on (a driver reset re-activates it; pause and stop still work).
+ */
 export interface DeviceWorkerExit {
-  type: "exit";
+  type: "exit" | "failed";
   id: string;
   error?: string;
 }
@@ -143,71 +149,84 @@ function run(init: DeviceWorkerInit): void {
   let seenRegions = 0;
   const s = shim();
   const epfd = check(s.kvs_epoll_create(), "epoll_create");
-  let proc: Processor;
-  if (d.kind === "blk") {
-    const b = d.blk!;
-    const blk = new BlkDevice(
-      new ShimFileDisk(b.fd, b.size, b.readonly, b.serial),
-      new BlkCounters(d.counters),
-    );
-    // A resize (vm.resize-disk) is published before the guest hears of it; take it in on every wake.
-    proc = drainingProcessor((q) => {
-      const size = h.diskSize;
-      if (size > 0) blk.capacity = Math.floor(size / 512);
-      return blk.processQueue(q);
-    });
-  } else if (d.kind === "net") {
-    // Every queue pair in this one worker (see device_net.ts for why not a worker per pair). A tap
-    // queue fd is in the epoll set only while polled: a detached tap queue reports EPOLLERR, which
-    // epoll delivers whatever the interest mask.
-    proc = netService(
-      d,
-      (fd, q, on) =>
-        on
-          ? s.kvs_epoll_ctl(epfd, EPOLL_CTL_ADD, fd, EPOLLIN, HOST_QUEUE_TAG + q)
-          : s.kvs_epoll_ctl(epfd, EPOLL_CTL_DEL, fd, 0, 0),
-    );
-  } else if (d.kind === "console") {
-    proc = consoleProcessor(d);
-  } else if (d.kind === "vsock") {
-    // Host sockets sit in the device's nested epoll set: its readiness serves the rx queue.
-    proc = vsockService(
-      d,
-      mem,
-      (fd, on) => s.kvs_epoll_ctl(epfd, EPOLL_CTL_MOD, fd, on ? EPOLLIN : 0, HOST_FD_TAG),
-    );
-  } else if (d.kind === "pmem") {
-    const p = d.pmem!;
-    proc = new PmemDevice(new FdPmemBackend(p.fd), p.discardWrites, new PmemCounters(d.counters));
-  } else if (d.kind === "mem") {
-    const m = d.mem!;
-    const cfg = dev.deviceConfig();
-    const advice = m.sharedMemory ? MADV_REMOVE : MADV_DONTNEED;
-    const vmem = new VirtioMemDevice(
-      {
-        read: (off) => Number(cfg.getBigUint64(off, true)),
-        write: (off, value) => {
-          const b = new Uint8Array(8);
-          new DataView(b.buffer).setBigUint64(0, BigInt(value), true);
-          dev.updateDeviceConfig(off, b);
+  // The device's own processor. One that cannot be set up (its back end is gone, say) leaves a failed
+  // device: reported, and DEVICE_NEEDS_RESET whenever the guest activates it; pause and stop still work.
+  const makeProcessor = (): Processor => {
+    if (d.kind === "blk") {
+      const b = d.blk!;
+      const blk = new BlkDevice(
+        new ShimFileDisk(b.fd, b.size, b.readonly, b.serial),
+        new BlkCounters(d.counters),
+      );
+      // A resize (vm.resize-disk) is published before the guest hears of it; take it in on every wake.
+      return drainingProcessor((q) => {
+        const size = h.diskSize;
+        if (size > 0) blk.capacity = Math.floor(size / 512);
+        return blk.processQueue(q);
+      });
+    } else if (d.kind === "net") {
+      // Every queue pair in this one worker (see device_net.ts for why not a worker per pair). A tap
+      // queue fd is in the epoll set only while polled: a detached tap queue reports EPOLLERR, which
+      // epoll delivers whatever the interest mask.
+      return netService(
+        d,
+        (fd, q, on) =>
+          on
+            ? s.kvs_epoll_ctl(epfd, EPOLL_CTL_ADD, fd, EPOLLIN, HOST_QUEUE_TAG + q)
+            : s.kvs_epoll_ctl(epfd, EPOLL_CTL_DEL, fd, 0, 0),
+      );
+    } else if (d.kind === "console") {
+      return consoleProcessor(d);
+    } else if (d.kind === "vsock") {
+      // Host sockets sit in the device's nested epoll set: its readiness serves the rx queue.
+      return vsockService(
+        d,
+        mem,
+        (fd, on) => s.kvs_epoll_ctl(epfd, EPOLL_CTL_MOD, fd, on ? EPOLLIN : 0, HOST_FD_TAG),
+      );
+    } else if (d.kind === "pmem") {
+      const p = d.pmem!;
+      return new PmemDevice(new FdPmemBackend(p.fd), p.discardWrites, new PmemCounters(d.counters));
+    } else if (d.kind === "mem") {
+      const m = d.mem!;
+      const cfg = dev.deviceConfig();
+      const advice = m.sharedMemory ? MADV_REMOVE : MADV_DONTNEED;
+      const vmem = new VirtioMemDevice(
+        {
+          read: (off) => Number(cfg.getBigUint64(off, true)),
+          write: (off, value) => {
+            const b = new Uint8Array(8);
+            new DataView(b.buffer).setBigUint64(0, BigInt(value), true);
+            dev.updateDeviceConfig(off, b);
+          },
         },
-      },
-      {
-        discard: (off, len) =>
-          off >= 0 && off + len <= m.size &&
-          Number(s.kvs_madvise(BigInt(m.hostAddr + off), len, advice)) === 0,
-      },
-      new MemCounters(d.counters),
-      m.plugged ? new Uint8Array(m.plugged) : undefined,
-    );
-    proc = { service: (q, i) => vmem.service(q, i) };
-  } else if (d.kind === "balloon") {
-    const releaser = hostMemoryReleaser(mem, d.balloon!.sharedMemory);
-    proc = new BalloonDevice(releaser, mem, new BalloonCounters(d.counters));
-  } else {
-    const src = new FileEntropySource(d.rng?.src ?? "/dev/urandom");
-    const rng = new RngDevice(src, new RngCounters(d.counters));
-    proc = drainingProcessor((q) => rng.processQueue(q), () => src.close());
+        {
+          discard: (off, len) =>
+            off >= 0 && off + len <= m.size &&
+            Number(s.kvs_madvise(BigInt(m.hostAddr + off), len, advice)) === 0,
+        },
+        new MemCounters(d.counters),
+        m.plugged ? new Uint8Array(m.plugged) : undefined,
+      );
+      return { service: (q, i) => vmem.service(q, i) };
+    } else if (d.kind === "balloon") {
+      const releaser = hostMemoryReleaser(mem, d.balloon!.sharedMemory);
+      return new BalloonDevice(releaser, mem, new BalloonCounters(d.counters));
+    } else {
+      const src = new FileEntropySource(d.rng?.src ?? "/dev/urandom");
+      const rng = new RngDevice(src, new RngCounters(d.counters));
+      return drainingProcessor((q) => rng.processQueue(q), () => src.close());
+    }
+  };
+  let proc: Processor;
+  let setupError: string | null = null;
+  try {
+    proc = makeProcessor();
+  } catch (e) {
+    setupError = errorText(e);
+    proc = { service: () => false };
+    const failed: DeviceWorkerExit = { type: "failed", id: d.id, error: setupError };
+    self.postMessage(failed);
   }
 
   check(s.kvs_epoll_ctl(epfd, EPOLL_CTL_ADD, d.controlFd, EPOLLIN, CONTROL_TAG), "epoll_ctl control");
@@ -297,7 +316,8 @@ function run(init: DeviceWorkerInit): void {
           epoch = now;
           queues = [];
           proc.deactivate?.();
-          if (dev.activated) {
+          if (dev.activated && setupError !== null) fail();
+          else if (dev.activated) {
             const a = dev.activation();
             // A restored device goes on from the snapshot's queue positions (taken once).
             const restored = Atomics.exchange(h.ctl, CTL_RESTORE, 0) === 1;
@@ -325,7 +345,17 @@ function run(init: DeviceWorkerInit): void {
           notified[i] = 0;
           const q = queues[i];
           if (!q) continue;
-          const irq = proc.service(q, i);
+          let irq: boolean;
+          try {
+            irq = proc.service(q, i);
+          } catch (e) {
+            queues = [];
+            proc.deactivate?.();
+            fail();
+            const failed: DeviceWorkerExit = { type: "failed", id: d.id, error: errorText(e) };
+            self.postMessage(failed);
+            break;
+          }
           if (q.broken !== null) {
             queues[i] = null;
             if (i === hostQueue) proc.deactivate?.();
@@ -343,16 +373,21 @@ function run(init: DeviceWorkerInit): void {
   }
 }
 
+function errorText(e: unknown): string {
+  return e instanceof Error ? e.stack ?? e.message : String(e);
+}
+
 self.onmessage = (ev: MessageEvent<DeviceWorkerInit>) => {
   const init = ev.data;
   let msg: DeviceWorkerExit;
   try {
     // The thread is named after its device, as Cloud Hypervisor names its device threads.
     setThreadName(init.device.id);
+    confineThread("device");
     run(init);
     msg = { type: "exit", id: init.device.id };
   } catch (e) {
-    msg = { type: "exit", id: init.device.id, error: e instanceof Error ? e.stack ?? e.message : String(e) };
+    msg = { type: "exit", id: init.device.id, error: errorText(e) };
   }
   Atomics.store(new Int32Array(init.device.control), CTL_WORKER_STATE, 2);
   self.postMessage(msg);

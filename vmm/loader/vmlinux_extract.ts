@@ -10,6 +10,8 @@ import { KernelLoadError } from "./common.ts";
 const LZ4_LEGACY_MAGIC = 0x184c2102;
 /** Largest decompressed size of one legacy-frame block (8 MiB). */
 const LZ4_LEGACY_BLOCK = 8 << 20;
+/** Largest vmlinux we decompress (real ones are tens of MiB): a payload that expands further is refused. */
+const MAX_VMLINUX_BYTES = 1 << 30;
 
 /**
  * Decompresses one LZ4 block into `out` starting at `outPos`; returns the new output position.
@@ -77,7 +79,12 @@ export function lz4LegacyDecompress(src: Uint8Array, sizeHint = 0): Uint8Array {
   if (src.length < 4 || v.getUint32(0, true) !== LZ4_LEGACY_MAGIC) {
     throw new KernelLoadError("not an LZ4 legacy frame (magic 0x184C2102 missing)");
   }
-  let out = new Uint8Array(sizeHint > 0 ? sizeHint : Math.max(src.length * 3, LZ4_LEGACY_BLOCK));
+  // The hint is the image's own word: never allocate more than the input can decompress to (LZ4 expands
+  // at most 255:1), nor more than the largest vmlinux.
+  const hint = Math.min(sizeHint, 255 * src.length);
+  let out = new Uint8Array(
+    Math.min(hint > 0 ? hint : Math.max(src.length * 3, LZ4_LEGACY_BLOCK), MAX_VMLINUX_BYTES),
+  );
   let op = 0;
   let ip = 4;
   while (ip + 4 <= src.length) {
@@ -91,8 +98,10 @@ export function lz4LegacyDecompress(src: Uint8Array, sizeHint = 0): Uint8Array {
       throw new KernelLoadError(`corrupt LZ4 data: block of ${n} bytes runs past the input`);
     }
     if (n === 0) break;
-    if (out.length - op < LZ4_LEGACY_BLOCK) {
-      const bigger = new Uint8Array(Math.max(out.length * 2, op + LZ4_LEGACY_BLOCK));
+    if (out.length - op < LZ4_LEGACY_BLOCK && out.length < MAX_VMLINUX_BYTES) {
+      const bigger = new Uint8Array(
+        Math.min(Math.max(out.length * 2, op + LZ4_LEGACY_BLOCK), MAX_VMLINUX_BYTES),
+      );
       bigger.set(out.subarray(0, op));
       out = bigger;
     }
@@ -104,14 +113,32 @@ export function lz4LegacyDecompress(src: Uint8Array, sizeHint = 0): Uint8Array {
 
 async function gunzip(data: Uint8Array): Promise<Uint8Array> {
   // The caller trims the kernel's trailing size word: DecompressionStream rejects data after the member.
-  const stream = new Blob([data as Uint8Array<ArrayBuffer>]).stream().pipeThrough(
+  const reader = new Blob([data as Uint8Array<ArrayBuffer>]).stream().pipeThrough(
     new DecompressionStream("gzip"),
-  );
+  ).getReader();
+  // Read piece by piece, so that a payload expanding past the largest vmlinux is refused, not buffered.
+  const pieces: Uint8Array[] = [];
+  let total = 0;
   try {
-    return new Uint8Array(await new Response(stream).arrayBuffer());
+    for (let r = await reader.read(); !r.done; r = await reader.read()) {
+      total += r.value.length;
+      if (total > MAX_VMLINUX_BYTES) {
+        reader.cancel().catch(() => {});
+        throw new KernelLoadError(`gzip payload decompresses to more than ${MAX_VMLINUX_BYTES >> 20} MiB`);
+      }
+      pieces.push(r.value);
+    }
   } catch (e) {
+    if (e instanceof KernelLoadError) throw e;
     throw new KernelLoadError(`gzip payload could not be decompressed: ${(e as Error).message}`);
   }
+  const out = new Uint8Array(total);
+  let at = 0;
+  for (const p of pieces) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
 }
 
 /** Identifies the compression of a kernel payload by its magic bytes. */
