@@ -70,10 +70,12 @@ const LISTS: Record<ThreadKind, string[]> = {
     "openat", "readv", "writev", "preadv", "pwritev", "pread64", "pwrite64", "fdatasync", "fsync", "fallocate",
     "lseek", "fstat", "fcntl", "ppoll", "poll",
   ],
-  // Migration: its socket (UNIX or TCP) and the received memory's memfds.
+  // Migration: its socket (UNIX or TCP) and the received memory's memfds; a host name in a tcp: URL goes
+  // through the C library's resolver (/etc/hosts, DNS: the files, sendmmsg/recvfrom, FIONREAD).
   migration: [
     "socket", "bind", "listen", "accept4", "connect", "fcntl", "setsockopt", "poll", "ppoll", "pread64",
     "pwrite64", "ftruncate", "memfd_create", "statx", "fstat", "sendmsg", "recvmsg", "shutdown",
+    "openat", "newfstatat", "lseek", "uname", "sendmmsg", "recvfrom", "getsockname", "getpeername", "ioctl",
   ],
 };
 
@@ -95,6 +97,8 @@ const ARG_RULES: Partial<Record<ThreadKind, Record<string, ArgRule[]>>> = {
   vcpu: { ioctl: [KVM_IOCTLS] },
   // virtio-net's worker sets the tap's offloads and queues as the guest negotiates them.
   device: { ioctl: [TUN_IOCTLS] },
+  // The resolver's FIONREAD (also type 'T').
+  migration: { ioctl: [TUN_IOCTLS] },
 };
 
 /** The argument rules of a thread kind, by system call number. */

@@ -88,7 +88,9 @@ export const CpusConfigSchema = z.object({
     }
   }
   const t = c.topology;
-  if (t) {
+  // Only a topology whose members passed their own checks (else its product says nothing useful).
+  const counts = t ? [t.threads_per_core, t.cores_per_die, t.dies_per_package, t.packages] : [];
+  if (t && counts.every((n) => Number.isSafeInteger(n) && n > 0)) {
     const total = t.threads_per_core * t.cores_per_die * t.dies_per_package * t.packages;
     if (total !== c.max_vcpus) {
       ctx.addIssue({
