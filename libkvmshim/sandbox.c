@@ -4,6 +4,7 @@
  * handler and the raw system calls). */
 #define _GNU_SOURCE
 #include "kvmshim.h"
+#include <dlfcn.h>
 #include <errno.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
@@ -127,6 +128,13 @@ int64_t kvs_seccomp_setup(int32_t mode, const char *names, uint64_t len) {
     at += strlen(&sc_name_store[at]) + 1;
   }
   sc_mode = mode;
+  /* The handler lives in this library: keep it mapped for the life of the process, even when Deno
+   * unloads the library at exit while other threads (still filtered) are ending. */
+  Dl_info self;
+  if (!dladdr((void *)sc_sigsys, &self) || !self.dli_fname ||
+      !dlopen(self.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE)) {
+    return -ENOENT;
+  }
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
   sa.sa_sigaction = sc_sigsys;
