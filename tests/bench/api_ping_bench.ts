@@ -4,7 +4,9 @@
  *   deno run -A tests/bench/api_ping_bench.ts [--clients 1,4,16] [--requests 2000] [--busy] [--main PATH]
  *
  * prints latency p50/p99 and throughput for N concurrent clients, both with one connection per
- * request (as curl and `dvmm remote` do) and with kept-alive connections (fetch over the socket).
+ * request (as curl and `dvmm remote` do) and with kept-alive connections (fetch over the socket). The
+ * one-connection-per-request rows are set beside a bare HTTP answer on a UNIX socket from another Deno
+ * process (unix_http_echo.ts), measured by the same client in the same run: the p99 ratio is the figure.
  * With --busy the server first creates and boots a real 2-vCPU guest (through the API) that spins in a
  * loop, so both host cores are taken by vCPU threads while the API answers. Under `deno bench` it
  * registers a single-request benchmark instead. `--main` runs another checkout's main.ts as the server
@@ -141,20 +143,40 @@ if (import.meta.main) {
   });
   const total = Number(values.requests);
   const { socket, stop } = await startDvmm(values.main!);
+  // The baseline: a bare HTTP answer on a UNIX socket from another Deno process (unix_http_echo.ts).
+  const echoDir = await Deno.makeTempDir({ prefix: "dvmm-echo-" });
+  const echoSocket = `${echoDir}/echo.sock`;
+  const echo = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", "--quiet", new URL("./unix_http_echo.ts", import.meta.url).pathname, echoSocket],
+    stdout: "null",
+  }).spawn();
+  for (let i = 0; i < 400; i++) {
+    try {
+      if ((await Deno.lstat(echoSocket)).isSocket) break;
+    } catch { /* not yet */ }
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  const ratios: string[] = [];
   try {
     if (values.busy) await bootBusyGuest(socket);
     // Warm up both paths.
     for (let i = 0; i < 100; i++) await apiRequest(socket, "GET", "/api/v1/vmm.ping");
-    console.log("mode          clients  p50 ms  p99 ms  req/s");
+    for (let i = 0; i < 100; i++) await apiRequest(echoSocket, "GET", "/api/v1/vmm.ping");
+    console.log("mode          clients  p50 ms  p99 ms  req/s   (echo baseline: p50 ms  p99 ms)  p99 ratio");
     for (const c of String(values.clients).split(",").map(Number)) {
-      const r = await measure(c, total, async () => {
-        const res = await apiRequest(socket, "GET", "/api/v1/vmm.ping");
+      const ping = (sock: string) => async () => {
+        const res = await apiRequest(sock, "GET", "/api/v1/vmm.ping");
         if (res.status !== 200) throw new Error(`ping: ${res.status}`);
-      });
+      };
+      const r = await measure(c, total, ping(socket));
+      const e = await measure(c, total, ping(echoSocket));
+      ratios.push(`p99_ratio_c${c}=${(r.p99 / e.p99).toFixed(2)}`);
       console.log(
         `per-connection ${String(c).padStart(6)}  ${r.p50.toFixed(3).padStart(6)}  ${
           r.p99.toFixed(3).padStart(6)
-        }  ${r.rps.toFixed(0).padStart(5)}`,
+        }  ${r.rps.toFixed(0).padStart(5)}   ${e.p50.toFixed(3).padStart(17)}  ${
+          e.p99.toFixed(3).padStart(6)
+        }  ${(r.p99 / e.p99).toFixed(2).padStart(9)}`,
       );
       const clientsHttp = Array.from(
         { length: c },
@@ -173,8 +195,12 @@ if (import.meta.main) {
         }  ${r2.rps.toFixed(0).padStart(5)}`,
       );
     }
+    console.log(`api: ${ratios.join(" ")} busy=${values.busy} requests=${total}`);
   } finally {
     await stop();
+    echo.kill();
+    await echo.status;
+    await Deno.remove(echoDir, { recursive: true }).catch(() => {});
   }
 } else {
   // Under `deno bench`: the same server and control loop, in this process (no child to clean up).
