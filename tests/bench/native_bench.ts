@@ -8,6 +8,9 @@
  *   COM1 and powers off (ACPI), so this is the VMM's start-up plus one guest instruction stream. Medians of
  *   N rounds, dvmm and QEMU alternating. QEMU: microvm, `-cpu host,-arch-capabilities` (PVM refuses that
  *   MSR), PVH entry from the same ELF.
+ * - exit round trip: a guest reads the serial line-status register (port 0x3fd) 200,000 times before it
+ *   prints, as Linux's console does for every byte; (its time − the plain start-up) / 200,000 is the cost
+ *   of one port-I/O exit handled by the VMM: the lab's boots are ~50,000 such exits, most of them this.
  * - footprint: resident memory (VmRSS, and its anonymous part RssAnon) of the VMM process with a 64 MiB guest
  *   spinning in `jmp $` (it touches no RAM), for 1, 2 and 8 vCPUs, and with 4 virtio devices (disk, rng,
  *   balloon, console). dvmm's breakdown: each vCPU and each device is one Worker (a V8 isolate): the slope
@@ -32,6 +35,28 @@ const hello = `${dir}/hello.elf`;
 const spin = `${dir}/spin.elf`;
 const disk = `${dir}/disk.img`;
 await Deno.writeFile(hello, pvhElf(printAndPoweroffCode("hello\n")));
+// mov dx, 0x3fd ; mov ecx, EXITS ; 1: in al, dx ; dec ecx ; jnz 1b ; then print "hello" and power off.
+const EXITS = 200_000;
+const loopPrefix = [
+  0x66,
+  0xba,
+  0xfd,
+  0x03,
+  0xb9,
+  EXITS & 0xff,
+  (EXITS >> 8) & 0xff,
+  EXITS >> 16,
+  0,
+  0xec,
+  0x49,
+  0x75,
+  0xfc,
+];
+const exitsElf = `${dir}/exits.elf`;
+await Deno.writeFile(
+  exitsElf,
+  pvhElf(new Uint8Array([...loopPrefix, ...printAndPoweroffCode("hello\n", 0x100000 + loopPrefix.length)])),
+);
 await Deno.writeFile(spin, pvhElf(new Uint8Array([0xeb, 0xfe])));
 await Deno.writeFile(disk, new Uint8Array(1 << 20));
 
@@ -135,6 +160,17 @@ console.log(`start-up, launch → guest's first line (ms), ${rounds} rounds`);
 console.log(`  dvmm: median ${f1(median(dv))}  [${dv.map(f1).join(" ")}]`);
 console.log(`  qemu: median ${f1(median(qe))}  [${qe.map(f1).join(" ")}]`);
 
+// ---- exit round trip ----
+const dvx: number[] = [];
+const qex: number[] = [];
+for (let r = 0; r < rounds; r++) {
+  dvx.push(await startup(args.values.dvmm, dvmmHello.map((a) => a === hello ? exitsElf : a)));
+  qex.push(await startup(args.values.qemu, qemuHello.map((a) => a === hello ? exitsElf : a)));
+}
+const perExit = (xs: number[], base: number[]) => ((median(xs) - median(base)) * 1000) / EXITS;
+console.log(`port-I/O exit round trip (µs), ${EXITS} reads of port 0x3fd, ${rounds} rounds`);
+console.log(`  dvmm: ${perExit(dvx, dv).toFixed(2)}   qemu: ${perExit(qex, qe).toFixed(2)}`);
+
 // ---- footprint ----
 const devicesDvmm = [
   "--disk",
@@ -206,7 +242,7 @@ console.log(
 console.log(
   `native: dvmm_startup_ms=${f1(median(dv))} qemu_startup_ms=${f1(median(qe))} ratio=${
     (median(dv) / median(qe)).toFixed(2)
-  } ${
+  } dvmm_exit_us=${perExit(dvx, dv).toFixed(2)} qemu_exit_us=${perExit(qex, qe).toFixed(2)} ${
     rows.map((r, i) =>
       `dvmm_rss_${["1", "2", "8", "2dev"][i]}_mib=${f1(r.d.rss)} qemu_rss_${["1", "2", "8", "2dev"][i]}_mib=${
         f1(r.q.rss)
