@@ -13,8 +13,8 @@
  *   re-issues it from one instruction the filter allows); that is how the lists were built: run the
  *   suites with `--seccomp log` and collect the reports.
  *
- * Lists are system call names (ffi/syscalls.ts); `ioctl` on vCPU threads is further limited to the KVM
- * requests a vCPU makes.
+ * Lists are system call names (ffi/syscalls.ts). `ioctl` is further limited by request type: KVM's (0xAE)
+ * on vCPU threads, a tap's and FIONREAD ('T', 0x54) on device and migration threads.
  */
 import { shim } from "../ffi/shim.ts";
 import { SYSCALL_NAMES, SYSCALL_NR } from "../ffi/syscalls.ts";
