@@ -38,11 +38,11 @@ $(SHIM): libkvmshim/kvmshim.c libkvmshim/sandbox.c libkvmshim/kvmshim.h
 # to load per isolate instead of a hundred modules: start-up. dbus-next stays an npm import (loaded only
 # for --dbus-service-name).
 JS := $(BUILD)/js
-ENTRIES := main.ts vmm/vcpu_worker.ts vmm/migration_worker.ts devices/virtio/worker.ts
+WORKERS := vmm/vcpu_worker vmm/migration_worker devices/virtio/worker
+ENTRIES := main.ts $(WORKERS:=.ts)
 $(JS)/vmm/main.js: $(TS_SOURCES) deno.json | deno
 	$(DENO) bundle --quiet --platform deno --external dbus-next -o $(JS)/vmm/main.js main.ts
-	for e in vmm/vcpu_worker vmm/migration_worker devices/virtio/worker; do \
-	  $(DENO) bundle --quiet --platform deno -o $(JS)/$$e.js $$e.ts || exit 1; done
+	for e in $(WORKERS); do $(DENO) bundle --quiet --platform deno -o $(JS)/$$e.js $$e.ts || exit 1; done
 
 # The launcher: a small script that runs the bundled main with the checkout's Deno and shim. Module cache
 # (DENO_DIR) is filled here so the first run (and the lab, which carries the cache) compiles nothing;
@@ -50,8 +50,7 @@ $(JS)/vmm/main.js: $(TS_SOURCES) deno.json | deno
 $(BUILD)/dvmm: $(SHIM) $(JS)/vmm/main.js $(TS_SOURCES) deno.json | deno
 	mkdir -p $(BUILD)
 	$(DENO) cache $(ENTRIES)
-	$(DENO) cache --config deno.json $(JS)/vmm/main.js $(JS)/vmm/vcpu_worker.js $(JS)/vmm/migration_worker.js \
-	  $(JS)/devices/virtio/worker.js
+	$(DENO) cache --config deno.json $(JS)/vmm/main.js $(WORKERS:%=$(JS)/%.js)
 	printf '%s\n' '#!/bin/sh' \
 	  'here=$$(cd "$$(dirname "$$0")/.." && pwd)' \
 	  ': "$${DENO_DIR:=$$here/build/deno_dir}"; export DENO_DIR' \
@@ -118,8 +117,7 @@ demo: all lab-images
 dist: all
 	@[ -n "$${DENORT_BIN:-}" ] || { echo "make dist needs DENORT_BIN=/path/to/denort (deno compile's runtime)"; exit 1; }
 	DENORT_BIN=$(DENORT_BIN) $(DENO) compile --allow-all --no-prompt --include $(SHIM) \
-	  --include vmm/vcpu_worker.ts --include vmm/migration_worker.ts --include devices/virtio/worker.ts \
-	  -o $(BUILD)/dvmm-dist main.ts
+	  $(WORKERS:%=--include %.ts) -o $(BUILD)/dvmm-dist main.ts
 
 clean:
 	rm -rf $(BUILD)

@@ -3,22 +3,12 @@ import assert from "node:assert/strict";
 import { CLI_OPTIONS, CliError, DEFAULT_LOG_FORMAT, logFormatProblem, parseCli } from "../main.ts";
 import { kvmAvailable } from "./helpers/realmode.ts";
 import { pvhElf } from "./helpers/tiny_guest.ts";
+import { dvmmCommand } from "./helpers/host.ts";
 
-const MAIN = new URL("../main.ts", import.meta.url).pathname;
 const dec = new TextDecoder();
 
-function dvmm(args: string[], opts: { stdin?: "null" | "piped" } = {}) {
-  return new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "--quiet", "--no-prompt", MAIN, ...args],
-    env: { DENO_NO_UPDATE_CHECK: "1" },
-    stdin: opts.stdin ?? "null",
-    stdout: "piped",
-    stderr: "piped",
-  });
-}
-
 async function run(args: string[]) {
-  const out = await dvmm(args).output();
+  const out = await dvmmCommand(args).output();
   return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
 }
 
@@ -91,7 +81,8 @@ Deno.test("cli: API-only dvmm serves until vmm.shutdown, then exits 0 and remove
   const dir = await Deno.makeTempDir({ prefix: "dvmm-cli-" });
   const sock = `${dir}/api.sock`;
   const eventsFile = `${dir}/events.json`;
-  const child = dvmm(["--api-socket", `path=${sock}`, "--event-monitor", `path=${eventsFile}`]).spawn();
+  const child = dvmmCommand(["--api-socket", `path=${sock}`, "--event-monitor", `path=${eventsFile}`])
+    .spawn();
   try {
     await waitFor(sock);
     assert.equal((await Deno.stat(sock)).mode! & 0o777, 0o600);
@@ -134,7 +125,7 @@ Deno.test("cli: API-only dvmm serves until vmm.shutdown, then exits 0 and remove
 Deno.test("cli: SIGTERM shuts dvmm down cleanly", async () => {
   const dir = await Deno.makeTempDir({ prefix: "dvmm-cli-" });
   const sock = `${dir}/api.sock`;
-  const child = dvmm(["--api-socket", `path=${sock}`]).spawn();
+  const child = dvmmCommand(["--api-socket", `path=${sock}`]).spawn();
   try {
     await waitFor(sock);
     child.kill("SIGTERM");
@@ -155,7 +146,7 @@ Deno.test({
   const events = `${dir}/events.json`;
   await Deno.writeFile(`${dir}/spin.elf`, pvhElf(new Uint8Array([0xeb, 0xfe]))); // jmp $
   // 1 GiB prefaulted: the boot takes a moment, and the signal arrives in it.
-  const child = dvmm([
+  const child = dvmmCommand([
     "--api-socket",
     `path=${sock}`,
     "--event-monitor",
@@ -197,7 +188,7 @@ Deno.test({
   const dir = await Deno.makeTempDir({ prefix: "dvmm-cli-" });
   const sock = `${dir}/api.sock`;
   await Deno.writeFile(`${dir}/spin.elf`, pvhElf(new Uint8Array([0xeb, 0xfe]))); // jmp $
-  const child = dvmm([
+  const child = dvmmCommand([
     "--api-socket",
     `path=${sock}`,
     "--kernel",

@@ -10,7 +10,7 @@ import { EventFd, mapMemfd, unmap } from "../ffi/kvm.ts";
 import { EFD_NONBLOCK } from "../ffi/kvm_constants.ts";
 import { F, VIRTIO_ID } from "../devices/virtio/constants.ts";
 import { rngFeatures } from "../devices/virtio/rng.ts";
-import { COMMON_OFFSET, VirtioPciDevice } from "../devices/virtio/pci_transport.ts";
+import { VirtioPciDevice } from "../devices/virtio/pci_transport.ts";
 import {
   CTL_STOP,
   newControlBlock,
@@ -19,13 +19,8 @@ import {
 } from "../devices/virtio/device_shared.ts";
 import type { DeviceWorkerExit } from "../devices/virtio/worker.ts";
 import { GuestMemory } from "../vmm/memory.ts";
-import { FakeDriverQueue } from "./virtio_driver.ts";
-
-function common(t: VirtioPciDevice, off: number, size: number, value: number): void {
-  const b = new Uint8Array(size);
-  for (let i = 0; i < size; i++) b[i] = (value / 2 ** (8 * i)) & 0xff;
-  t.mmioWrite(COMMON_OFFSET + off, b);
-}
+import { FakeDriverQueue, writeCommon as common } from "./virtio_driver.ts";
+import { until } from "./helpers/host.ts";
 
 Deno.test("device fault: a device that cannot be set up is reported and shows the guest NEEDS_RESET", async () => {
   const dir = await Deno.makeTempDir({ prefix: "dvmm-fault-" });
@@ -92,22 +87,15 @@ Deno.test("device fault: a device that cannot be set up is reported and shows th
     };
     const word = new Uint8Array(8);
     const signalled = (v: number) => Number(shim().kvs_read(desc.irqFds[v], word, 8)) === 8;
-    const until = async (what: string, f: () => boolean) => {
-      const deadline = performance.now() + 10_000;
-      while (!f()) {
-        assert.ok(performance.now() < deadline, `timed out waiting for ${what}`);
-        await new Promise((r) => setTimeout(r, 10));
-      }
-    };
 
-    await until("the worker's report", () => messages.length > 0);
+    await until("the worker's report", () => messages.length > 0, 10_000);
     assert.equal(messages[0].type, "failed");
     assert.equal(messages[0].id, "__rng");
     assert.match(messages[0].error!, /entropy-gone/);
     for (let round = 0; round < 2; round++) {
       driverInit();
-      await until("DEVICE_NEEDS_RESET", () => (tr.status & 0x40) !== 0);
-      await until("the configuration interrupt", () => signalled(0));
+      await until("DEVICE_NEEDS_RESET", () => (tr.status & 0x40) !== 0, 10_000);
+      await until("the configuration interrupt", () => signalled(0), 10_000);
       // The driver resets the device (and may try again: it stays failed).
       common(tr, 0x14, 1, 0);
       assert.equal(tr.status, 0);
@@ -116,7 +104,7 @@ Deno.test("device fault: a device that cannot be set up is reported and shows th
     // Stop still works, and the worker ends without an error.
     Atomics.store(h.ctl, CTL_STOP, 1);
     h.kickWorker();
-    await until("the worker's exit", () => messages.some((m) => m.type === "exit"));
+    await until("the worker's exit", () => messages.some((m) => m.type === "exit"), 10_000);
     assert.equal(messages.find((m) => m.type === "exit")!.error, undefined);
   } finally {
     w?.terminate();

@@ -8,10 +8,9 @@ import { landlockAbi, landlockRules } from "../vmm/landlock.ts";
 import { VmConfigSchema } from "../vmm/vm_config.ts";
 import { kvmAvailable } from "./helpers/realmode.ts";
 import { pvhElf } from "./helpers/tiny_guest.ts";
-import { waitForSocket } from "./helpers/host.ts";
+import { dvmmCommand, waitForSocket } from "./helpers/host.ts";
 import { apiRequest, errorMessages } from "../api/client.ts";
 
-const MAIN = new URL("../main.ts", import.meta.url).pathname;
 const dec = new TextDecoder();
 const ignore = !kvmAvailable() || landlockAbi() === 0;
 
@@ -49,32 +48,22 @@ Deno.test("landlock: the rules a config needs, with Cloud Hypervisor's access pe
 
 function dvmm(dir: string, extra: string[]) {
   const sock = `${dir}/api.sock`;
-  const child = new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "-A",
-      "--quiet",
-      MAIN,
-      "--api-socket",
-      `path=${sock}`,
-      "--kernel",
-      `${dir}/spin.elf`,
-      "--cpus",
-      "boot=1",
-      "--memory",
-      "size=64M",
-      "--console",
-      "off",
-      "--serial",
-      "null",
-      "--landlock",
-      ...extra,
-    ],
-    env: { DENO_NO_UPDATE_CHECK: "1" },
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
+  const child = dvmmCommand([
+    "--api-socket",
+    `path=${sock}`,
+    "--kernel",
+    `${dir}/spin.elf`,
+    "--cpus",
+    "boot=1",
+    "--memory",
+    "size=64M",
+    "--console",
+    "off",
+    "--serial",
+    "null",
+    "--landlock",
+    ...extra,
+  ]).spawn();
   return { child, sock };
 }
 

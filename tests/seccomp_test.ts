@@ -9,11 +9,10 @@ import assert from "node:assert/strict";
 import { allowList, compileFilter } from "../vmm/seccomp.ts";
 import { kvmAvailable } from "./helpers/realmode.ts";
 import { pvhElf } from "./helpers/tiny_guest.ts";
-import { until, waitForSocket } from "./helpers/host.ts";
+import { dvmmCommand, until, waitForSocket } from "./helpers/host.ts";
 import { apiRequest } from "../api/client.ts";
 
 const PROBE = new URL("./helpers/seccomp_probe.ts", import.meta.url).pathname;
-const MAIN = new URL("../main.ts", import.meta.url).pathname;
 const dec = new TextDecoder();
 
 async function probe(...args: string[]) {
@@ -118,30 +117,20 @@ Deno.test({
   const dir = await Deno.makeTempDir({ prefix: "dvmm-seccomp-" });
   const sock = `${dir}/api.sock`;
   await Deno.writeFile(`${dir}/spin.elf`, pvhElf(new Uint8Array([0xeb, 0xfe]))); // jmp $
-  const child = new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "-A",
-      "--quiet",
-      MAIN,
-      "--api-socket",
-      `path=${sock}`,
-      "--kernel",
-      `${dir}/spin.elf`,
-      "--cpus",
-      "boot=2",
-      "--memory",
-      "size=64M",
-      "--console",
-      "off",
-      "--serial",
-      "null",
-    ],
-    env: { DENO_NO_UPDATE_CHECK: "1" },
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
+  const child = dvmmCommand([
+    "--api-socket",
+    `path=${sock}`,
+    "--kernel",
+    `${dir}/spin.elf`,
+    "--cpus",
+    "boot=2",
+    "--memory",
+    "size=64M",
+    "--console",
+    "off",
+    "--serial",
+    "null",
+  ]).spawn();
   try {
     await waitForSocket(sock);
     const threads = () =>

@@ -38,8 +38,8 @@ import { BLK_F, F, featureBit, VIRTIO_ID } from "../devices/virtio/constants.ts"
 import type { Activation } from "../devices/virtio/pci_transport.ts";
 import type { FakeBackendInit, FakeReport } from "./helpers/vhost_user_fake_worker.ts";
 import { GuestMemory } from "../vmm/memory.ts";
-import { FakeDriverQueue } from "./virtio_driver.ts";
-import { COMMON_OFFSET, VirtioPciDevice } from "../devices/virtio/pci_transport.ts";
+import { FakeDriverQueue, writeCommon as common } from "./virtio_driver.ts";
+import { VirtioPciDevice } from "../devices/virtio/pci_transport.ts";
 import {
   CTL_STOP,
   newControlBlock,
@@ -587,12 +587,6 @@ for (const kind of ["blk", "generic"] as const) {
 // ---------------------------------------------------------------------------------------------------
 // The device worker (devices/virtio/worker.ts) as the control plane, driven through the transport.
 
-/** Writes a common-config register of the transport (little-endian, `size` bytes). */
-function common(t: VirtioPciDevice, off: number, size: number, value: number): void {
-  const b = new Uint8Array(size);
-  for (let i = 0; i < size; i++) b[i] = (value / 2 ** (8 * i)) & 0xff;
-  t.mmioWrite(COMMON_OFFSET + off, b);
-}
 
 Deno.test("vhost-user device worker: DRIVER_OK programs the back-end, a reset waits for the rings to stop, a hang-up needs reset", async (t) => {
   for (const mode of ["normal", "hangup"] as const) {

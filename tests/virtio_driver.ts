@@ -1,6 +1,14 @@
 /** Test helper (no tests here): the driver side of a split virtqueue laid out in test memory. */
 import type { GuestMemory } from "../vmm/memory.ts";
 import { ringSizes } from "../devices/virtio/queue.ts";
+import { COMMON_OFFSET, type VirtioPciDevice } from "../devices/virtio/pci_transport.ts";
+
+/** Writes a common-config register of a virtio-pci transport, as a driver does (little-endian, `size` bytes). */
+export function writeCommon(t: VirtioPciDevice, off: number, size: number, value: number): void {
+  const b = new Uint8Array(size);
+  for (let i = 0; i < size; i++) b[i] = (value / 2 ** (8 * i)) & 0xff;
+  t.mmioWrite(COMMON_OFFSET + off, b);
+}
 
 export class FakeDriverQueue {
   readonly descAddr: number;

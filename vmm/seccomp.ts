@@ -194,12 +194,8 @@ export function compileFilter(
   return out;
 }
 
-function modeCode(): number {
-  return shim().kvs_seccomp_mode();
-}
-
 function install(kind: ThreadKind, tsync: boolean): void {
-  const code = modeCode();
+  const code = shim().kvs_seccomp_mode();
   if (code === 0) return;
   const deny = code === MODE_CODE.errno ? RET.errnoEperm : RET.trap;
   const escape = code === MODE_CODE.log ? shim().kvs_seccomp_escape_ip() : undefined;

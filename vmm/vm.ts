@@ -526,8 +526,9 @@ export class Vm implements VmBackend, MigrationSource {
       if (r) readRange(restore!.memoryFd, r, mappingBytes(map));
     };
     const huge = ramParts(cfg.memory).filter((p) => p.hugepages).reduce((n, p) => n + p.size, 0);
-    if (huge > 0) checkHugePages(huge, cfg.memory.hugepage_size);
-    const tooBig = hostMemoryWarning(ramSize(cfg.memory) + (cfg.memory.hotplug_size ?? 0));
+    const meminfo = Deno.readTextFileSync("/proc/meminfo");
+    if (huge > 0) checkHugePages(huge, cfg.memory.hugepage_size, meminfo);
+    const tooBig = hostMemoryWarning(ramSize(cfg.memory) + (cfg.memory.hotplug_size ?? 0), meminfo);
     if (tooBig) log.warn(tooBig);
     // vCPU threads first: a Worker needs its own V8 isolate and module graph, which costs more than
     // the rest of the set-up when the host is slow (the lab runs this ~20x slower than hardware), so
@@ -1040,15 +1041,19 @@ export class Vm implements VmBackend, MigrationSource {
   }
 }
 
+/** A reader of /proc/meminfo's numbers (`text`, or the file read now): field name → its value, NaN if absent. */
+function meminfoReader(text = Deno.readTextFileSync("/proc/meminfo")): (name: string) => number {
+  return (name) => Number(text.match(new RegExp(`^${name}:\\s+(\\d+)`, "m"))?.[1] ?? NaN);
+}
+
 /**
  * Guest RAM larger than the host's memory and swap together: dvmm maps it without reserving it (as Cloud
  * Hypervisor does), so the VM starts, but the guest cannot use all of it (the host kills dvmm first).
  * Returns the warning to log, naming the option, or null.
  */
 export function hostMemoryWarning(bytes: number, meminfo?: string): string | null {
-  const text = meminfo ?? Deno.readTextFileSync("/proc/meminfo");
-  const kb = (name: string) => Number(text.match(new RegExp(`^${name}:\\s+(\\d+)`, "m"))?.[1] ?? NaN) * 1024;
-  const host = kb("MemTotal") + (kb("SwapTotal") || 0);
+  const field = meminfoReader(meminfo);
+  const host = field("MemTotal") * 1024 + (field("SwapTotal") * 1024 || 0);
   if (!(bytes > host)) return null;
   return `--memory size=${mib(bytes)} MiB is more than this host's memory and swap (${
     mib(host)
@@ -1060,8 +1065,7 @@ export function hostMemoryWarning(bytes: number, meminfo?: string): string | nul
  * reserving it, and the first access past the free pages is a SIGBUS that kills the VMM.
  */
 export function checkHugePages(bytes: number, pageSize?: number, meminfo?: string): void {
-  const text = meminfo ?? Deno.readTextFileSync("/proc/meminfo");
-  const field = (name: string) => Number(text.match(new RegExp(`^${name}:\\s+(\\d+)`, "m"))?.[1] ?? NaN);
+  const field = meminfoReader(meminfo);
   const size = field("Hugepagesize") * 1024;
   if (pageSize !== undefined && pageSize !== size) {
     throw new Error(

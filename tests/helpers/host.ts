@@ -30,3 +30,19 @@ export async function until(what: string, f: () => boolean | Promise<boolean>, m
     await new Promise((r) => setTimeout(r, 20));
   }
 }
+
+const MAIN = new URL("../../main.ts", import.meta.url).pathname;
+
+/**
+ * dvmm from its sources (`deno run main.ts ARGS`) as a subprocess: stdin closed, stdout and stderr piped,
+ * Deno's update check off (a VMM makes no network calls; under seccomp the check's calls are foreign).
+ */
+export function dvmmCommand(args: string[]): Deno.Command {
+  return new Deno.Command(Deno.execPath(), {
+    args: ["run", "--allow-all", "--quiet", "--no-prompt", MAIN, ...args],
+    env: { DENO_NO_UPDATE_CHECK: "1" },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  });
+}
