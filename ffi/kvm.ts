@@ -304,7 +304,9 @@ export class VmFd {
   }
   /** KVM_SET_IRQCHIP with a kvm_irqchip from getIrqchip (its first word names the chip). */
   setIrqchip(bytes: Uint8Array): void {
-    if (bytes.length !== SIZES.kvm_irqchip) throw new RangeError(`setIrqchip: need ${SIZES.kvm_irqchip} bytes`);
+    if (bytes.length !== SIZES.kvm_irqchip) {
+      throw new RangeError(`setIrqchip: need ${SIZES.kvm_irqchip} bytes`);
+    }
     ioctlBuf(this.fd, C.KVM_SET_IRQCHIP, bytes.slice(), "KVM_SET_IRQCHIP");
   }
   /**
@@ -325,7 +327,9 @@ export class VmFd {
     return bytes;
   }
   setPit2(bytes: Uint8Array): void {
-    if (bytes.length !== SIZES.kvm_pit_state2) throw new RangeError(`setPit2: need ${SIZES.kvm_pit_state2} bytes`);
+    if (bytes.length !== SIZES.kvm_pit_state2) {
+      throw new RangeError(`setPit2: need ${SIZES.kvm_pit_state2} bytes`);
+    }
     ioctlBuf(this.fd, C.KVM_SET_PIT2, bytes.slice(), "KVM_SET_PIT2");
   }
 

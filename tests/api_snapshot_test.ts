@@ -54,20 +54,40 @@ Deno.test({
 }, async () => {
   const dir = await Deno.makeTempDir({ prefix: "dvmm-api-snap-" });
   const put = (sock: string, ep: string, body?: unknown) => apiRequest(sock, "PUT", `/api/v1/${ep}`, body);
-  const state = async (sock: string) => JSON.parse((await apiRequest(sock, "GET", "/api/v1/vm.info")).body).state;
+  const state = async (sock: string) =>
+    JSON.parse((await apiRequest(sock, "GET", "/api/v1/vm.info")).body).state;
   await Deno.writeFile(`${dir}/count.elf`, pvhElf(countingGuest()));
   const a = dvmm([
-    "--kernel", `${dir}/count.elf`, "--memory", "size=128M", "--cpus", "boot=2", "--console", "off",
-    "--serial", `file=${dir}/a.out`, "--api-socket", `path=${dir}/a.sock`,
-    "--event-monitor", `path=${dir}/a.events`,
+    "--kernel",
+    `${dir}/count.elf`,
+    "--memory",
+    "size=128M",
+    "--cpus",
+    "boot=2",
+    "--console",
+    "off",
+    "--serial",
+    `file=${dir}/a.out`,
+    "--api-socket",
+    `path=${dir}/a.sock`,
+    "--event-monitor",
+    `path=${dir}/a.events`,
   ]);
   let b: Deno.ChildProcess | null = null;
   try {
     await waitSocket(`${dir}/a.sock`);
     await new Promise((r) => setTimeout(r, 300));
     const sa = `${dir}/a.sock`;
-    assert.equal((await put(sa, "vm.snapshot", { destination_url: `file://${dir}/snap` })).status, 405, "running");
-    assert.equal((await put(sa, "vm.coredump", { destination_url: `file://${dir}/core` })).status, 405, "running");
+    assert.equal(
+      (await put(sa, "vm.snapshot", { destination_url: `file://${dir}/snap` })).status,
+      405,
+      "running",
+    );
+    assert.equal(
+      (await put(sa, "vm.coredump", { destination_url: `file://${dir}/core` })).status,
+      405,
+      "running",
+    );
     assert.equal((await put(sa, "vm.pause")).status, 204);
     const bad = await put(sa, "vm.snapshot", { destination_url: "tcp:127.0.0.1:4444" });
     assert.equal(bad.status, 400, bad.body);
@@ -77,15 +97,23 @@ Deno.test({
     const snap = await put(sa, "vm.snapshot", { destination_url: `file://${dir}/snap` });
     assert.equal(snap.status, 204, snap.body);
     for (const f of ["config.json", "state.json", "memory"]) await Deno.stat(`${dir}/snap/${f}`);
-    assert.equal((await put(sa, "vm.restore", { source_url: `file://${dir}/snap` })).status, 404, "VM exists");
+    assert.equal(
+      (await put(sa, "vm.restore", { source_url: `file://${dir}/snap` })).status,
+      404,
+      "VM exists",
+    );
     assert.equal((await put(sa, "vmm.shutdown")).status, 204);
     assert.equal((await a.status).code, 0);
     const eventsA = await Deno.readTextFile(`${dir}/a.events`);
     assert.match(eventsA, /"event":"snapshotting"[\s\S]*"event":"snapshotted"/);
 
     b = dvmm([
-      "--api-socket", `path=${dir}/b.sock`, "--restore", `source_url=file://${dir}/snap`,
-      "--event-monitor", `path=${dir}/b.events`,
+      "--api-socket",
+      `path=${dir}/b.sock`,
+      "--restore",
+      `source_url=file://${dir}/snap`,
+      "--event-monitor",
+      `path=${dir}/b.events`,
     ]);
     const sb = `${dir}/b.sock`;
     await waitSocket(sb);
@@ -121,15 +149,26 @@ Deno.test({
 });
 
 Deno.test({
-  name: "api: send-migration to a second dvmm over unix: the source exits 0, the destination runs the guest on",
+  name:
+    "api: send-migration to a second dvmm over unix: the source exits 0, the destination runs the guest on",
   ignore: !kvmAvailable(),
 }, async () => {
   const dir = await Deno.makeTempDir({ prefix: "dvmm-api-mig-" });
   const put = (sock: string, ep: string, body?: unknown) => apiRequest(sock, "PUT", `/api/v1/${ep}`, body);
   await Deno.writeFile(`${dir}/count.elf`, pvhElf(countingGuest()));
   const a = dvmm([
-    "--kernel", `${dir}/count.elf`, "--memory", "size=128M", "--console", "off", "--serial", "null",
-    "--api-socket", `path=${dir}/a.sock`, "--event-monitor", `path=${dir}/a.ev`,
+    "--kernel",
+    `${dir}/count.elf`,
+    "--memory",
+    "size=128M",
+    "--console",
+    "off",
+    "--serial",
+    "null",
+    "--api-socket",
+    `path=${dir}/a.sock`,
+    "--event-monitor",
+    `path=${dir}/a.ev`,
   ]);
   const b = dvmm(["--api-socket", `path=${dir}/b.sock`, "--event-monitor", `path=${dir}/b.ev`]);
   try {
@@ -146,11 +185,17 @@ Deno.test({
     const info = JSON.parse((await apiRequest(`${dir}/b.sock`, "GET", "/api/v1/vm.info")).body);
     assert.equal(info.state, "Running");
     assert.equal((await put(`${dir}/b.sock`, "vm.pause")).status, 204);
-    assert.equal((await put(`${dir}/b.sock`, "vm.coredump", { destination_url: `file://${dir}/core.1` })).status, 204);
+    assert.equal(
+      (await put(`${dir}/b.sock`, "vm.coredump", { destination_url: `file://${dir}/core.1` })).status,
+      204,
+    );
     assert.equal((await put(`${dir}/b.sock`, "vm.resume")).status, 204);
     await new Promise((r) => setTimeout(r, 300));
     assert.equal((await put(`${dir}/b.sock`, "vm.pause")).status, 204);
-    assert.equal((await put(`${dir}/b.sock`, "vm.coredump", { destination_url: `file://${dir}/core.2` })).status, 204);
+    assert.equal(
+      (await put(`${dir}/b.sock`, "vm.coredump", { destination_url: `file://${dir}/core.2` })).status,
+      204,
+    );
     const c1 = await counterInCore(`${dir}/core.1`);
     const c2 = await counterInCore(`${dir}/core.2`);
     assert.ok(c1 > 0 && c2 > c1, `the guest counts at the destination (${c1} → ${c2})`);

@@ -27,7 +27,7 @@ function exchanges(output: string): Exchange[] {
 
 Deno.test({ name: "lab: the REST API drives real guests", ignore: why !== null }, async (t) => {
   const res = await runInLab("sh /dvmm/tests/lab/api_checks.sh; bash /dvmm/tests/lab/seed_curl.sh", {
-    timeout: 900,
+    timeout: 300,
   });
   await t.step("create, boot, pause, resume, counters, shutdown, delete, create again", () => {
     checkApiCase(res.stdout, res.stderr);

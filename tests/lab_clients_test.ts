@@ -5,7 +5,7 @@
  * carry the names Kata looks for (`vcpu0`, `vcpu1`).
  */
 import assert from "node:assert/strict";
-import { labUnavailable, runScriptInLab } from "./helpers/lab.ts";
+import { labTail, labUnavailable, runScriptInLab } from "./helpers/lab.ts";
 
 const why = labUnavailable();
 const root = new URL("../", import.meta.url).pathname;
@@ -39,30 +39,30 @@ Deno.test({
   const cache = await new Deno.Command(Deno.execPath(), { args: ["cache", `${root}tests/lab/kata_flow.ts`] })
     .output();
   assert.equal(cache.code, 0, new TextDecoder().decode(cache.stderr));
-  const res = await runScriptInLab("clients", { "guest.sh": GUEST }, HOST, { timeout: 700 });
+  const res = await runScriptInLab("clients", { "guest.sh": GUEST }, HOST, { timeout: 300 });
   const out = res.stdout.replaceAll("\r", "");
-  const all = out + "\n--- stderr ---\n" + res.stderr;
+  const tail = labTail(res, out);
   const status = (endpoint: string) => out.match(new RegExp(`^CALL ${endpoint} (\\d+)`, "m"))?.[1];
   const line = (key: string) => out.match(new RegExp(`^${key} (.*)$`, "m"))?.[1];
 
   await t.step("create, add-net (with the tap fd), boot answer 204", () => {
-    assert.equal(status("vm.create"), "204", all.slice(-6000));
-    assert.equal(status("vm.add-net"), "204", all.slice(-6000));
-    assert.equal(status("vm.boot"), "204", all.slice(-6000));
+    assert.equal(status("vm.create"), "204", tail(6000));
+    assert.equal(status("vm.add-net"), "204", tail(6000));
+    assert.equal(status("vm.boot"), "204", tail(6000));
   });
   await t.step("vCPU threads are named vcpu0 and vcpu1", () => {
     const names = (line("THREADS") ?? "").split(" ");
     assert.deepEqual(names.filter((n) => /^vcpu\d+$/.test(n)).sort(), ["vcpu0", "vcpu1"], line("THREADS"));
   });
   await t.step("the guest pings the host side of the client's tap, and only that tap carries it", () => {
-    assert.equal(line("ping-rc"), "0", all.slice(-6000));
+    assert.equal(line("ping-rc"), "0", tail(6000));
     const m = line("TAP")?.match(/rx_packets (\d+) tx_packets (\d+)/);
-    assert.ok(m, all.slice(-4000));
+    assert.ok(m, tail(4000));
     assert.ok(Number(m[1]) >= 4 && Number(m[2]) >= 4, `katatap0 carried the pings: ${line("TAP")}`);
     assert.doesNotMatch(line("OTHER-TAPS") ?? "", /vmtap/, "dvmm made no tap of its own");
     const counters = JSON.parse(out.match(/^CALL vm\.counters 200 (.*)$/m)?.[1] ?? "{}");
     assert.ok(counters._net0?.tx_frames >= 4, JSON.stringify(counters));
     assert.equal(status("vmm.shutdown"), "204");
-    assert.equal(line("dvmm-exit"), "0", all.slice(-3000));
+    assert.equal(line("dvmm-exit"), "0", tail(3000));
   });
 });

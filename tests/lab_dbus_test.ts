@@ -5,7 +5,7 @@
  * `dbus-monitor` watching the `Event` signal.
  */
 import assert from "node:assert/strict";
-import { labUnavailable, runScriptInLab } from "./helpers/lab.ts";
+import { labTail, labUnavailable, runScriptInLab } from "./helpers/lab.ts";
 
 const why = labUnavailable();
 const root = new URL("../", import.meta.url).pathname;
@@ -85,9 +85,9 @@ Deno.test({
     serial: { mode: "Tty" },
     console: { mode: "Off" },
   });
-  const res = await runScriptInLab("dbus", { "vm.json": vm, "bus.conf": BUS_CONF }, HOST, { timeout: 700 });
+  const res = await runScriptInLab("dbus", { "vm.json": vm, "bus.conf": BUS_CONF }, HOST, { timeout: 300 });
   const out = res.stdout.replaceAll("\r", "");
-  const all = out + "\n--- stderr ---\n" + res.stderr;
+  const tail = labTail(res, out);
   const calls = [...out.matchAll(/^CALL (\w+) rc=(\d+) (.*)$/gm)].map((m) => ({
     m: m[1],
     rc: m[2],
@@ -96,19 +96,19 @@ Deno.test({
   const section = (s: string) => out.split(`=== ${s}\n`)[1]?.split("\n=== ")[0] ?? "";
 
   await t.step("ping, create and boot answer over the bus", () => {
-    assert.equal(calls[0]?.m, "VmmPing", all.slice(-6000));
+    assert.equal(calls[0]?.m, "VmmPing", tail(6000));
     assert.equal(calls[0].rc, "0", calls[0].r);
     assert.match(calls[0].r, /"version"/);
     assert.deepEqual(
       calls.slice(1, 3).map((c) => [c.m, c.rc]),
       [["VmCreate", "0"], ["VmBoot", "0"]],
-      all.slice(-6000),
+      tail(6000),
     );
   });
   await t.step("VmInfo shows the running VM; the guest ran", () => {
     assert.equal(calls[3].m, "VmInfo");
     assert.match(calls[3].r, /"state":"Running"/, calls[3].r);
-    assert.match(section("OUT"), /dbus-guest-ok/, all.slice(-6000));
+    assert.match(section("OUT"), /dbus-guest-ok/, tail(6000));
   });
   await t.step("a second VmBoot is a D-Bus error carrying the API's message", () => {
     assert.equal(calls[4].m, "VmBoot");
@@ -122,7 +122,7 @@ Deno.test({
       "0",
     ]]);
     assert.match(calls[6].r, /Shutdown/);
-    assert.match(out, /^dvmm-exit 0$/m, all.slice(-3000));
+    assert.match(out, /^dvmm-exit 0$/m, tail(3000));
   });
   await t.step("the Event signal carried the life-cycle events", () => {
     const ev = section("EVENTS");

@@ -21,7 +21,7 @@
  * The guest script comes from a raw disk (dvmm.script=/dev/vda) and prints on hvc0 (a file here).
  */
 import assert from "node:assert/strict";
-import { labUnavailable, runScriptInLab, scriptDisk } from "./helpers/lab.ts";
+import { labTail, labUnavailable, runScriptInLab, scriptDisk } from "./helpers/lab.ts";
 
 const why = labUnavailable();
 
@@ -226,11 +226,11 @@ Deno.test({
       "p.img": image("TOKEN-HP-PMM", 2 << 20),
     },
     HOST,
-    { timeout: 880 },
+    { timeout: 700 },
   );
   const out = res.stdout.replaceAll("\r", "");
   const all = out + "\n--- stderr ---\n" + res.stderr;
-  const tail = all.slice(-8000);
+  const tail = labTail(res, out)(8000);
   const line = (key: string) => out.match(new RegExp(`^${key} ?(.*)$`, "m"))?.[1];
   const section = (s: string) => out.split(`=== ${s}\n`)[1]?.split("\n=== ")[0] ?? "";
   const json = (s: string) => {

@@ -11,7 +11,7 @@
  * sources' `migration-sent` events carry each hop's total time and downtime.
  */
 import assert from "node:assert/strict";
-import { labUnavailable, runScriptInLab } from "./helpers/lab.ts";
+import { labTail, labUnavailable, runScriptInLab, SH_LIB } from "./helpers/lab.ts";
 
 const why = labUnavailable();
 const root = new URL("../", import.meta.url).pathname;
@@ -25,7 +25,7 @@ echo COUNTING
 const HOST = (dir: string, counter: string) => `
 set -u
 D=/work/${dir}
-waitfor() { i=0; while ! grep -q "$2" $1 2>/dev/null && [ $i -lt $3 ]; do sleep 0.5; i=$((i+1)); done; grep -q "$2" $1; }
+${SH_LIB}
 api() { curl -s -o $D/body -w "CALL $2 %{http_code}\\n" --unix-socket $3 -X "$1" -H 'Content-Type: application/json' \${4:+-d "$4"} "http://localhost/api/v1/$2"; cat $D/body; echo; }
 ticks() { tr -d '\\r' <$1 | grep -o 'tick [0-9]*$' | tail -n1; }
 # A destination dvmm: its own terminal (a fifo in, a file out), API and event monitor.
@@ -39,7 +39,7 @@ hop() {
   echo "LAST-TICK $1 $(ticks $D/$1.out)"
   api PUT vm.send-migration $D/$1.sock '{"destination_url":"'$3'"'\${4:+,\\"local\\":true}'}'
   wait $r; cat $D/recv.$2
-  eval "wait \\$p$1"; echo "exit $1 $?"
+  eval "reap \\$p$1 $1 60"
   grep -o '"event":"migration-sent".*' $D/$1.ev
 }
 
@@ -50,22 +50,22 @@ dvmm --kernel /lab/vmlinuz --initramfs /lab/initramfs.gz --cmdline "console=ttyS
   --api-socket path=$D/a.sock --event-monitor path=$D/a.ev <$D/in.a >$D/a.out 2>$D/a.err &
 pa=$!
 exec 3>$D/in.a
-waitfor $D/a.out "tick 3" 600 || echo "NO-TICKS"
+waitfor $D/a.out "tick 3" 600 $pa || echo "NO-TICKS"
 dest b 4
 echo "=== HOP unix"
 hop a b "unix:$D/mig-ab.sock"
-waitfor $D/b.out "tick" 240 || echo "NO-TICKS-B"
+waitfor $D/b.out "tick" 240 $pb || echo "NO-TICKS-B"
 dest c 5
 echo "=== HOP tcp"
 hop b c "tcp:127.0.0.1:6123"
-waitfor $D/c.out "tick" 240 || echo "NO-TICKS-C"
+waitfor $D/c.out "tick" 240 $pc || echo "NO-TICKS-C"
 dest d 6
 echo "=== HOP local"
 hop c d "unix:$D/mig-cd.sock" local
-waitfor $D/d.out "tick" 240 || echo "NO-TICKS-D"
+waitfor $D/d.out "tick" 240 $pd || echo "NO-TICKS-D"
 sleep 2
 printf 'echo "count-now $(cat /tmp/count)"; echo "disk-now $(head -c 16 /dev/vda | tr -d "\\\\0")"; echo "serial-ok-$((6*7))"\\n' >&6
-waitfor $D/d.out "serial-ok-42" 240 || echo "NO-SERIAL"
+waitfor $D/d.out "serial-ok-42" 240 $pd || echo "NO-SERIAL"
 api GET vm.info $D/d.sock | grep -o '"state":"[A-Za-z]*"'
 echo "=== KILLED-RECEIVER"
 dest e 7
@@ -79,30 +79,32 @@ sleep 3
 echo "D-AFTER $before / $(ticks $D/d.out)"
 api GET vm.info $D/d.sock | grep -o '"state":"[A-Za-z]*"'
 api PUT vmm.shutdown $D/d.sock
-wait $pd; echo "exit d $?"
+reap $pd d 60
 for x in a b c d; do echo "=== OUT $x"; tr -d '\\r' <$D/$x.out | grep -o 'tick [0-9]*$\\|^count-now.*\\|^disk-now.*\\|^serial-ok.*'; done
 echo "=== ERR"; tail -n 5 $D/a.err $D/b.err $D/c.err $D/d.err
 `;
 
 Deno.test({
-  name: "lab: live migration unix → tcp → local while the guest counts; a killed receiver leaves the source running",
+  name:
+    "lab: live migration unix → tcp → local while the guest counts; a killed receiver leaves the source running",
   ignore: why !== null,
 }, async (t) => {
   const counter = new TextDecoder().decode(
     (await new Deno.Command(`${root}tests/lab/guest-arg`, { args: [COUNTER] }).output()).stdout,
   ).trim();
-  const res = await runScriptInLab("migration", {}, (name) => HOST(name, counter), { timeout: 1500 });
+  const res = await runScriptInLab("migration", {}, (name) => HOST(name, counter), { timeout: 500 });
   const out = res.stdout.replaceAll("\r", "");
   const all = out + "\n--- stderr ---\n" + res.stderr;
+  const tail = labTail(res, out);
   await Deno.writeTextFile(`${root}build/lab-work/migration.out`, all);
   const section = (s: string) => out.split(`=== ${s}\n`)[1]?.split("\n=== ")[0] ?? "";
 
   for (const [hop, from, to] of [["unix", "a", "b"], ["tcp", "b", "c"], ["local", "c", "d"]]) {
     await t.step(`${hop}: both calls answer 204, the source exits 0`, () => {
       const s = section(`HOP ${hop}`);
-      assert.match(s, /^CALL vm\.send-migration 204$/m, all.slice(-6000));
-      assert.match(s, /^CALL vm\.receive-migration 204$/m, all.slice(-6000));
-      assert.match(s, new RegExp(`^exit ${from} 0$`, "m"), all.slice(-4000));
+      assert.match(s, /^CALL vm\.send-migration 204$/m, tail(6000));
+      assert.match(s, /^CALL vm\.receive-migration 204$/m, tail(6000));
+      assert.match(s, new RegExp(`^${from}-exit 0$`, "m"), tail(4000));
       const sent = s.match(/"total_ms":"(\d+)","downtime_ms":"(\d+)"/);
       assert.ok(sent, s);
       console.log(`  ${hop} ${from}→${to}: total ${sent[1]} ms, downtime ${sent[2]} ms`);
@@ -112,22 +114,22 @@ Deno.test({
     const ticks = ["a", "b", "c", "d"].flatMap((x) =>
       [...section(`OUT ${x}`).matchAll(/^tick (\d+)$/gm)].map((m) => Number(m[1]))
     );
-    assert.ok(ticks.length > 8, all.slice(-4000));
+    assert.ok(ticks.length > 8, tail(4000));
     ticks.forEach((n, i) => i > 0 && assert.equal(n, ticks[i - 1] + 1, `tick ${ticks[i - 1]} then ${n}`));
   });
   await t.step("the last destination's terminal reaches the shell; its disk holds the latest count", () => {
     const d = section("OUT d");
-    assert.match(d, /^serial-ok-42$/m, all.slice(-4000));
+    assert.match(d, /^serial-ok-42$/m, tail(4000));
     const now = Number(d.match(/^count-now (\d+)$/m)?.[1]);
     const disk = Number(d.match(/^disk-now disk (\d+)/m)?.[1]);
     assert.ok(disk >= now - 1 && disk <= now, `disk ${disk}, count ${now}`);
   });
   await t.step("a receiver killed mid-migration: the send fails, the source runs on", () => {
     const s = section("KILLED-RECEIVER");
-    assert.match(s, /^CALL vm\.send-migration 500$/m, all.slice(-4000));
+    assert.match(s, /^CALL vm\.send-migration 500$/m, tail(4000));
     const m = s.match(/^D-AFTER tick (\d+) \/ tick (\d+)$/m);
     assert.ok(m && Number(m[2]) > Number(m[1]), s);
     assert.match(s, /"state":"Running"/);
-    assert.match(out, /^exit d 0$/m);
+    assert.match(out, /^d-exit 0$/m);
   });
 });

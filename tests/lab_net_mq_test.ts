@@ -21,7 +21,7 @@
  * figures compare dvmm with itself, nothing more).
  */
 import assert from "node:assert/strict";
-import { labUnavailable, runScriptInLab } from "./helpers/lab.ts";
+import { labTail, labUnavailable, runScriptInLab } from "./helpers/lab.ts";
 
 const why = labUnavailable();
 const root = new URL("../", import.meta.url).pathname;
@@ -186,10 +186,11 @@ Deno.test({
     "netmq",
     { "guest.sh": GUEST, "guest-fds.sh": GUEST_FDS, "host.sh": HOST },
     (d) => `exec bash /work/${d}/host.sh /work/${d}\n`,
-    { timeout: 1800 },
+    { timeout: 700 },
   );
   const out = res.stdout.replaceAll("\r", "");
   const all = out + "\n--- stderr ---\n" + res.stderr;
+  const tail = labTail(res, out);
   if (Deno.env.get("DVMM_LAB_VERBOSE") === "1") console.log(out);
   const runs = Object.fromEntries(["sq-nomrg", "sq-mrg", "mq"].map((n) => [n, parseRun(out, n)]));
   const mq = runs.mq;
@@ -209,7 +210,7 @@ Deno.test({
   });
 
   await t.step("mq: 4 RX and 4 TX queues enabled by the guest, MTU 9000, MQ features negotiated", () => {
-    const ctx = mq.text.slice(-6000) || all.slice(-6000);
+    const ctx = mq.text.slice(-6000) || tail(6000);
     assert.deepEqual(mq.line("queues")?.trim().split(" ").sort(), [
       "rx-0",
       "rx-1",
@@ -265,7 +266,7 @@ Deno.test({
     "fd=[...]: a client's 2-queue tap sent with vm.add-net (num_queues=4) carries the guest's pings",
     () => {
       const r = parseRun(out, "fds");
-      const ctx = r.text.slice(-6000) || all.slice(-6000);
+      const ctx = r.text.slice(-6000) || tail(6000);
       const status = (endpoint: string) => r.text.match(new RegExp(`^CALL ${endpoint} (\\d+)`, "m"))?.[1];
       for (const e of ["vm.create", "vm.add-net", "vm.boot", "vmm.shutdown"]) {
         assert.equal(status(e), "204", ctx);

@@ -10,7 +10,7 @@
  * - while the guest waits for its second line, the lab shell asks the REST API for counters and info.
  */
 import assert from "node:assert/strict";
-import { labUnavailable, runScriptInLab } from "./helpers/lab.ts";
+import { labTail, labUnavailable, runScriptInLab } from "./helpers/lab.ts";
 
 const why = labUnavailable();
 
@@ -65,20 +65,20 @@ Deno.test({
   name: "lab: virtio-net over a tap (guest pings the host side) and virtio-console in and out",
   ignore: why !== null,
 }, async (t) => {
-  const res = await runScriptInLab("net", { "guest.sh": GUEST }, HOST, { timeout: 700 });
+  const res = await runScriptInLab("net", { "guest.sh": GUEST }, HOST, { timeout: 300 });
   const out = res.stdout.replaceAll("\r", "");
-  const all = out + "\n--- stderr ---\n" + res.stderr;
+  const tail = labTail(res, out);
   const line = (key: string) => out.match(new RegExp(`^${key} ?(.*)$`, "m"))?.[1];
   const section = (s: string) => out.split(`=== ${s}\n`)[1]?.split("\n=== ")[0] ?? "";
   if (Deno.env.get("DVMM_LAB_VERBOSE") === "1") console.log(out);
 
   await t.step("the guest sees virtio-console and virtio-net on PCI", () => {
-    assert.match(out, /^pci 0000:00:01\.0 0x1af4 0x1043$/m, all.slice(-6000));
+    assert.match(out, /^pci 0000:00:01\.0 0x1af4 0x1043$/m, tail(6000));
     assert.match(out, /^pci 0000:00:02\.0 0x1af4 0x1041$/m);
     assert.equal(line("mac"), "52:54:00:12:34:56");
   });
   await t.step("the guest pings the tap's host address", () => {
-    assert.equal(line("ping-rc"), "0", all.slice(-6000));
+    assert.equal(line("ping-rc"), "0", tail(6000));
     assert.match(out, /3 packets transmitted, 3 (packets )?received/);
   });
   await t.step("console output reaches stdout; stdin reaches /dev/hvc0", () => {

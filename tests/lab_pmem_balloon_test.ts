@@ -15,7 +15,7 @@
  * the lab shell can look at counters, info and RSS while the guest holds still.
  */
 import assert from "node:assert/strict";
-import { labUnavailable, runScriptInLab, scriptDisk } from "./helpers/lab.ts";
+import { labTail, labUnavailable, runScriptInLab, scriptDisk } from "./helpers/lab.ts";
 
 const why = labUnavailable();
 const MiB = 1 << 20;
@@ -167,17 +167,18 @@ Deno.test({
       "balloon.sh": scriptDisk(BALLOON_GUEST),
     },
     HOST,
-    { timeout: 880 },
+    { timeout: 700 },
   );
   const out = res.stdout.replaceAll("\r", "");
   const all = out + "\n--- stderr ---\n" + res.stderr;
+  const tail = labTail(res, out);
   const line = (key: string) => out.match(new RegExp(`^${key} ?(.*)$`, "m"))?.[1];
   const section = (s: string) => out.split(`=== ${s}\n`)[1]?.split("\n=== ")[0] ?? "";
   const json = (s: string) => {
     try {
       return JSON.parse(section(s).trim().split("\n")[0]); // one line of JSON
     } catch {
-      assert.fail(`${s} is not JSON:\n${all.slice(-8000)}`);
+      assert.fail(`${s} is not JSON:\n${tail(8000)}`);
     }
   };
   const kb = (key: string) => Number(line(key));
@@ -190,18 +191,18 @@ Deno.test({
 
   await t.step("pmem: the guest reads the host's bytes from /dev/pmem0 and /dev/pmem1", () => {
     const reads = [...out.matchAll(/^read (\/dev\/pmem\d) (.*)$/gm)].map((m) => m[2]).sort();
-    assert.deepEqual(reads, ["TOKEN-HOST-A", "TOKEN-HOST-B"], all.slice(-8000));
+    assert.deepEqual(reads, ["TOKEN-HOST-A", "TOKEN-HOST-B"], tail(8000));
     assert.match(out, /^sectors 8192 8192$/m);
     for (const m of out.matchAll(/^tail \/dev\/pmem\d (.*)$/gm)) assert.equal(m[1], "....");
   });
   await t.step("pmem: the guest's writes read back in the guest, both devices", () => {
     const back = [...out.matchAll(/^back \/dev\/pmem\d (.*)$/gm)].map((m) => m[1]).sort();
-    assert.deepEqual(back, ["GUEST-WROTE-A", "GUEST-WROTE-B"], all.slice(-8000));
+    assert.deepEqual(back, ["GUEST-WROTE-A", "GUEST-WROTE-B"], tail(8000));
     for (const m of out.matchAll(/^dd \/dev\/pmem\d (\d+)$/gm)) assert.equal(m[1], "0");
   });
   await t.step("pmem: the shared file has the guest's write; the discard_writes file is unchanged", () => {
-    assert.equal(line("host-a"), "TOKEN-HOST-A GUEST-WROTE-A", all.slice(-8000));
-    assert.equal(line("host-b"), "TOKEN-HOST-B " + ".".repeat(13), all.slice(-8000));
+    assert.equal(line("host-a"), "TOKEN-HOST-A GUEST-WROTE-A", tail(8000));
+    assert.equal(line("host-b"), "TOKEN-HOST-B " + ".".repeat(13), tail(8000));
     assert.equal(line("pmem-dvmm-exit"), "0");
   });
   await t.step("pmem: counters (flushes), device tree (memory range, PCI ids)", () => {
@@ -220,7 +221,7 @@ Deno.test({
   await t.step("balloon: inflated to 128 MiB, the guest's MemTotal shows it; counters and info agree", () => {
     const m = memLine("inflated");
     console.log(`guest with a 128 MiB balloon: MemTotal ${m.total} kB, MemFree ${m.free} kB`);
-    assert.ok(m.total < 256 * 1024 && m.total > 150 * 1024, all.slice(-8000));
+    assert.ok(m.total < 256 * 1024 && m.total > 150 * 1024, tail(8000));
     const c = json("B-COUNTERS1").__balloon;
     console.log(`vm.counters __balloon: ${JSON.stringify(c)}`);
     assert.equal(c.actual_bytes, 128 * MiB);
@@ -233,7 +234,7 @@ Deno.test({
     assert.ok(info.device_tree.__balloon);
   });
   await t.step("balloon: resize to 64 MiB deflates it; MemTotal grows back", () => {
-    assert.equal(line("resize-rc"), "0", all.slice(-8000));
+    assert.equal(line("resize-rc"), "0", tail(8000));
     const before = memLine("inflated"), after = memLine("deflated");
     console.log(`guest after resize to 64 MiB: MemTotal ${after.total} kB, MemFree ${after.free} kB`);
     assert.ok(after.total - before.total >= 60 * 1024, `${before.total} → ${after.total}`);
@@ -254,7 +255,7 @@ Deno.test({
     const c3 = json("B-COUNTERS3").__balloon, c4 = json("B-COUNTERS4").__balloon;
     console.log(`reported_bytes: ${c3.reported_bytes} before the free, ${c4.reported_bytes} after`);
     assert.ok(c4.reported_bytes - c3.reported_bytes >= 48 * MiB, JSON.stringify(c4));
-    assert.ok(filled - freed >= 48 * 1024, `RSS ${filled} kB → ${freed} kB\n${all.slice(-6000)}`);
+    assert.ok(filled - freed >= 48 * 1024, `RSS ${filled} kB → ${freed} kB\n${tail(6000)}`);
     assert.equal(line("balloon-dvmm-exit"), "0");
   });
 });

@@ -140,7 +140,7 @@ Deno.test({
     "vhost-user-net",
     { "guest.sh": GUEST, "host.sh": HOST },
     (d) => `exec bash /work/${d}/host.sh /work/${d}\n`,
-    { timeout: 1500 },
+    { timeout: 450 },
   );
   const out = res.stdout.replaceAll("\r", "");
   const all = out + "\n--- stderr ---\n" + res.stderr;

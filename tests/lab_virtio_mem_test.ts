@@ -7,7 +7,7 @@
  * Then memory zones: 256 MiB + 128 MiB (shared, 512 MiB hotplug), and vm.resize-zone grows the second.
  */
 import assert from "node:assert/strict";
-import { labUnavailable, runScriptInLab, scriptDisk } from "./helpers/lab.ts";
+import { labTail, labUnavailable, runScriptInLab, scriptDisk } from "./helpers/lab.ts";
 
 const why = labUnavailable();
 
@@ -120,11 +120,11 @@ Deno.test({
     "virtiomem",
     { "guest.sh": scriptDisk(GUEST), "zones.sh": scriptDisk(ZONES_GUEST) },
     HOST,
-    { timeout: 600 },
+    { timeout: 400 },
   );
   const out = res.stdout.replaceAll("\r", "");
   const all = out + "\n--- stderr ---\n" + res.stderr;
-  const tail = all.slice(-8000);
+  const tail = labTail(res, out)(8000);
   const line = (key: string) => out.match(new RegExp(`^${key} ?(.*)$`, "m"))?.[1];
   // The guest's figures share hvc0 with the kernel's messages, which may land on the same line.
   const num = (key: string) => Number(out.match(new RegExp(`${key} (\\d+)`))?.[1]);

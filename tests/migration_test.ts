@@ -17,7 +17,11 @@ import { until, waitForSocket } from "./helpers/host.ts";
 const ignore = !kvmAvailable();
 
 Deno.test("migration URLs: unix:PATH and tcp:HOST:PORT", () => {
-  assert.deepEqual(parseMigrationUrl("unix:/tmp/m.sock", "x"), { kind: "unix", path: "/tmp/m.sock", text: "unix:/tmp/m.sock" });
+  assert.deepEqual(parseMigrationUrl("unix:/tmp/m.sock", "x"), {
+    kind: "unix",
+    path: "/tmp/m.sock",
+    text: "unix:/tmp/m.sock",
+  });
   assert.deepEqual(parseMigrationUrl("tcp:127.0.0.1:6000", "x"), {
     kind: "tcp",
     host: "127.0.0.1",
@@ -30,8 +34,6 @@ Deno.test("migration URLs: unix:PATH and tcp:HOST:PORT", () => {
   assert.throws(() => parseMigrationUrl("file:///x", "destination_url"), /use unix:PATH or tcp:HOST:PORT/);
   assert.throws(() => parseMigrationUrl("unix:", "receiver_url"), /names no socket path/);
 });
-
-
 
 async function setUp() {
   const dir = await Deno.makeTempDir({ prefix: "dvmm-mig-" });
@@ -48,7 +50,10 @@ async function setUp() {
   return { dir, config, a };
 }
 
-Deno.test({ name: "live migration over a UNIX socket: memory identical at the switch-over, the guest runs on", ignore }, async () => {
+Deno.test({
+  name: "live migration over a UNIX socket: memory identical at the switch-over, the guest runs on",
+  ignore,
+}, async () => {
   const { dir, config, a } = await setUp();
   let b: Vm | null = null;
   try {
@@ -69,7 +74,10 @@ Deno.test({ name: "live migration over a UNIX socket: memory identical at the sw
     a.memory!.regions.forEach((r, i) => {
       const other = b!.memory!.regions[i].bytes;
       assert.equal(other.length, r.bytes.length);
-      assert.ok(Buffer.compare(r.bytes, other) === 0, `RAM region ${i} (gpa 0x${r.gpa.toString(16)}) differs`);
+      assert.ok(
+        Buffer.compare(r.bytes, other) === 0,
+        `RAM region ${i} (gpa 0x${r.gpa.toString(16)}) differs`,
+      );
     });
     await got.answer(true);
     const stats = await sent;
@@ -85,7 +93,10 @@ Deno.test({ name: "live migration over a UNIX socket: memory identical at the sw
   }
 });
 
-Deno.test({ name: "a migration that fails leaves the source running: no receiver; a receiver that refuses", ignore }, async () => {
+Deno.test({
+  name: "a migration that fails leaves the source running: no receiver; a receiver that refuses",
+  ignore,
+}, async () => {
   const { dir, config, a } = await setUp();
   try {
     const opts = (u: string) => SendMigrationDataSchema.parse({ destination_url: u });

@@ -8,9 +8,11 @@ import { checkHugePages, hostMemoryWarning, Vm } from "../vmm/vm.ts";
 import { VmConfigSchema } from "../vmm/vm_config.ts";
 import { kvmAvailable } from "./helpers/realmode.ts";
 import { pvhElf } from "./helpers/tiny_guest.ts";
+import { threadNames } from "./helpers/host.ts";
+
+const threads = () => threadNames().length;
 
 const ignore = !kvmAvailable();
-const threads = () => [...Deno.readDirSync("/proc/self/task")].length;
 
 Deno.test(
   { name: "payload files that cannot be loaded fail the boot before any set-up", ignore },

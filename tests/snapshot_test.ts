@@ -117,14 +117,59 @@ Deno.test("coredump: ELF core with a PRSTATUS and a QEMU note per vCPU; RAM at i
   const token = new TextEncoder().encode("core-token-4711");
   ram.set(token, 0x123456);
   const regs = Object.fromEntries(
-    ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"]
+    [
+      "rax",
+      "rbx",
+      "rcx",
+      "rdx",
+      "rsi",
+      "rdi",
+      "rsp",
+      "rbp",
+      "r8",
+      "r9",
+      "r10",
+      "r11",
+      "r12",
+      "r13",
+      "r14",
+      "r15",
+    ]
       .map((r, i) => [r, BigInt(i + 1)]),
   );
-  const seg = { base: 0n, limit: 0xffff, selector: 0x10, type: 3, present: 1, dpl: 0, db: 1, s: 1, l: 0, g: 1, avl: 0, unusable: 0 };
+  const seg = {
+    base: 0n,
+    limit: 0xffff,
+    selector: 0x10,
+    type: 3,
+    present: 1,
+    dpl: 0,
+    db: 1,
+    s: 1,
+    l: 0,
+    g: 1,
+    avl: 0,
+    unusable: 0,
+  };
   const sregs = {
-    cs: seg, ds: seg, es: seg, fs: seg, gs: seg, ss: seg, tr: seg, ldt: seg,
-    gdt: { base: 0x1000n, limit: 0x27 }, idt: { base: 0n, limit: 0 },
-    cr0: 0x11n, cr2: 0n, cr3: 0x5000n, cr4: 0x20n, cr8: 0n, efer: 0n, apicBase: 0xfee00000n, interruptBitmap: [0n, 0n, 0n, 0n],
+    cs: seg,
+    ds: seg,
+    es: seg,
+    fs: seg,
+    gs: seg,
+    ss: seg,
+    tr: seg,
+    ldt: seg,
+    gdt: { base: 0x1000n, limit: 0x27 },
+    idt: { base: 0n, limit: 0 },
+    cr0: 0x11n,
+    cr2: 0n,
+    cr3: 0x5000n,
+    cr4: 0x20n,
+    cr8: 0n,
+    efer: 0n,
+    apicBase: 0xfee00000n,
+    interruptBitmap: [0n, 0n, 0n, 0n],
   };
   const vcpus = [0, 1].map((id) => ({
     id,
@@ -185,11 +230,10 @@ Deno.test("coredump: ELF core with a PRSTATUS and a QEMU note per vCPU; RAM at i
   await Deno.remove(dir, { recursive: true });
 });
 
-
-
 for (const onDemand of [false, true]) {
   Deno.test({
-    name: `snapshot and restore (${onDemand ? "memory on demand" : "memory copied"}): the guest counts on from ` +
+    name:
+      `snapshot and restore (${onDemand ? "memory on demand" : "memory copied"}): the guest counts on from ` +
       "where it stood and its serial port still answers",
     ignore,
   }, async () => {
@@ -270,8 +314,10 @@ Deno.test({
   await Deno.writeFile(`${dir}/guest.elf`, pvhElf(countingGuest()));
   const qsd = new Deno.Command(QSD!, {
     args: [
-      "--blockdev", `driver=file,node-name=f,filename=${dir}/disk.img`,
-      "--export", `type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=${sock},writable=on`,
+      "--blockdev",
+      `driver=file,node-name=f,filename=${dir}/disk.img`,
+      "--export",
+      `type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=${sock},writable=on`,
     ],
     stdout: "null",
     stderr: "null",

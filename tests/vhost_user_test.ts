@@ -587,7 +587,6 @@ for (const kind of ["blk", "generic"] as const) {
 // ---------------------------------------------------------------------------------------------------
 // The device worker (devices/virtio/worker.ts) as the control plane, driven through the transport.
 
-
 Deno.test("vhost-user device worker: DRIVER_OK programs the back-end, a reset waits for the rings to stop, a hang-up needs reset", async (t) => {
   for (const mode of ["normal", "hangup"] as const) {
     await t.step(

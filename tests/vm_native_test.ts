@@ -10,6 +10,7 @@ import type { GuestEvent } from "../vmm/control.ts";
 import { Vm } from "../vmm/vm.ts";
 import { printAndPoweroffCode, pvhElf } from "./helpers/tiny_guest.ts";
 import { kvmAvailable } from "./helpers/realmode.ts";
+import { fdDiff, openFds, threadNames } from "./helpers/host.ts";
 
 const ignore = !kvmAvailable();
 
@@ -121,9 +122,7 @@ Deno.test(
     // `vcpuN`, device threads after their device.
     let names: string[] = [];
     for (let i = 0; i < 100 && !names.includes("__rng"); i++) {
-      names = [...Deno.readDirSync("/proc/self/task")].map((t) =>
-        Deno.readTextFileSync(`/proc/self/task/${t.name}/comm`).trim()
-      );
+      names = threadNames();
       await new Promise((r) => setTimeout(r, 20));
     }
     assert.deepEqual(names.filter((n) => /^vcpu\d+$/.test(n)).sort(), ["vcpu0", "vcpu1"]);
@@ -250,24 +249,19 @@ Deno.test(
     const image = `${g.dir}/hp.img`;
     await Deno.writeFile(image, new Uint8Array(1 << 20));
     const disk = DiskConfigSchema.parse({ id: "hp0", path: image });
-    const fds = () => [...Deno.readDirSync("/proc/self/fd")].length;
-    const threads = () =>
-      [...Deno.readDirSync("/proc/self/task")].map((t) =>
-        Deno.readTextFileSync(`/proc/self/task/${t.name}/comm`).trim()
-      );
     const settle = async (want: (names: string[]) => boolean) => {
-      for (let i = 0; i < 1000 && !want(threads()); i++) await new Promise((r) => setTimeout(r, 10));
+      for (let i = 0; i < 3000 && !want(threadNames()); i++) await new Promise((r) => setTimeout(r, 10));
     };
     await g.vm.boot();
     await settle((n) => n.includes("__rng"));
-    let before = { fds: 0, threads: 0 };
+    let before = { fds: new Map<number, string>(), threads: [] as string[] };
     // Cycle 0 warms up what the runtime creates once (its first timer, its first worker's plumbing).
     for (let cycle = 0; cycle <= 20; cycle++) {
       if (cycle === 1) {
         // A worker's own event loop descriptors go when its thread has ended, shortly after removal.
         await settle((n) => !n.includes("hp0"));
         await new Promise((r) => setTimeout(r, 200));
-        before = { fds: fds(), threads: threads().length };
+        before = { fds: openFds(), threads: threadNames() };
       }
       const info = await g.vm.addDevice("disk", structuredClone(disk));
       assert.equal(info.id, "hp0");
@@ -275,16 +269,18 @@ Deno.test(
       const tree = g.vm.deviceTree() as Record<string, { pci_bdf?: string }>;
       assert.equal(tree["_virtio-pci-hp0"]?.pci_bdf, info.bdf);
       await settle((n) => n.includes("hp0"));
-      assert.ok(threads().includes("hp0"), "the device's worker thread runs");
+      assert.ok(threadNames().includes("hp0"), "the device's worker thread runs");
       if (cycle === 0) assert.equal(g.vm.counters()["hp0"]?.read_ops, 0);
       await g.vm.removeDevice("hp0");
       assert.equal((g.vm.deviceTree() as Record<string, unknown>)["_virtio-pci-hp0"], undefined);
       assert.equal(g.vm.counters()["hp0"], undefined);
     }
     await settle((n) => !n.includes("hp0"));
-    for (let i = 0; i < 500 && fds() !== before.fds; i++) await new Promise((r) => setTimeout(r, 20));
-    assert.equal(fds(), before.fds, "descriptors after 20 add/remove cycles");
-    assert.equal(threads().length, before.threads, "threads after 20 add/remove cycles");
+    for (let i = 0; i < 1500 && fdDiff(before.fds, openFds()) !== ""; i++) {
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    assert.equal(fdDiff(before.fds, openFds()), "", "descriptors after 20 add/remove cycles");
+    assert.deepEqual(threadNames(), before.threads, "threads after 20 add/remove cycles");
     // The slot and the identifier are free again; a kind dvmm cannot hot-add says so.
     await g.vm.addDevice("disk", structuredClone(disk));
     await assert.rejects(g.vm.addDevice("vdpa", {}), /hot-adding vdpa devices is not implemented/);
@@ -355,20 +351,16 @@ Deno.test(
       0xf2,
     ]);
     const g = await guestVm(code, 1, 2);
-    const vcpuThreads = () =>
-      [...Deno.readDirSync("/proc/self/task")]
-        .map((t) => Deno.readTextFileSync(`/proc/self/task/${t.name}/comm`).trim())
-        .filter((n) => /^vcpu\d+$/.test(n)).sort();
-    const fds = () => [...Deno.readDirSync("/proc/self/fd")].length;
+    const vcpuThreads = () => threadNames().filter((n) => /^vcpu\d+$/.test(n));
     const until = async (want: () => boolean) => {
-      for (let i = 0; i < 1000 && !want(); i++) await new Promise((r) => setTimeout(r, 10));
+      for (let i = 0; i < 3000 && !want(); i++) await new Promise((r) => setTimeout(r, 10));
     };
     await g.vm.boot();
     await assert.rejects(
       g.vm.resize({ desired_vcpus: 3 }),
       /desired_vcpus \(3\) must be between 1 and max_vcpus \(2\)/,
     );
-    let before = 0;
+    let before = new Map<number, string>();
     for (let round = 0; round < 2; round++) {
       await g.vm.resize({ desired_vcpus: 2 });
       await until(() => vcpuThreads().length === 2);
@@ -379,11 +371,11 @@ Deno.test(
       assert.deepEqual(vcpuThreads(), ["vcpu0"]);
       if (round === 0) {
         await new Promise((r) => setTimeout(r, 200));
-        before = fds();
+        before = openFds();
       }
     }
-    await until(() => fds() === before);
-    assert.equal(fds(), before, "descriptors after plugging vCPU 1 in and out again (its fd is reused)");
+    await until(() => fdDiff(before, openFds()) === "");
+    assert.equal(fdDiff(before, openFds()), "", "descriptors after plugging vCPU 1 in and out again");
     await g.vm.shutdown();
     await Deno.remove(g.dir, { recursive: true });
   },

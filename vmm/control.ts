@@ -479,7 +479,10 @@ export class ControlLoop {
       } catch (e2) {
         this.#log.warn(`releasing a VM that failed to boot: ${errorText(e2)}`);
       }
-      throw new VmmError("Internal", [restore ? "failed to restore the VM" : "failed to boot the VM", errorText(e)]);
+      throw new VmmError("Internal", [
+        restore ? "failed to restore the VM" : "failed to boot the VM",
+        errorText(e),
+      ]);
     }
     this.#backend = backend;
     this.#state = restore ? "Paused" : "Running";
@@ -762,7 +765,9 @@ export class ControlLoop {
     if (opts.memory_mode === "Postcopy") throw notImplemented("post-copy migration (memory_mode Postcopy)");
     if (opts.tls_dir !== undefined) throw notImplemented("migration over TLS (tls_dir)");
     if (opts.connections > 1) throw notImplemented("migration over several connections (connections > 1)");
-    if (opts.preserve_source) throw notImplemented("keeping the source VM after a migration (preserve_source)");
+    if (opts.preserve_source) {
+      throw notImplemented("keeping the source VM after a migration (preserve_source)");
+    }
     this.#events.emit("vm", "migration-sending");
     let stats: MigrationStats;
     try {
@@ -818,7 +823,13 @@ export class ControlLoop {
     try {
       const config = revalidate(withRestoredNets(got.config as VmConfig, []));
       const state = checkState(got.state, "the migration");
-      await this.#startSaved(config, { state, memoryFd: got.memfd, onDemand: true, prefault: false, memfds: got.memfds });
+      await this.#startSaved(config, {
+        state,
+        memoryFd: got.memfd,
+        onDemand: true,
+        prefault: false,
+        memfds: got.memfds,
+      });
       await this.#resume();
     } catch (e) {
       const why = errorText(e);
@@ -827,7 +838,9 @@ export class ControlLoop {
       this.#state = "Created";
       await got.answer(false, why).catch(() => {});
       this.#events.emit("vm", "migration-failed");
-      throw e instanceof VmmError ? e : new VmmError("Internal", ["the VM migration could not be received", why]);
+      throw e instanceof VmmError
+        ? e
+        : new VmmError("Internal", ["the VM migration could not be received", why]);
     } finally {
       if (got.memfd >= 0) closeFd(got.memfd);
       this.#drainWorkers();
@@ -891,7 +904,10 @@ export class ControlLoop {
     let memoryFd = -1;
     try {
       if (r.vfio_fds?.length || r.iommufd_fd !== undefined) {
-        throw new VmmError("NotImplemented", "restoring VFIO devices (vfio_fds, iommufd_fd) is not implemented in dvmm yet");
+        throw new VmmError(
+          "NotImplemented",
+          "restoring VFIO devices (vfio_fds, iommufd_fd) is not implemented in dvmm yet",
+        );
       }
       if ((r.zone_updates ?? []).length > 0) {
         throw new VmmError("NotImplemented", "zone_updates (host NUMA nodes) is not implemented in dvmm yet");
@@ -1011,7 +1027,10 @@ function withRestoredNets(
     given.delete(n.id!);
   }
   if (given.size > 0) {
-    throw new VmmError("BadRequest", `net_fds names no tap-descriptor net device: ${[...given.keys()].join(", ")}`);
+    throw new VmmError(
+      "BadRequest",
+      `net_fds names no tap-descriptor net device: ${[...given.keys()].join(", ")}`,
+    );
   }
   return config;
 }

@@ -36,7 +36,14 @@ function align4(n: number): number {
 }
 
 /** Writes one note at `off`; returns the offset after it. The descriptor is filled by `fill`. */
-function putNote(v: DataView, off: number, name: string, type: number, desc: number, fill: (at: number) => void) {
+function putNote(
+  v: DataView,
+  off: number,
+  name: string,
+  type: number,
+  desc: number,
+  fill: (at: number) => void,
+) {
   v.setUint32(off, name.length + 1, true);
   v.setUint32(off + 4, desc, true);
   v.setUint32(off + 8, type, true);
@@ -52,7 +59,21 @@ function prstatus(v: DataView, at: number, c: CoreVcpu): void {
   const s = c.sregs;
   // struct user_regs_struct (x86-64), in its order.
   const order: bigint[] = [
-    r.r15, r.r14, r.r13, r.r12, r.rbp, r.rbx, r.r11, r.r10, r.r9, r.r8, r.rax, r.rcx, r.rdx, r.rsi, r.rdi,
+    r.r15,
+    r.r14,
+    r.r13,
+    r.r12,
+    r.rbp,
+    r.rbx,
+    r.r11,
+    r.r10,
+    r.r9,
+    r.r8,
+    r.rax,
+    r.rcx,
+    r.rdx,
+    r.rsi,
+    r.rdi,
     r.rax, // orig_rax
     r.rip,
     BigInt(s.cs.selector),
@@ -80,7 +101,24 @@ function qemuState(v: DataView, at: number, c: CoreVcpu): void {
   const s = c.sregs;
   v.setUint32(at, 1, true);
   v.setUint32(at + 4, QEMU_STATE_SIZE, true);
-  const gprs = [r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15];
+  const gprs = [
+    r.rax,
+    r.rbx,
+    r.rcx,
+    r.rdx,
+    r.rsi,
+    r.rdi,
+    r.rsp,
+    r.rbp,
+    r.r8,
+    r.r9,
+    r.r10,
+    r.r11,
+    r.r12,
+    r.r13,
+    r.r14,
+    r.r15,
+  ];
   gprs.forEach((x, i) => v.setBigUint64(at + 8 + 8 * i, x, true));
   v.setBigUint64(at + 136, r.rip, true);
   v.setBigUint64(at + 144, r.rflags, true);
@@ -108,7 +146,11 @@ function qemuState(v: DataView, at: number, c: CoreVcpu): void {
  * Writes the core of a paused guest to `path`: `vcpus` as saved, `ram` the guest RAM regions (views of
  * the host mappings). Returns the bytes of RAM written (holes excluded).
  */
-export function writeCoredump(path: string, vcpus: CoreVcpu[], ram: { gpa: number; bytes: Uint8Array }[]): number {
+export function writeCoredump(
+  path: string,
+  vcpus: CoreVcpu[],
+  ram: { gpa: number; bytes: Uint8Array }[],
+): number {
   const phnum = 1 + ram.length;
   const notes = vcpus.length * (noteSize("CORE", PRSTATUS_SIZE) + noteSize("QEMU", QEMU_STATE_SIZE));
   const notesOff = EHDR + PHDR * phnum;

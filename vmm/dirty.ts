@@ -77,7 +77,10 @@ export class DirtyTracker {
    * The pages written since `start` or the last collect, as runs; tracking goes on from now. `quiesce`
    * and `release` hold and free the device workers around the soft-dirty read and clear.
    */
-  async collect(quiesce: () => Promise<void>, release: () => void): Promise<{ runs: DirtyRuns; bytes: number }> {
+  async collect(
+    quiesce: () => Promise<void>,
+    release: () => void,
+  ): Promise<{ runs: DirtyRuns; bytes: number }> {
     for (const p of this.#pages) p.fill(0);
     this.slots.forEach((s, i) => {
       const map = this.#kvmMaps[i];
@@ -137,7 +140,9 @@ function clearSoftDirty(): void {
   const fd = check(s.kvs_open(cstr("/proc/self/clear_refs"), O_WRONLY, 0), "open /proc/self/clear_refs");
   try {
     const r = Number(s.kvs_write(fd, new TextEncoder().encode("4"), 1n));
-    if (r !== 1) throw new Error(`clearing soft-dirty bits: errno ${-r} (the kernel needs CONFIG_MEM_SOFT_DIRTY)`);
+    if (r !== 1) {
+      throw new Error(`clearing soft-dirty bits: errno ${-r} (the kernel needs CONFIG_MEM_SOFT_DIRTY)`);
+    }
   } finally {
     s.kvs_close(fd);
   }

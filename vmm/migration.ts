@@ -180,7 +180,11 @@ export async function sendMigration(
   try {
     await ch.run({ op: "connect", url });
     await ch.run({ op: "json", type: FRAME.CONFIG, value: config });
-    await ch.run({ op: "json", type: FRAME.RANGES, value: pieces.map((p) => ({ name: p.name, size: p.size })) });
+    await ch.run({
+      op: "json",
+      type: FRAME.RANGES,
+      value: pieces.map((p) => ({ name: p.name, size: p.size })),
+    });
     const layout = pieces.map((p) => ({ hostAddr: p.hostAddr, size: p.size }));
     if (opts.local) {
       await vm.pause();
@@ -199,7 +203,9 @@ export async function sendMigration(
         rounds++;
         const dirty = await tracker.collect(() => vm.quiesceDevices(), () => vm.releaseDevices());
         const expected = dirty.bytes / Math.max(rate, 1);
-        log.debug(`migration round ${rounds}: ${dirty.bytes} bytes dirty, ~${expected.toFixed(0)} ms to send`);
+        log.debug(
+          `migration round ${rounds}: ${dirty.bytes} bytes dirty, ~${expected.toFixed(0)} ms to send`,
+        );
         if (expected <= opts.downtime_ms) {
           // Converged: the rest is sent with the VM paused (below), with what gets dirty meanwhile.
           if (dirty.bytes > 0) {

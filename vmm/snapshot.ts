@@ -115,7 +115,10 @@ export function checkState(s: unknown, where: string): SnapshotState {
         `dvmm ${DVMM_VERSION}, which reads versions 1 to ${SNAPSHOT_VERSION}`,
     );
   }
-  if (!Array.isArray(st.vcpus) || !st.vm || !st.devices || !Array.isArray(st.virtio) || !Array.isArray(st.memory)) {
+  if (
+    !Array.isArray(st.vcpus) || !st.vm || !st.devices || !Array.isArray(st.virtio) ||
+    !Array.isArray(st.memory)
+  ) {
     throw new Error(`${where}: incomplete snapshot state`);
   }
   return st as SnapshotState;
@@ -181,7 +184,9 @@ export interface MemorySource {
 export function zeroPage(w: Int32Array, off: number): boolean {
   const end = (off + PAGE) / 4;
   for (let i = off / 4; i < end; i += 8) {
-    if ((w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7]) !== 0) return false;
+    if ((w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7]) !== 0) {
+      return false;
+    }
   }
   return true;
 }
@@ -250,7 +255,10 @@ function dataExtents(fd: number, start: number, end: number): [number, number][]
  * are not all zero are written (for a memfd, only its allocated extents are even read). Returns where
  * each range went.
  */
-export function writeMemory(path: string, sources: MemorySource[]): { ranges: MemoryRange[]; written: number } {
+export function writeMemory(
+  path: string,
+  sources: MemorySource[],
+): { ranges: MemoryRange[]; written: number } {
   const s = shim();
   const fd = check(s.kvs_open(cstr(path), O_WRONLY | O_CREAT | O_TRUNC, 0o600), `open ${path}`);
   const ranges: MemoryRange[] = [];
@@ -288,7 +296,9 @@ export function openMemory(path: string): number {
  * file's data extents are read, holes stay zero.
  */
 export function readRange(fd: number, r: MemoryRange, dest: Uint8Array): void {
-  if (dest.length !== r.size) throw new Error(`memory range ${r.name}: ${r.size} bytes saved, ${dest.length} now`);
+  if (dest.length !== r.size) {
+    throw new Error(`memory range ${r.name}: ${r.size} bytes saved, ${dest.length} now`);
+  }
   for (const [a, b] of dataExtents(fd, r.offset, r.offset + r.size)) {
     let done = a;
     while (done < b) {

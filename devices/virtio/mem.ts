@@ -107,7 +107,9 @@ export class VirtioMemDevice {
     this.#addr = config.read(MEM_CONFIG.ADDR);
     this.#regionSize = config.read(MEM_CONFIG.REGION_SIZE);
     const blocks = Math.floor(this.#regionSize / MEM_BLOCK_SIZE);
-    if (plugged && plugged.length < blocks) throw new RangeError(`virtio-mem: block map for ${plugged.length} of ${blocks} blocks`);
+    if (plugged && plugged.length < blocks) {
+      throw new RangeError(`virtio-mem: block map for ${plugged.length} of ${blocks} blocks`);
+    }
     this.plugged = plugged ? plugged.subarray(0, blocks) : new Uint8Array(blocks);
   }
 

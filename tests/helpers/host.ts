@@ -46,3 +46,54 @@ export function dvmmCommand(args: string[]): Deno.Command {
     stderr: "piped",
   });
 }
+
+/**
+ * The names of this process's threads, without the Deno runtime's own blocking-pool threads
+ * ("tokio-runtime-w"), which come and go with its file operations (they end after ten idle seconds):
+ * what stays is the main thread, V8's and every worker's (vCPUs `vcpuN`, devices after their ids).
+ */
+export function threadNames(): string[] {
+  const names: string[] = [];
+  for (const t of Deno.readDirSync("/proc/self/task")) {
+    try {
+      const name = Deno.readTextFileSync(`/proc/self/task/${t.name}/comm`).trim();
+      if (name !== "tokio-runtime-w") names.push(name);
+    } catch { /* the thread ended while listed */ }
+  }
+  return names.sort();
+}
+
+/** This process's open descriptors, each with what it refers to (`readlink /proc/self/fd/N`). */
+export function openFds(): Map<number, string> {
+  const fds = new Map<number, string>();
+  for (const e of Deno.readDirSync("/proc/self/fd")) {
+    try {
+      fds.set(Number(e.name), Deno.readLinkSync(`/proc/self/fd/${e.name}`));
+    } catch { /* closed while listed (the directory's own descriptor among them) */ }
+  }
+  return fds;
+}
+
+/**
+ * What differs between two `openFds()` listings, by kind and count ("" when nothing does): descriptors
+ * are compared by what they refer to, with socket and pipe inode numbers dropped, so a descriptor
+ * closed and opened again under another number is no difference, and one more eventfd is.
+ */
+export function fdDiff(before: Map<number, string>, after: Map<number, string>): string {
+  const kinds = (m: Map<number, string>) => {
+    const n = new Map<string, number>();
+    for (const what of m.values()) {
+      const k = what.replace(/^(socket|pipe):\[\d+\]$/, "$1");
+      n.set(k, (n.get(k) ?? 0) + 1);
+    }
+    return n;
+  };
+  const a = kinds(before);
+  const b = kinds(after);
+  const out: string[] = [];
+  for (const k of new Set([...a.keys(), ...b.keys()])) {
+    const d = (b.get(k) ?? 0) - (a.get(k) ?? 0);
+    if (d !== 0) out.push(`${d > 0 ? "+" : ""}${d} ${k}`);
+  }
+  return out.join(", ");
+}

@@ -26,6 +26,17 @@ export interface LabResult {
 }
 
 /**
+ * The lines of a lab run that say what went wrong, first, for an assertion message (CI shows the first
+ * lines of each failure): the runner's LAB TIMEOUT, and a host script's own markers (`GONE`, `HUNG`,
+ * `NO-…`, `NOT-…`, `SILENT …`). Empty when there are none.
+ */
+export function labTrouble(res: LabResult): string {
+  const text = res.stdout + "\n" + res.stderr;
+  return [...text.matchAll(/^(LAB (FAULT|TIMEOUT):.*|GONE:.*|HUNG .*|NO-[A-Z-]+|NOT-[A-Z-]+.*|SILENT .*)$/gm)]
+    .map((m) => m[0].slice(0, 200)).join(" | ");
+}
+
+/**
  * Runs COMMAND inside the lab and returns its output. A lab fault (the lab VM itself failed: it is not
  * a test result) is retried once, saying so on stderr; a second fault throws. So is a command that ran
  * into its timeout (LAB TIMEOUT): the nested lab now and then stalls a run for minutes with no sign on its
@@ -36,21 +47,50 @@ export async function runInLab(
   opts: { smp?: number; mem?: number; add?: string[]; timeout?: number } = {},
 ): Promise<LabResult> {
   try {
-    return await runInLabOnce(command, opts);
+    return await runInLabOnce(command, withinBudget(opts));
   } catch (e) {
     if (!(e instanceof LabFault)) throw e;
+    if (labSecondsLeft() < 2 * MIN_RUN) {
+      if (e.run) return e.run;
+      throw new Error(`${e.message.split("\n")[0]}; no time left in the suite's lab budget to run it again`);
+    }
     const reason = e.message.match(/^LAB (FAULT|TIMEOUT): .*$/m)?.[0] ?? "LAB FAULT";
     console.error(
       `${reason}\nlab fault, running the lab command once more; console tail:\n${e.message.slice(-1200)}`,
     );
     try {
-      return await runInLabOnce(command, opts);
+      return await runInLabOnce(command, withinBudget(opts));
     } catch (e2) {
       // A second timeout is dvmm's own: the test sees the run as it ended.
       if (e2 instanceof LabFault && e2.run) return e2.run;
       throw e2;
     }
   }
+}
+
+/**
+ * The suite's lab budget. tests/run exports DVMM_SUITE_START (epoch seconds); lab runs end by
+ * DVMM_LAB_MINUTES (default 75) after it, so that one stalling lab cannot push `make test` past CI's
+ * 90 minutes: a run's timeout is cut to what is left, a fault is retried only when there is time, and a
+ * run that would start with less than MIN_RUN seconds left fails at once, saying so.
+ */
+const MIN_RUN = 90;
+
+function labSecondsLeft(): number {
+  const start = Number(Deno.env.get("DVMM_SUITE_START") ?? NaN);
+  if (!Number.isFinite(start)) return Infinity;
+  const minutes = Number(Deno.env.get("DVMM_LAB_MINUTES") ?? 75);
+  return start + minutes * 60 - Date.now() / 1000;
+}
+
+function withinBudget<T extends { timeout?: number }>(opts: T): T {
+  const left = Math.floor(labSecondsLeft());
+  if (left < MIN_RUN) {
+    throw new Error(
+      `the suite's lab budget (DVMM_LAB_MINUTES) is spent (${left} s left): lab run not started`,
+    );
+  }
+  return { ...opts, timeout: Math.min(opts.timeout ?? 900, left - 30) };
 }
 
 /**
@@ -138,4 +178,42 @@ export function scriptDisk(text: string): Uint8Array {
   const out = new Uint8Array(Math.ceil(bytes.length / 512) * 512 + 512);
   out.set(bytes);
   return out;
+}
+
+/**
+ * Shell functions for the host scripts of lab tests, so that a VMM that died or hangs ends the script
+ * at once with what happened, instead of the lab's timeout:
+ * - `waitfor FILE PATTERN TRIES [PID]`: polls every 0.5 s until FILE holds PATTERN; gives up after
+ *   TRIES polls, or as soon as process PID has gone; its status says whether PATTERN came.
+ * - `reap PID NAME SECS`: waits up to SECS for process PID (a VMM told to shut down) and prints
+ *   `NAME-exit STATUS`; one still running then is reported (`HUNG NAME`, with its threads) and killed.
+ */
+export const SH_LIB = String.raw`
+waitfor() {
+  i=0
+  while ! grep -q "$2" "$1" 2>/dev/null && [ $i -lt $3 ]; do
+    if [ $# -ge 4 ] && ! kill -0 $4 2>/dev/null; then echo "GONE: process $4 ended before $1 showed '$2'"; break; fi
+    sleep 0.5; i=$((i+1))
+  done
+  grep -q "$2" "$1"
+}
+reap() {
+  i=0
+  while kill -0 $1 2>/dev/null && [ $i -lt $(($3 * 2)) ]; do sleep 0.5; i=$((i+1)); done
+  if kill -0 $1 2>/dev/null; then
+    echo "HUNG $2: still running $3 s after its shutdown; threads: $(cat /proc/$1/task/*/comm 2>/dev/null | sort | uniq -c | tr -s ' \n' ' ')"
+    kill -9 $1
+  fi
+  wait $1; echo "$2-exit $?"
+}
+`;
+
+/**
+ * For assertion messages: `tail(n)` is what went wrong (see {@link labTrouble}) followed by the last `n`
+ * characters of the run's output (`out`: stdout, cleaned by the test as it likes) and its stderr.
+ */
+export function labTail(res: LabResult, out = res.stdout): (n: number) => string {
+  const all = out + "\n--- stderr ---\n" + res.stderr;
+  const trouble = labTrouble(res);
+  return (n) => (trouble ? `${trouble}\n` : "") + all.slice(-n);
 }

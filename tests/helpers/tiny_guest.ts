@@ -99,7 +99,9 @@ export function pvhElf(code: Uint8Array, loadAddr = 0x100000): Uint8Array {
 export const COUNTER = 0x200000;
 
 /** The count at {@link COUNTER} in a VM's guest memory (read from the host). */
-export function guestCounter(vm: { memory?: { regions: readonly { gpa: number; bytes: Uint8Array }[] } }): number {
+export function guestCounter(
+  vm: { memory?: { regions: readonly { gpa: number; bytes: Uint8Array }[] } },
+): number {
   const r = vm.memory!.regions.find((x) => x.gpa <= COUNTER && COUNTER < x.gpa + x.bytes.length)!;
   return new DataView(r.bytes.buffer, r.bytes.byteOffset).getUint32(COUNTER - r.gpa, true);
 }
@@ -114,22 +116,43 @@ export function guestCounter(vm: { memory?: { regions: readonly { gpa: number; b
  */
 export function countingGuest(): Uint8Array {
   return new Uint8Array([
-    0xff, 0x05, 0x00, 0x00, 0x20, 0x00, // 0: inc dword [0x200000]
-    0x66, 0xba, 0xfd, 0x03, // 6: mov dx, 0x3fd
+    0xff,
+    0x05,
+    0x00,
+    0x00,
+    0x20,
+    0x00, // 0: inc dword [0x200000]
+    0x66,
+    0xba,
+    0xfd,
+    0x03, // 6: mov dx, 0x3fd
     0xec, // 10: in al, dx
-    0xa8, 0x01, // 11: test al, 1
-    0x74, 0xf1, // 13: jz 0
-    0x66, 0xba, 0xf8, 0x03, // 15: mov dx, 0x3f8
+    0xa8,
+    0x01, // 11: test al, 1
+    0x74,
+    0xf1, // 13: jz 0
+    0x66,
+    0xba,
+    0xf8,
+    0x03, // 15: mov dx, 0x3f8
     0xec, // 19: in al, dx
-    0x3c, 0x71, // 20: cmp al, 'q'
-    0x74, 0x03, // 22: je 27
+    0x3c,
+    0x71, // 20: cmp al, 'q'
+    0x74,
+    0x03, // 22: je 27
     0xee, // 24: out dx, al
-    0xeb, 0xe5, // 25: jmp 0
-    0x66, 0xba, 0x00, 0x06, // 27: mov dx, 0x600
-    0xb0, 0x34, // 31: mov al, 0x34
+    0xeb,
+    0xe5, // 25: jmp 0
+    0x66,
+    0xba,
+    0x00,
+    0x06, // 27: mov dx, 0x600
+    0xb0,
+    0x34, // 31: mov al, 0x34
     0xee, // 33: out dx, al
     0xf4, // 34: hlt
-    0xeb, 0xfd, // 35: jmp 34
+    0xeb,
+    0xfd, // 35: jmp 34
   ]);
 }
 
@@ -142,12 +165,35 @@ export function countingGuest(): Uint8Array {
  */
 export function dirtyingGuest(): Uint8Array {
   return new Uint8Array([
-    0xff, 0x05, 0x00, 0x00, 0x20, 0x00, // 0: inc dword [0x200000]
-    0xa1, 0x00, 0x00, 0x20, 0x00, // 6: mov eax, [0x200000]
-    0x89, 0xc3, // 11: mov ebx, eax
-    0x81, 0xe3, 0xff, 0x00, 0x00, 0x00, // 13: and ebx, 0xff
-    0xc1, 0xe3, 0x0c, // 19: shl ebx, 12
-    0x89, 0x83, 0x00, 0x00, 0x30, 0x00, // 22: mov [ebx + 0x300000], eax
-    0xeb, 0xe2, // 28: jmp 0
+    0xff,
+    0x05,
+    0x00,
+    0x00,
+    0x20,
+    0x00, // 0: inc dword [0x200000]
+    0xa1,
+    0x00,
+    0x00,
+    0x20,
+    0x00, // 6: mov eax, [0x200000]
+    0x89,
+    0xc3, // 11: mov ebx, eax
+    0x81,
+    0xe3,
+    0xff,
+    0x00,
+    0x00,
+    0x00, // 13: and ebx, 0xff
+    0xc1,
+    0xe3,
+    0x0c, // 19: shl ebx, 12
+    0x89,
+    0x83,
+    0x00,
+    0x00,
+    0x30,
+    0x00, // 22: mov [ebx + 0x300000], eax
+    0xeb,
+    0xe2, // 28: jmp 0
   ]);
 }
