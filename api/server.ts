@@ -514,11 +514,11 @@ export async function startApiServer(
   await claimSocketPath(path);
   let fd: number;
   try {
-    fd = unixListen(path);
+    // Owner only, from the moment the file exists (not chmod after bind: a client could connect between).
+    fd = unixListen(path, 128, 0o600);
   } catch (e) {
     throw new Error(`cannot listen on API socket ${path}: ${(e as Error).message}`);
   }
-  await Deno.chmod(path, 0o600);
   log.info(`API server listening on ${path}`);
   return new HttpApiServer(path, fd, true, loop, limits, log);
 }

@@ -72,6 +72,8 @@ export interface LegacyDeps {
   serialIrq: IrqLine;
   /** Where the guest's serial output goes. */
   serialOut: ByteSink;
+  /** Told when the guest enables or disables the serial THR-empty interrupt (see SerialDeps). */
+  serialTxInterrupt?: (enabled: boolean) => void;
   /** Poweroff / reboot requests (ACPI registers, i8042 reset). */
   events: VmEventSink;
   /** GED interrupt (GSI {@link AcpiPmDescriptor.gedGsi}); without it the power button does nothing. */
@@ -100,7 +102,11 @@ export function buildLegacyDevices(
   deps: LegacyDeps,
   pio = new PioBus(),
 ): LegacyDevices {
-  const serial = new Serial16550(d.serial, { irq: deps.serialIrq, out: deps.serialOut });
+  const serial = new Serial16550(d.serial, {
+    irq: deps.serialIrq,
+    out: deps.serialOut,
+    txInterrupt: deps.serialTxInterrupt,
+  });
   pio.register(serial.base, 8, serial, "serial");
   let i8042: I8042 | null = null;
   if (d.i8042) {

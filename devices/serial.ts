@@ -151,10 +151,15 @@ export interface SerialParams {
   txBatch?: number;
 }
 
-/** Side-effect handles; both must work from any thread. */
+/** Side-effect handles; all must work from any thread. */
 export interface SerialDeps {
   irq: IrqLine;
   out: ByteSink;
+  /**
+   * Told when the guest enables or disables the THR-empty interrupt (IER bit 1), under the port's lock:
+   * while it is off the driver polls, and THR writes may be coalesced (vmm/coalesced_pio.ts).
+   */
+  txInterrupt?: (enabled: boolean) => void;
 }
 
 export interface SerialStats {
@@ -196,6 +201,7 @@ export class Serial16550 {
   readonly #lock: SharedLock;
   readonly #irq: IrqLine;
   readonly #out: ByteSink;
+  readonly #txInterrupt: ((enabled: boolean) => void) | undefined;
   // Thread-local copy of a batch handed to the sink (the sink may not accept shared memory).
   readonly #local = new Uint8Array(TX_CAP);
   readonly #views: Uint8Array[] = [];
@@ -211,6 +217,7 @@ export class Serial16550 {
     this.#lock = new SharedLock(this.#w, LOCK);
     this.#irq = deps.irq;
     this.#out = deps.out;
+    this.#txInterrupt = deps.txInterrupt;
     for (let n = 0; n <= TX_CAP; n++) this.#views.push(this.#local.subarray(0, n));
   }
 
@@ -334,6 +341,11 @@ export class Serial16550 {
     return Atomics.load(this.#w, TXN);
   }
 
+  /** Whether the guest has the THR-empty interrupt enabled (IER bit 1). */
+  get txInterruptEnabled(): boolean {
+    return (Atomics.load(this.#w, IER) & IER_THRI) !== 0;
+  }
+
   /** Room left in the host receive queue. */
   get inputSpace(): number {
     return this.#hq.length - Atomics.load(this.#w, HQN);
@@ -419,8 +431,13 @@ export class Serial16550 {
     const old = w[IER];
     const ier = v & 0x0f; // bits 7:4 do not exist on a 16550A
     w[IER] = ier;
-    if (ier & IER_THRI && !(old & IER_THRI)) w[THRP] = 1;
-    else if (!(ier & IER_THRI) && old & IER_THRI) this.#flushLocked(); // the driver's TX queue ran dry
+    if (ier & IER_THRI && !(old & IER_THRI)) {
+      w[THRP] = 1;
+      this.#txInterrupt?.(true);
+    } else if (!(ier & IER_THRI) && old & IER_THRI) {
+      this.#flushLocked(); // the driver's TX queue ran dry
+      this.#txInterrupt?.(false);
+    }
   }
 
   #writeFcr(v: number): void {

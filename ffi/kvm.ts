@@ -250,6 +250,26 @@ export class VmFd {
     return r;
   }
 
+  /**
+   * KVM_REGISTER_COALESCED_MMIO (or, with `on` false, KVM_UNREGISTER_COALESCED_MMIO): guest writes to
+   * `size` bytes at `addr` (I/O ports when `pio`) no longer exit; KVM appends them to the ring shared
+   * with every vCPU's mmap (see CoalescedRing), and userspace replays them in order.
+   */
+  coalescedZone(on: boolean, addr: number, size: number, pio: boolean): void {
+    const { bytes, view } = newStruct(SIZES.kvm_coalesced_mmio_zone);
+    view.setBigUint64(0, BigInt(addr), true);
+    view.setUint32(8, size, true);
+    view.setUint32(12, pio ? 1 : 0, true);
+    const req = on ? C.KVM_REGISTER_COALESCED_MMIO : C.KVM_UNREGISTER_COALESCED_MMIO;
+    const r = this.#ioctl(this.fd, req, bytes);
+    if (r < 0) {
+      throw new OsError(
+        -r,
+        `KVM_${on ? "" : "UN"}REGISTER_COALESCED_MMIO ${pio ? "port" : "address"} 0x${addr.toString(16)}`,
+      );
+    }
+  }
+
   /** KVM_SET_GSI_ROUTING: replaces the whole routing table. */
   setGsiRouting(entries: IrqRoutingEntry[]): void {
     ioctlBuf(this.fd, C.KVM_SET_GSI_ROUTING, encodeIrqRouting(entries), "KVM_SET_GSI_ROUTING");

@@ -47,6 +47,7 @@ const SYMBOLS = {
   kvs_poll1: { parameters: ["i32", "i32", "i32"], result: "i64" },
   kvs_socket: { parameters: ["i32", "i32", "i32"], result: "i64" },
   kvs_unix_listen: { parameters: ["buffer", "i32"], result: "i64" },
+  kvs_unix_listen_mode: { parameters: ["buffer", "i32", "i32"], result: "i64" },
   kvs_unix_connect: { parameters: ["buffer"], result: "i64" },
   kvs_accept: { parameters: ["i32"], result: "i64" },
   kvs_tcp_listen: { parameters: ["buffer", "i32", "i32"], result: "i64" },

@@ -21,9 +21,13 @@ export function closeFd(fd: number): void {
   shim().kvs_close(fd);
 }
 
-/** A non-blocking listening socket bound at `path`. */
-export function unixListen(path: string, backlog = 128): number {
-  return check(shim().kvs_unix_listen(cstr(path), backlog), `listen on ${path}`);
+/** A non-blocking listening socket bound at `path`; with `mode`, the file has those permissions from the start. */
+export function unixListen(path: string, backlog = 128, mode?: number): number {
+  const s = shim();
+  const r = mode === undefined
+    ? s.kvs_unix_listen(cstr(path), backlog)
+    : s.kvs_unix_listen_mode(cstr(path), backlog, mode);
+  return check(r, `listen on ${path}`);
 }
 
 /**

@@ -33,6 +33,7 @@ export const SIZES = {
   kvm_irqchip: 520,
   kvm_pit_state2: 112,
   kvm_dirty_log: 16,
+  kvm_coalesced_mmio_zone: 16,
 } as const;
 
 /** struct kvm_run (the fixed part; the union starts at 32). */

@@ -103,18 +103,22 @@ static int unix_addr(const char *path, struct sockaddr_un *a) {
   memcpy(a->sun_path, path, n);
   return 0;
 }
-int64_t kvs_unix_listen(const char *path, int32_t backlog) {
+/* `mode` >= 0: the socket file is created with these permissions (a socket's inode mode, set before bind,
+ * is what bind gives the file, less the umask), so no client can connect while it is wider. */
+int64_t kvs_unix_listen_mode(const char *path, int32_t backlog, int32_t mode) {
   struct sockaddr_un a;
   if (unix_addr(path, &a) < 0) return -(int64_t)errno;
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (fd < 0) return -(int64_t)errno;
-  if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0 || listen(fd, backlog) < 0) {
+  if ((mode >= 0 && fchmod(fd, (mode_t)mode) < 0) || bind(fd, (struct sockaddr *)&a, sizeof a) < 0 ||
+      listen(fd, backlog) < 0) {
     int e = errno;
     close(fd);
     return -(int64_t)e;
   }
   return fd;
 }
+int64_t kvs_unix_listen(const char *path, int32_t backlog) { return kvs_unix_listen_mode(path, backlog, -1); }
 int64_t kvs_unix_connect(const char *path) {
   struct sockaddr_un a;
   if (unix_addr(path, &a) < 0) return -(int64_t)errno;

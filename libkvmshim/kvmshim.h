@@ -43,6 +43,7 @@ int64_t kvs_socket(int32_t domain, int32_t type, int32_t protocol);
 
 /* UNIX stream sockets for the API (CLOEXEC). A listening socket bound at `path` (non-blocking). */
 int64_t kvs_unix_listen(const char *path, int32_t backlog);
+int64_t kvs_unix_listen_mode(const char *path, int32_t backlog, int32_t mode);
 /* A connected socket (blocking). */
 int64_t kvs_unix_connect(const char *path);
 /* accept4 with SOCK_NONBLOCK|SOCK_CLOEXEC. */

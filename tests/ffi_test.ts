@@ -68,6 +68,7 @@ Deno.test("struct sizes match the kernel headers", () => {
     kvm_irqchip: 520,
     kvm_pit_state2: 112,
     kvm_dirty_log: 16,
+    kvm_coalesced_mmio_zone: 16,
   };
   assert.deepEqual({ ...SIZES }, expected);
 });
@@ -113,6 +114,8 @@ Deno.test("ioctl numbers match the kernel headers", () => {
     KVM_IRQFD: 0x4020ae76,
     KVM_CREATE_PIT2: 0x4040ae77,
     KVM_IOEVENTFD: 0x4040ae79,
+    KVM_REGISTER_COALESCED_MMIO: 0x4010ae67,
+    KVM_UNREGISTER_COALESCED_MMIO: 0x4010ae68,
     KVM_SIGNAL_MSI: 0x4020aea5,
     KVM_ENABLE_CAP: 0x4068aea3,
     KVM_SET_CLOCK: 0x4030ae7b,

@@ -34,6 +34,12 @@ import type { BalloonControl } from "../devices/virtio/balloon.ts";
 import { type HostEnd, openPty, openSocketEnd } from "./host_end.ts";
 import { CpuHotplug, type CpuHotplugDescriptor } from "../devices/cpu_hotplug.ts";
 import { MemoryHotplug, type MemoryHotplugDescriptor } from "../devices/memory_hotplug.ts";
+import {
+  type CoalescedPioDescriptor,
+  CoalescedRing,
+  CoalescedZone,
+  createCoalescedPio,
+} from "./coalesced_pio.ts";
 
 /** Everything a thread needs to rebuild the platform: structured-cloneable. */
 export interface PlatformDescriptors {
@@ -50,6 +56,8 @@ export interface PlatformDescriptors {
   cpuHotplug: CpuHotplugDescriptor | null;
   /** The ACPI memory hotplug controller (hotplug_size with hotplug_method=acpi). */
   memoryHotplug: MemoryHotplugDescriptor | null;
+  /** The serial transmit register's coalesced zone, or null (see coalesced_pio.ts). */
+  coalesced: CoalescedPioDescriptor | null;
 }
 
 /** Writes all of `bytes` to a raw fd, waiting when the fd is non-blocking and full. */
@@ -98,9 +106,12 @@ function build(d: PlatformDescriptors, events: VmEvents, pio = new PioBus()): Le
     const m = new MemoryHotplug(d.memoryHotplug);
     pio.register(m.base, m.len, m, "memory-hotplug");
   }
+  const zone = d.coalesced ? new CoalescedZone(d.coalesced, vm) : null;
   return buildLegacyDevices(d.legacy, {
     serialIrq: irqLine(vm, d.legacy.serial.irq),
     serialOut: fdSink(d.serialOutFd, d.serialOutDrops),
+    // THR writes are coalesced only while the guest polls (THRI off): see coalesced_pio.ts.
+    serialTxInterrupt: zone ? (enabled) => zone.set(!enabled) : undefined,
     events: eventSink(events),
     gedIrq: d.legacy.acpiPm ? irqLine(vm, d.legacy.acpiPm.gedGsi) : undefined,
     kbdIrq: irqLine(vm, 1),
@@ -108,12 +119,17 @@ function build(d: PlatformDescriptors, events: VmEvents, pio = new PioBus()): Le
   }, pio);
 }
 
-/** vCPU worker side: this thread's buses over the shared device state. */
+/**
+ * vCPU worker side: this thread's buses over the shared device state, and the coalesced ring (over
+ * `mapping`, the vCPU's kvm_run mmap) when the VM has one: drain it before handling an exit.
+ */
 export function buildPlatformBuses(
   d: PlatformDescriptors,
   events: VmEvents,
-): { pio: PioBus; mmio: MmioBus; pci: PciThread | null } {
+  mapping?: Uint8Array,
+): { pio: PioBus; mmio: MmioBus; pci: PciThread | null; ring: CoalescedRing | null } {
   const { pio } = build(d, events);
+  const ring = d.coalesced && mapping ? new CoalescedRing(d.coalesced, mapping) : null;
   const mmio = new MmioBus();
   let pci: PciThread | null = null;
   if (d.pci) {
@@ -123,7 +139,7 @@ export function buildPlatformBuses(
       if (value & 0x04) events.raise(VmEvent.Reboot);
     };
   }
-  return { pio, mmio, pci };
+  return { pio, mmio, pci, ring };
 }
 
 /** Main-thread handle on the platform devices. */
@@ -146,6 +162,13 @@ export interface Platform {
   readonly memoryHotplug: MemoryHotplug | null;
   /** Raises GED event bits (hotplug scans). */
   raiseGed(bits: number): void;
+  /**
+   * Gives the main thread the coalesced ring, through vCPU 0's kvm_run mmap (`mapping`), and puts the
+   * zone in the state the serial port's IER asks for (after a restore, IER is the snapshot's).
+   */
+  attachVcpuMapping(mapping: Uint8Array): void;
+  /** Replays coalesced writes still in the ring (before device state is saved). */
+  drainCoalesced(): void;
   /** Stops the device workers and releases fds (after the vCPUs have stopped). */
   close(): Promise<void>;
 }
@@ -338,8 +361,17 @@ export function createPlatform(
       ? CpuHotplug.createDescriptor(Layout.cpuHotplugPort, cfg.cpus.max_vcpus, cfg.cpus.boot_vcpus)
       : null,
     memoryHotplug: memoryHotplugDescriptor(cfg),
+    // DVMM_COALESCED_PIO=0 turns it off (benchmarks compare both).
+    coalesced: Deno.env.get("DVMM_COALESCED_PIO") === "0"
+      ? null
+      : createCoalescedPio(vmFd, legacy.serial.base, 1),
   };
   const host = build(descriptors, events);
+  const zone = descriptors.coalesced ? new CoalescedZone(descriptors.coalesced, vmFd) : null;
+  let ring: CoalescedRing | null = null;
+  const drain = () => {
+    if (ring?.pending) ring.drain(host.pio);
+  };
   let pci: PciHost | null = null;
   if (wantsPci(cfg)) {
     try {
@@ -356,6 +388,7 @@ export function createPlatform(
         placement,
       );
     } catch (e) {
+      zone?.set(false);
       if (ownFd) shim().kvs_close(serialOutFd);
       void hostEnd?.close();
       throw e;
@@ -363,7 +396,11 @@ export function createPlatform(
     descriptors.pci = pci.descriptors;
   }
   // Output is batched per line by the UART; a partial line (a shell prompt) is flushed here.
-  const flusher = setInterval(() => host.serial.flush(), 20);
+  // Coalesced THR writes are replayed on the same beat (a vCPU's next exit usually comes first).
+  const flusher = setInterval(() => {
+    drain();
+    host.serial.flush();
+  }, 20);
   return {
     descriptors,
     pciAcpi: pci !== null,
@@ -382,6 +419,12 @@ export function createPlatform(
     cpuHotplug: descriptors.cpuHotplug ? new CpuHotplug(descriptors.cpuHotplug) : null,
     memoryHotplug: descriptors.memoryHotplug ? new MemoryHotplug(descriptors.memoryHotplug) : null,
     raiseGed: (bits) => host.acpiPm?.raiseEvent(bits),
+    attachVcpuMapping: (mapping) => {
+      if (!descriptors.coalesced || !zone) return;
+      ring = new CoalescedRing(descriptors.coalesced, mapping);
+      zone.set(!host.serial.txInterruptEnabled);
+    },
+    drainCoalesced: drain,
     deviceTree: () => ({
       ...pci?.deviceTree(),
       __serial: {
@@ -393,6 +436,7 @@ export function createPlatform(
     close: async () => {
       await pci?.close();
       clearInterval(flusher);
+      drain();
       host.serial.flush();
       if (ownFd) shim().kvs_close(serialOutFd);
       await hostEnd?.close();

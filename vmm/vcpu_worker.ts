@@ -27,6 +27,7 @@ import { buildPlatformBuses, type PlatformDescriptors } from "./platform.ts";
 import type { MmioBus, PioBus } from "../devices/bus.ts";
 import type { PciThread } from "./pci_platform.ts";
 import type { VirtioDeviceDescriptor } from "../devices/virtio/device_shared.ts";
+import type { CoalescedRing } from "./coalesced_pio.ts";
 
 /** What the main thread sends a vCPU worker once, at start. */
 export interface VcpuWorkerInit {
@@ -63,6 +64,8 @@ interface VcpuContext {
   pio: PioBus;
   mmio: MmioBus;
   pci: PciThread | null;
+  /** The coalesced serial writes: replayed before every exit is handled. */
+  ring: CoalescedRing | null;
 }
 
 /** Returned by runVcpu when the main thread asked for a reload (a PCI change is waiting as a message). */
@@ -77,12 +80,12 @@ function setUp(init: VcpuWorkerInit): VcpuContext {
   const events = new VmEvents(init.events);
   ctl.publishThread(threadId());
   const vcpu = VcpuFd.fromDescriptor(init.vcpu);
-  const { pio, mmio, pci } = buildPlatformBuses(init.platform, events);
-  return { init, ctl, events, vcpu, pio, mmio, pci };
+  const { pio, mmio, pci, ring } = buildPlatformBuses(init.platform, events, vcpu.kvmRun.data);
+  return { init, ctl, events, vcpu, pio, mmio, pci, ring };
 }
 
 function runVcpu(c: VcpuContext): string {
-  const { ctl, events, vcpu, pio, mmio } = c;
+  const { ctl, events, vcpu, pio, mmio, ring } = c;
   const run = vcpu.kvmRun;
   const page = run.data;
   const dv = new DataView(page.buffer, page.byteOffset, page.byteLength);
@@ -117,6 +120,8 @@ function runVcpu(c: VcpuContext): string {
       return `KVM_RUN failed: errno ${-r}`;
     }
     Atomics.add(ctl.i32, CTL_EXITS, 1);
+    // Serial bytes KVM coalesced since the last exit come first: this exit may read what they changed.
+    if (ring !== null && ring.pending) ring.drain(pio);
     switch (run.exitReason) {
       case KVM_EXIT_IO: {
         const port = run.ioPort;

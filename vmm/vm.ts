@@ -22,7 +22,7 @@ import type { SendMigrationData, VmConfig, VmResize } from "./vm_config.ts";
 import { type GuestEvent, type VmBackend, VmmError } from "./control.ts";
 import { GuestMemory, GuestMemoryTable } from "./memory.ts";
 import { vcpuCpuid } from "./cpuid.ts";
-import { Cmd, State, VcpuControl, VmEvent, VmEvents } from "./vcpu_control.ts";
+import { Cmd, CTL_EXITS, State, VcpuControl, VmEvent, VmEvents } from "./vcpu_control.ts";
 import type { PciChange, VcpuPciChange, VcpuWorkerExit, VcpuWorkerInit } from "./vcpu_worker.ts";
 import type { HotplugKind } from "./control.ts";
 import type { PciDeviceInfo } from "./vm_config.ts";
@@ -110,7 +110,7 @@ function mib(n: number): number {
 }
 
 /** Control words of the device state that stay with the host (never saved or loaded). */
-const HOST_ONLY = new Set(["control"]);
+const HOST_ONLY = new Set(["control", "coalesced"]);
 /** Virtio device kinds whose state dvmm saves (vhost-user devices keep theirs in the back-end). */
 const SAVABLE_KINDS = new Set(["rng", "blk", "net", "console", "pmem", "balloon", "vsock", "mem"]);
 const MSR_KERNEL_GS_BASE = 0xc0000102;
@@ -725,6 +725,7 @@ export class Vm implements VmBackend, MigrationSource {
           this.#vcpus.push(this.#start(fd, this.#idle.shift()!));
         }
       }
+      this.#platform.attachVcpuMapping(this.#vcpus[0].fd.kvmRun.data);
       phase("vCPUs set up, workers spawned");
       log.info(
         restore
@@ -877,6 +878,7 @@ export class Vm implements VmBackend, MigrationSource {
     const vm = this.#vm;
     if (!platform || !vm) throw new VmmError("WrongState", "the VM is not running");
     this.checkSavable();
+    platform.drainCoalesced(); // serial bytes still in KVM's ring belong to the saved UART state
     const state = newState();
     const msrs = [...this.#msrList];
     state.vcpus = this.#vcpus.map((v) => saveVcpu(v.fd, msrs));
@@ -1000,6 +1002,11 @@ export class Vm implements VmBackend, MigrationSource {
     for (const v of this.#vcpus) v.control.requestNmi();
     this.#kickAll();
     return Promise.resolve();
+  }
+
+  /** Exits each running vCPU has handled in userspace so far (diagnostics and tests). */
+  vcpuExits(): number[] {
+    return this.#vcpus.map((v) => Atomics.load(v.control.i32, CTL_EXITS));
   }
 
   counters(): Record<string, Record<string, number>> {

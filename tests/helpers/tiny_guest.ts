@@ -197,3 +197,60 @@ export function dirtyingGuest(): Uint8Array {
     0xe2, // 28: jmp 0
   ]);
 }
+
+/**
+ * 32-bit code that writes the UART as Linux's console does and then powers off. In order:
+ * `polled[0]` byte by byte, each after polling the line status register for THRE (IER = 0); the same
+ * for `polled[1]` with the THR-empty interrupt enabled (IER = 2; MCR's OUT2 stays off, so no interrupt
+ * reaches the CPU); `polled[2]` polled again with IER = 0; then `burst` written back to back with no
+ * status read in between; then the ACPI sleep register (port 0x600). Messages must not contain NUL.
+ */
+export function serialConsoleCode(
+  polled: [string, string, string],
+  burst: string,
+  loadAddr = 0x100000,
+): Uint8Array {
+  const code: number[] = [];
+  const fix: [number, string][] = []; // rel32 call sites → label
+  const labels = new Map<string, number>();
+  const absFix: [number, string][] = []; // imm32 absolute → label
+  const emit = (...b: number[]) => code.push(...b);
+  const movEsi = (label: string) => {
+    emit(0xbe, 0, 0, 0, 0);
+    absFix.push([code.length - 4, label]);
+  };
+  const call = (label: string) => {
+    emit(0xe8, 0, 0, 0, 0);
+    fix.push([code.length - 4, label]);
+  };
+  const outIer = (v: number) => emit(0x66, 0xba, 0xf9, 0x03, 0xb0, v, 0xee); // mov dx,0x3f9; mov al,v; out dx,al
+  emit(0xbc, 0x00, 0x00, 0x20, 0x00); // mov esp, 0x200000
+  movEsi("m0");
+  call("poll");
+  outIer(2);
+  movEsi("m1");
+  call("poll");
+  outIer(0);
+  movEsi("m2");
+  call("poll");
+  movEsi("m3");
+  call("raw");
+  emit(0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4, 0xeb, 0xfd); // out 0x600, 0x34; hlt; jmp hlt
+  // poll: lodsb; test al,al; jz done; mov bl,al; mov dx,0x3fd; w: in al,dx; test al,0x20; jz w;
+  //       mov dx,0x3f8; mov al,bl; out dx,al; jmp poll; done: ret
+  labels.set("poll", code.length);
+  emit(0xac, 0x84, 0xc0, 0x74, 0x14, 0x88, 0xc3, 0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x20, 0x74, 0xfb);
+  emit(0x66, 0xba, 0xf8, 0x03, 0x88, 0xd8, 0xee, 0xeb, 0xe7, 0xc3);
+  // raw: mov dx,0x3f8; r: lodsb; test al,al; jz d; out dx,al; jmp r; d: ret
+  labels.set("raw", code.length);
+  emit(0x66, 0xba, 0xf8, 0x03, 0xac, 0x84, 0xc0, 0x74, 0x03, 0xee, 0xeb, 0xf8, 0xc3);
+  [...polled, burst].forEach((m, i) => {
+    labels.set(`m${i}`, code.length);
+    emit(...new TextEncoder().encode(m), 0);
+  });
+  const out = new Uint8Array(code);
+  const v = new DataView(out.buffer);
+  for (const [at, l] of fix) v.setInt32(at, labels.get(l)! - (at + 4), true);
+  for (const [at, l] of absFix) v.setUint32(at, loadAddr + labels.get(l)!, true);
+  return out;
+}
