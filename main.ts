@@ -638,7 +638,7 @@ async function main(argv: string[]): Promise<number> {
   // terminal too: wired once, when the first such VM comes up.
   let wired = config !== null;
   events.attach((json) => {
-    if (wired || !/"event":"(booted|restored|migration-received)"/.test(json)) return;
+    if (wired || !/"event":"(booted|restored|migration-receive-finished)"/.test(json)) return;
     wired = true;
     loop.request("vm.info").then((info) => {
       if (info.ok) restoreTerminal = wireTerminal((info.body as { config: VmConfig }).config, () => backend);

@@ -180,8 +180,14 @@ Deno.test({
     assert.equal(sent.status, 204, sent.body);
     assert.equal((await receiving).status, 204);
     assert.equal((await a.status).code, 0, "the source VMM exits after the hand-over");
-    assert.match(await Deno.readTextFile(`${dir}/a.ev`), /"migration-sent".*"downtime_ms":"\d+"/);
-    assert.match(await Deno.readTextFile(`${dir}/b.ev`), /"migration-receiving"[\s\S]*"migration-received"/);
+    assert.match(
+      await Deno.readTextFile(`${dir}/a.ev`),
+      /"migration-started"[\s\S]*"migration-memory-iteration"[\s\S]*"migration-finished".*"downtime_ms":"\d+"/,
+    );
+    assert.match(
+      await Deno.readTextFile(`${dir}/b.ev`),
+      /"migration-receive-ready"[\s\S]*"migration-receive-started"[\s\S]*"migration-receive-finished"/,
+    );
     const info = JSON.parse((await apiRequest(`${dir}/b.sock`, "GET", "/api/v1/vm.info")).body);
     assert.equal(info.state, "Running");
     assert.equal((await put(`${dir}/b.sock`, "vm.pause")).status, 204);

@@ -4,6 +4,7 @@ import { CLI_OPTIONS, CliError, DEFAULT_LOG_FORMAT, logFormatProblem, parseCli }
 import { kvmAvailable } from "./helpers/realmode.ts";
 import { pvhElf } from "./helpers/tiny_guest.ts";
 import { dvmmCommand } from "./helpers/host.ts";
+import { apiRequest } from "../api/client.ts";
 
 const dec = new TextDecoder();
 
@@ -137,6 +138,38 @@ Deno.test("cli: SIGTERM shuts dvmm down cleanly", async () => {
   }
 });
 
+for (const how of ["SIGINT", "vmm.shutdown"] as const) {
+  Deno.test(`cli: ${how} while a migration waits for its sender cancels it; dvmm ends cleanly`, async () => {
+    const dir = await Deno.makeTempDir({ prefix: "dvmm-cli-" });
+    const sock = `${dir}/api.sock`;
+    const mig = `${dir}/mig.sock`;
+    const child = dvmmCommand(["--api-socket", `path=${sock}`]).spawn();
+    try {
+      await waitFor(sock);
+      // No sender ever comes: the request would wait for ever.
+      const receiving = apiRequest(sock, "PUT", "/api/v1/vm.receive-migration", {
+        receiver_url: `unix:${mig}`,
+      });
+      await waitFor(mig);
+      assert.equal((await apiRequest(sock, "GET", "/api/v1/vmm.ping")).status, 200);
+      if (how === "SIGINT") child.kill("SIGINT");
+      else assert.equal((await apiRequest(sock, "PUT", "/api/v1/vmm.shutdown")).status, 204);
+      const r = await receiving;
+      assert.equal(r.status, 500);
+      assert.match(r.body, /the VM migration could not be received.*cancelled: the VMM is shutting down/s);
+      const out = await child.output();
+      assert.equal(out.code, 0, dec.decode(out.stderr));
+      await assert.rejects(() => Deno.lstat(sock), Deno.errors.NotFound);
+    } finally {
+      try {
+        child.kill("SIGKILL");
+      } catch { /* ended */ }
+      await child.output().catch(() => {});
+      await Deno.remove(dir, { recursive: true });
+    }
+  });
+}
+
 Deno.test({
   name: "cli: SIGTERM during a boot ends dvmm cleanly once the boot step is over",
   ignore: !kvmAvailable(),
@@ -216,6 +249,63 @@ Deno.test({
     assert.equal(out.code, 0, dec.decode(out.stderr));
     await assert.rejects(() => Deno.lstat(sock), Deno.errors.NotFound);
   } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test({
+  name:
+    "cli: a running dvmm answers Kata's no-op vm.resize 204; a second dvmm on its writable disk is refused",
+  ignore: !kvmAvailable(),
+}, async () => {
+  const dir = await Deno.makeTempDir({ prefix: "dvmm-cli-" });
+  const sock = `${dir}/api.sock`;
+  await Deno.writeFile(`${dir}/spin.elf`, pvhElf(new Uint8Array([0xeb, 0xfe]))); // jmp $
+  await Deno.writeFile(`${dir}/disk.img`, new Uint8Array(1 << 20));
+  const vm = (disk: string) => [
+    "--kernel",
+    `${dir}/spin.elf`,
+    "--memory",
+    "size=64M",
+    "--console",
+    "off",
+    "--serial",
+    "null",
+    "--disk",
+    disk,
+  ];
+  const first = dvmmCommand(["--api-socket", `path=${sock}`, ...vm(`path=${dir}/disk.img`)]).spawn();
+  try {
+    await waitFor(sock);
+    const info = async () => JSON.parse((await apiRequest(sock, "GET", "/api/v1/vm.info")).body);
+    for (let i = 0; i < 200 && (await info()).state !== "Running"; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    assert.equal((await info()).state, "Running");
+    // Kata sends vm.resize with the VM's current sizes on every container create and update.
+    const noop = { desired_vcpus: 1, desired_ram: 64 << 20, desired_balloon: null };
+    assert.equal((await apiRequest(sock, "PUT", "/api/v1/vm.resize", noop)).status, 204);
+    const tooMany = await apiRequest(sock, "PUT", "/api/v1/vm.resize", { desired_vcpus: 2 });
+    assert.equal(tooMany.status, 400);
+    assert.match(tooMany.body, /desired_vcpus/);
+    for (const disk of [`path=${dir}/disk.img`, `path=${dir}/disk.img,readonly=on`]) {
+      const second = await run(vm(disk));
+      assert.equal(second.code, 1, disk);
+      assert.match(second.stderr, /disk\.img.*locked by another process/s, disk);
+    }
+    assert.equal((await info()).state, "Running");
+    first.kill("SIGTERM");
+    assert.equal((await first.output()).code, 0);
+    // Once the first has gone, the image is free.
+    const third = dvmmCommand(["--api-socket", `path=${sock}`, ...vm(`path=${dir}/disk.img`)]).spawn();
+    await waitFor(sock);
+    third.kill("SIGTERM");
+    assert.equal((await third.output()).code, 0);
+  } finally {
+    try {
+      first.kill("SIGKILL");
+    } catch { /* ended */ }
+    await first.output().catch(() => {});
     await Deno.remove(dir, { recursive: true });
   }
 });

@@ -1,8 +1,9 @@
 /**
  * A device whose own code fails is marked failed, never left as a silent dead queue: the real device
- * worker (devices/virtio/worker.ts) runs virtio-rng whose source is gone by the time the worker starts
- * (removed after the boot's check). The worker reports it, and whenever the guest activates the device it
- * sets DEVICE_NEEDS_RESET with a configuration interrupt; the worker still pauses and stops.
+ * worker (devices/virtio/worker.ts) runs virtio-rng (1) whose source is gone by the time the worker starts
+ * (removed after the boot's check), and (2) whose source, a 16-byte file, runs dry while it serves the
+ * guest's request: its handler throws. The worker reports it, and whenever the guest activates the device
+ * it sets DEVICE_NEEDS_RESET with a configuration interrupt; the worker still pauses and stops.
  */
 import assert from "node:assert/strict";
 import { shim } from "../ffi/shim.ts";
@@ -22,9 +23,23 @@ import { GuestMemory } from "../vmm/memory.ts";
 import { FakeDriverQueue, writeCommon as common } from "./virtio_driver.ts";
 import { until } from "./helpers/host.ts";
 
-Deno.test("device fault: a device that cannot be set up is reported and shows the guest NEEDS_RESET", async () => {
-  const dir = await Deno.makeTempDir({ prefix: "dvmm-fault-" });
-  const src = `${dir}/entropy-gone`;
+interface RngRig {
+  tr: VirtioPciDevice;
+  mem: GuestMemory;
+  drv: FakeDriverQueue;
+  messages: DeviceWorkerExit[];
+  /** The driver's set-up: MSI-X vectors 0 (configuration) and 1 (the queue), one queue, DRIVER_OK. */
+  driverInit(): void;
+  /** Whether MSI-X vector v was signalled since the last call. */
+  signalled(v: number): boolean;
+  /** Tells the device that queue 0 has buffers. */
+  notify(): void;
+  /** Stops the worker and checks that it ends without an error. */
+  stop(): Promise<void>;
+}
+
+/** Runs the real device worker for a virtio-rng device reading `src`, then `body`; cleans up. */
+async function withRngWorker(src: string, body: (rig: RngRig) => Promise<void>): Promise<void> {
   const map = mapMemfd(0x100000, "fault-test");
   const fds: EventFd[] = [];
   const efd = () => {
@@ -67,49 +82,102 @@ Deno.test("device fault: a device that cannot be set up is reported and shows th
     w.postMessage({ device: desc, ram });
 
     const drv = new FakeDriverQueue(mem, 0x10000, 8);
-    const driverInit = () => {
-      // MSI-X on, vectors 0 (configuration) and 1 (the queue) unmasked.
-      tr.config.write(tr.msix.capOffset + 2, 2, 0x8000);
-      for (const v of [0, 1]) tr.msix.tableWrite(16 * v + 12, new Uint8Array(4));
-      common(tr, 0x14, 1, 1 | 2);
-      common(tr, 0x08, 4, 1);
-      common(tr, 0x0c, 4, 1 << (F.VERSION_1 - 32));
-      common(tr, 0x14, 1, 1 | 2 | 8);
-      common(tr, 0x10, 2, 0); // configuration changes: vector 0
-      common(tr, 0x16, 2, 0);
-      common(tr, 0x18, 2, drv.size);
-      common(tr, 0x1a, 2, 1); // queue 0: vector 1
-      common(tr, 0x20, 4, drv.config.descAddr);
-      common(tr, 0x28, 4, drv.config.driverAddr);
-      common(tr, 0x30, 4, drv.config.deviceAddr);
-      common(tr, 0x1c, 2, 1);
-      common(tr, 0x14, 1, 1 | 2 | 4 | 8);
-    };
     const word = new Uint8Array(8);
-    const signalled = (v: number) => Number(shim().kvs_read(desc.irqFds[v], word, 8)) === 8;
-
-    await until("the worker's report", () => messages.length > 0, 10_000);
-    assert.equal(messages[0].type, "failed");
-    assert.equal(messages[0].id, "__rng");
-    assert.match(messages[0].error!, /entropy-gone/);
-    for (let round = 0; round < 2; round++) {
-      driverInit();
-      await until("DEVICE_NEEDS_RESET", () => (tr.status & 0x40) !== 0, 10_000);
-      await until("the configuration interrupt", () => signalled(0), 10_000);
-      // The driver resets the device (and may try again: it stays failed).
-      common(tr, 0x14, 1, 0);
-      assert.equal(tr.status, 0);
-    }
-
-    // Stop still works, and the worker ends without an error.
-    Atomics.store(h.ctl, CTL_STOP, 1);
-    h.kickWorker();
-    await until("the worker's exit", () => messages.some((m) => m.type === "exit"), 10_000);
-    assert.equal(messages.find((m) => m.type === "exit")!.error, undefined);
+    const one = new Uint8Array(8);
+    new DataView(one.buffer).setBigUint64(0, 1n, true);
+    await body({
+      tr,
+      mem,
+      drv,
+      messages,
+      driverInit: () => {
+        tr.config.write(tr.msix.capOffset + 2, 2, 0x8000);
+        for (const v of [0, 1]) tr.msix.tableWrite(16 * v + 12, new Uint8Array(4));
+        common(tr, 0x14, 1, 1 | 2);
+        common(tr, 0x08, 4, 1);
+        common(tr, 0x0c, 4, 1 << (F.VERSION_1 - 32));
+        common(tr, 0x14, 1, 1 | 2 | 8);
+        common(tr, 0x10, 2, 0); // configuration changes: vector 0
+        common(tr, 0x16, 2, 0);
+        common(tr, 0x18, 2, drv.size);
+        common(tr, 0x1a, 2, 1); // queue 0: vector 1
+        common(tr, 0x20, 4, drv.config.descAddr);
+        common(tr, 0x28, 4, drv.config.driverAddr);
+        common(tr, 0x30, 4, drv.config.deviceAddr);
+        common(tr, 0x1c, 2, 1);
+        common(tr, 0x14, 1, 1 | 2 | 4 | 8);
+      },
+      signalled: (v) => Number(shim().kvs_read(desc.irqFds[v], word, 8)) === 8,
+      notify: () => void shim().kvs_write(desc.queueFds[0], one, 8n),
+      stop: async () => {
+        Atomics.store(h.ctl, CTL_STOP, 1);
+        h.kickWorker();
+        await until("the worker's exit", () => messages.some((m) => m.type === "exit"), 10_000);
+        assert.equal(messages.find((m) => m.type === "exit")!.error, undefined);
+      },
+    });
   } finally {
     w?.terminate();
     for (const e of fds) e.close();
     unmap(map);
+  }
+}
+
+/** The guest sees DEVICE_NEEDS_RESET with a configuration interrupt, resets, tries again: still failed. */
+async function needsResetTwice(rig: RngRig): Promise<void> {
+  for (let round = 0; round < 2; round++) {
+    if (round > 0) rig.driverInit();
+    await until("DEVICE_NEEDS_RESET", () => (rig.tr.status & 0x40) !== 0, 10_000);
+    await until("the configuration interrupt", () => rig.signalled(0), 10_000);
+    common(rig.tr, 0x14, 1, 0);
+    assert.equal(rig.tr.status, 0);
+  }
+}
+
+Deno.test("device fault: a device that cannot be set up is reported and shows the guest NEEDS_RESET", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "dvmm-fault-" });
+  try {
+    await withRngWorker(`${dir}/entropy-gone`, async (rig) => {
+      await until("the worker's report", () => rig.messages.length > 0, 10_000);
+      assert.equal(rig.messages[0].type, "failed");
+      assert.equal(rig.messages[0].id, "__rng");
+      assert.match(rig.messages[0].error!, /entropy-gone/);
+      rig.driverInit();
+      await needsResetTwice(rig);
+      await rig.stop();
+    });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("device fault: a handler that throws while serving the guest fails the device, not the worker", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "dvmm-fault-" });
+  const src = `${dir}/sixteen-bytes`;
+  await Deno.writeFile(src, new Uint8Array(16).fill(0xa5));
+  try {
+    await withRngWorker(src, async (rig) => {
+      rig.driverInit();
+      // A working device: 8 bytes from the file.
+      rig.drv.setDesc(0, 0x20000, 8, 2 /* WRITE */);
+      rig.drv.publish(0);
+      rig.notify();
+      await until("the first request's answer", () => rig.drv.usedIdx() === 1, 10_000);
+      assert.deepEqual(rig.drv.used(0), { id: 0, len: 8 });
+      assert.deepEqual([...rig.mem.slice(0x20000, 8)], new Array(8).fill(0xa5));
+      assert.equal(rig.messages.length, 0);
+      assert.equal(rig.tr.status & 0x40, 0);
+      // 64 more bytes: the source has 8 left and runs dry in the handler.
+      rig.drv.setDesc(1, 0x21000, 64, 2);
+      rig.drv.publish(1);
+      rig.notify();
+      await until("the worker's report", () => rig.messages.length > 0, 10_000);
+      assert.equal(rig.messages[0].type, "failed");
+      assert.match(rig.messages[0].error!, /entropy source .*sixteen-bytes exhausted/);
+      await needsResetTwice(rig);
+      await rig.stop();
+    });
+  } finally {
     await Deno.remove(dir, { recursive: true });
   }
 });

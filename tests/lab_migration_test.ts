@@ -8,7 +8,7 @@
  * Each source exits 0 after its hop and each destination serves the API with the VM Running; the ticks
  * go on across all hops with none lost or repeated; D's terminal reaches the guest's shell, whose disk
  * holds the latest count. Then a receiver killed in the middle of a migration leaves D running. The
- * sources' `migration-sent` events carry each hop's total time and downtime.
+ * sources' `migration-finished` events carry each hop's total time and downtime.
  */
 import assert from "node:assert/strict";
 import { labTail, labUnavailable, runScriptInLab, SH_LIB } from "./helpers/lab.ts";
@@ -40,7 +40,7 @@ hop() {
   api PUT vm.send-migration $D/$1.sock '{"destination_url":"'$3'"'\${4:+,\\"local\\":true}'}'
   wait $r; cat $D/recv.$2
   eval "reap \\$p$1 $1 60"
-  grep -o '"event":"migration-sent".*' $D/$1.ev
+  grep -o '"event":"migration-finished".*' $D/$1.ev
 }
 
 dd if=/dev/zero of=$D/disk.img bs=1M count=8 2>/dev/null

@@ -224,7 +224,17 @@ Deno.test("pmem: backing files: read-write, read-only with discard_writes, tempo
     assert.throws(() => openPmemFile(cfg({ file: dir }), "p"), /directory needs size/);
     Deno.writeFileSync(`${dir}/odd`, new Uint8Array(MiB));
     assert.throws(() => openPmemFile(cfg({ file: `${dir}/odd` }), "p"), /multiple of 2 MiB/);
-    assert.throws(() => openPmemFile(cfg({ file: `${dir}/missing` }), "p"));
+    assert.throws(
+      () => openPmemFile(cfg({ file: `${dir}/missing` }), "--pmem"),
+      /^Error: --pmem: .*\/missing: No such file/,
+    );
+    // A FIFO would block the open forever; a character device has no size to map: refused at once.
+    assert.ok(new Deno.Command("mkfifo", { args: [`${dir}/fifo`] }).outputSync().success);
+    assert.throws(() => openPmemFile(cfg({ file: `${dir}/fifo` }), "--pmem"), /fifo is not a regular file/);
+    assert.throws(
+      () => openPmemFile(cfg({ file: "/dev/zero", size: 2 * MiB }), "--pmem"),
+      /not a regular file/,
+    );
     assert.throws(() => new FdPmemBackend(-1).flush(), /fsync/);
   } finally {
     Deno.removeSync(dir, { recursive: true });

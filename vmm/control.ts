@@ -40,6 +40,7 @@ import {
 } from "./vm_config.ts";
 import { DVMM_VERSION } from "./version.ts";
 import {
+  type MigrationHooks,
   type MigrationStats,
   type MigrationUrl,
   parseMigrationUrl,
@@ -115,7 +116,7 @@ export interface VmBackend {
   /** Optional: an ELF core of the paused guest at `path` (vm.coredump). */
   coredump?(path: string): number;
   /** Optional: send the running VM to another dvmm (vm.send-migration); on failure it runs on. */
-  sendMigration?(opts: SendMigrationData, config: unknown): Promise<MigrationStats>;
+  sendMigration?(opts: SendMigrationData, config: unknown, hooks?: MigrationHooks): Promise<MigrationStats>;
 }
 
 export type VmBackendFactory = (config: VmConfig) => VmBackend;
@@ -247,6 +248,9 @@ export class ControlLoop {
   /** Where generated device identifiers go on (`_disk0`, `_net1`, …); never goes back for a VM. */
   #deviceCounter = 0;
 
+  /** The cancellable action under way (a migration), which vmm.shutdown cancels. */
+  #long: { what: string; abort: AbortController } | null = null;
+
   #exiting = false;
   #resolveExit!: (code: number) => void;
   /** Resolves with the process exit code once the VMM has shut down (API request or guest poweroff). */
@@ -273,6 +277,11 @@ export class ControlLoop {
    * under way, so a slow boot never makes the VMM look dead.
    */
   submit(req: VmmRequest): void {
+    if (req.kind === "vmm.shutdown" && this.#long) {
+      // A migration may wait for its peer for ever: the shutdown (API, SIGTERM, SIGINT) cancels it.
+      this.#log.info(`cancelling the ${this.#long.what}: the VMM is shutting down`);
+      this.#long.abort.abort();
+    }
     if (READ_ONLY.has(req.kind)) {
       this.#handleRequest(req);
       return;
@@ -768,10 +777,18 @@ export class ControlLoop {
     if (opts.preserve_source) {
       throw notImplemented("keeping the source VM after a migration (preserve_source)");
     }
-    this.#events.emit("vm", "migration-sending");
+    // Cloud Hypervisor's migration events, with its names.
+    this.#events.emit("vm", "migration-started");
     let stats: MigrationStats;
     try {
-      stats = await backend.sendMigration(opts, savedConfig(this.#config!));
+      stats = await this.#cancellable(
+        "migration being sent",
+        (signal) =>
+          backend.sendMigration!(opts, savedConfig(this.#config!), {
+            signal,
+            onIteration: (n) => this.#events.emit("vm", "migration-memory-iteration", { id: String(n) }),
+          }),
+      );
     } catch (e) {
       this.#events.emit("vm", "migration-failed");
       if (e instanceof VmmError) throw e;
@@ -781,7 +798,7 @@ export class ControlLoop {
       `migration sent: ${stats.rounds} round(s), ${Math.round(stats.bytes / 2 ** 20)} MiB, ` +
         `${stats.totalMs.toFixed(0)} ms in all, ${stats.downtimeMs.toFixed(0)} ms paused`,
     );
-    this.#events.emit("vm", "migration-sent", {
+    this.#events.emit("vm", "migration-finished", {
       rounds: String(stats.rounds),
       bytes: String(stats.bytes),
       total_ms: stats.totalMs.toFixed(0),
@@ -811,12 +828,20 @@ export class ControlLoop {
     } catch (e) {
       throw new VmmError("BadRequest", errorText(e));
     }
-    this.#events.emit("vm", "migration-receiving");
     let got: ReceivedMigration;
     try {
-      // The VM's workers start while its memory arrives (each is an isolate that takes long to load).
-      got = await receiveMigration(url, (config) => this.#prewarm(config as VmConfig));
+      got = await this.#cancellable("migration being received", (signal) =>
+        receiveMigration(url, {
+          signal,
+          onReady: () => this.#events.emit("vm", "migration-receive-ready"),
+          onConfig: (config) => {
+            this.#events.emit("vm", "migration-receive-started");
+            // The VM's workers start while its memory arrives (each is an isolate that takes long to load).
+            this.#prewarm(config as VmConfig);
+          },
+        }));
     } catch (e) {
+      this.#events.emit("vm", "migration-receive-failed");
       this.#drainWorkers();
       throw new VmmError("Internal", ["the VM migration could not be received", errorText(e)]);
     }
@@ -837,7 +862,7 @@ export class ControlLoop {
       this.#config = null;
       this.#state = "Created";
       await got.answer(false, why).catch(() => {});
-      this.#events.emit("vm", "migration-failed");
+      this.#events.emit("vm", "migration-receive-failed");
       throw e instanceof VmmError
         ? e
         : new VmmError("Internal", ["the VM migration could not be received", why]);
@@ -846,7 +871,18 @@ export class ControlLoop {
       this.#drainWorkers();
     }
     await got.answer(true).catch((e) => this.#log.warn(`telling the sender: ${errorText(e)}`));
-    this.#events.emit("vm", "migration-received");
+    this.#events.emit("vm", "migration-receive-finished");
+  }
+
+  /** Runs a long action that a vmm.shutdown arriving meanwhile cancels (through `signal`). */
+  async #cancellable<T>(what: string, action: (signal: AbortSignal) => Promise<T>): Promise<T> {
+    const long = { what, abort: new AbortController() };
+    this.#long = long;
+    try {
+      return await action(long.abort.signal);
+    } finally {
+      if (this.#long === long) this.#long = null;
+    }
   }
 
   #prewarm(config: VmConfig): void {

@@ -85,13 +85,25 @@ export interface WorkerReply {
 }
 
 /** The migration worker, one command at a time. */
+/** Why a migration ended when the VMM was shut down (vmm.shutdown, SIGTERM, SIGINT) during it. */
+export const CANCELLED = "cancelled: the VMM is shutting down";
+
 export class MigrationChannel {
   readonly #w: Worker;
   #pending: ((r: WorkerReply) => void) | null = null;
   #dead: string | null = null;
+  /** Word 0 set: the worker gives up what it waits for or moves (within a second). */
+  readonly #cancel = new Int32Array(new SharedArrayBuffer(4));
 
-  constructor() {
+  /** `signal` aborts the migration: the command under way fails with {@link CANCELLED}, and so do later ones. */
+  constructor(signal?: AbortSignal) {
     this.#w = new Worker(workerUrl("./migration_worker.ts", import.meta.url), { type: "module" });
+    this.#w.postMessage({ op: "init", cancel: this.#cancel.buffer });
+    if (signal) {
+      const cancel = () => Atomics.store(this.#cancel, 0, 1);
+      if (signal.aborted) cancel();
+      else signal.addEventListener("abort", cancel, { once: true });
+    }
     this.#w.onmessage = (ev: MessageEvent<WorkerReply>) => {
       const p = this.#pending;
       this.#pending = null;
@@ -109,6 +121,7 @@ export class MigrationChannel {
   /** Runs one command; throws with the worker's error. */
   async run(cmd: WorkerCommand): Promise<WorkerReply> {
     if (this.#dead) throw new Error(`the migration thread failed: ${this.#dead}`);
+    if (Atomics.load(this.#cancel, 0) !== 0 && cmd.op !== "ack") throw new Error(CANCELLED);
     const r = await new Promise<WorkerReply>((resolve) => {
       this.#pending = resolve;
       this.#w.postMessage(cmd);
@@ -151,10 +164,23 @@ const MAX_ROUNDS = 30;
  * Sends the running VM to `opts.destination_url`. On success the destination runs the VM and the caller
  * ends this one; on any failure (or a timeout with Cancel) the VM is left running here, unharmed.
  */
+/** What the caller of a migration hears and may do while it runs. */
+export interface MigrationHooks {
+  /** Aborts the migration (the VMM shuts down): see {@link CANCELLED}. */
+  signal?: AbortSignal;
+  /** Sender: each pre-copy round of dirty memory starts (1, 2, …). */
+  onIteration?(round: number): void;
+  /** Receiver: listening for the sender. */
+  onReady?(): void;
+  /** Receiver: the sender is connected and its VM's config has arrived, before the memory. */
+  onConfig?(config: unknown): void;
+}
+
 export async function sendMigration(
   vm: MigrationSource,
   config: unknown,
   opts: SendMigrationData,
+  hooks: MigrationHooks = {},
 ): Promise<MigrationStats> {
   const url = parseMigrationUrl(opts.destination_url, "destination_url");
   vm.checkSavable();
@@ -170,7 +196,7 @@ export async function sendMigration(
     }
   }
   const started = performance.now();
-  const ch = new MigrationChannel();
+  const ch = new MigrationChannel(hooks.signal);
   let tracker: DirtyTracker | null = null;
   let paused = false;
   let pausedAt = 0;
@@ -201,6 +227,7 @@ export async function sendMigration(
       let rate = r.bytes! / Math.max(r.ms!, 1); // bytes per ms
       for (;;) {
         rounds++;
+        hooks.onIteration?.(rounds);
         const dirty = await tracker.collect(() => vm.quiesceDevices(), () => vm.releaseDevices());
         const expected = dirty.bytes / Math.max(rate, 1);
         log.debug(
@@ -267,18 +294,20 @@ export interface ReceivedMigration {
 
 /**
  * Listens on `url` and receives one migration (the returned promise settles when it is complete);
- * `onConfig` hears the VM's config as soon as it arrives, before the memory.
+ * `hooks` hear when it listens and the VM's config as soon as it arrives, before the memory; their signal
+ * gives up waiting for (or receiving from) the sender.
  */
 export async function receiveMigration(
   url: MigrationUrl,
-  onConfig: (config: unknown) => void = () => {},
+  hooks: MigrationHooks = {},
 ): Promise<ReceivedMigration> {
-  const ch = new MigrationChannel();
+  const ch = new MigrationChannel(hooks.signal);
   try {
     await ch.run({ op: "listen", url });
+    hooks.onReady?.();
     const c = await ch.run({ op: "receive-config" });
     try {
-      onConfig(c.config);
+      hooks.onConfig?.(c.config);
     } catch { /* only a head start */ }
     const r = await ch.run({ op: "receive" });
     const state = r.state as SnapshotState;

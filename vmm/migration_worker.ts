@@ -12,6 +12,7 @@ import { POLLIN, POLLOUT } from "../ffi/kvm_constants.ts";
 import { mapFd, unmap } from "../ffi/kvm.ts";
 import { zeroPage } from "./snapshot.ts";
 import {
+  CANCELLED,
   FRAME,
   FRAME_HEADER,
   type MigrationUrl,
@@ -26,6 +27,15 @@ let fd = -1;
 let listenFd = -1;
 /** The config a receiver read first. */
 let received: unknown = null;
+/** Set to 1 by the main thread when the VMM shuts down: waits and transfers give up (see CANCELLED). */
+let cancel: Int32Array | null = null;
+/** Whether the command under way may be cancelled (not once the sender waits for the outcome). */
+let cancellable = true;
+
+/** Throws when the main thread has cancelled the migration. */
+function checkCancel(): void {
+  if (cancellable && cancel !== null && Atomics.load(cancel, 0) !== 0) throw new Error(CANCELLED);
+}
 const head = new Uint8Array(FRAME_HEADER);
 const headView = new DataView(head.buffer);
 
@@ -41,6 +51,7 @@ function fail(what: string, r: number): never {
 function pump(len: number, events: number, what: string, io: (done: number, n: number) => number): void {
   let done = 0;
   while (done < len) {
+    checkCancel();
     const r = io(done, Math.min(len - done, 1 << 30));
     if (r > 0) done += r;
     else if (r === -EAGAIN) s.kvs_poll1(fd, events, 1000);
@@ -164,6 +175,7 @@ function listen(url: MigrationUrl): void {
 /** Waits for the sender and reads up to its config (the main thread starts workers meanwhile). */
 function receiveConfig(): WorkerReply {
   for (;;) {
+    checkCancel();
     const p = Number(s.kvs_poll1(listenFd, POLLIN, 1000));
     if (p > 0) break;
     if (p < 0 && p !== -EINTR) fail("waiting for the sender", p);
@@ -281,6 +293,8 @@ function handle(cmd: WorkerCommand): WorkerReply {
       return { ok: true };
     }
     case "complete": {
+      // From here the destination may be starting the VM: the source waits for its answer, whatever.
+      cancellable = false;
       frame(FRAME.COMPLETE, 0);
       const [type, length] = readFrame();
       if (type !== FRAME.ACK) throw new Error(`the receiver answered message ${type}`);
@@ -302,12 +316,17 @@ function handle(cmd: WorkerCommand): WorkerReply {
     case "receive":
       return receive(received);
     case "ack":
+      cancellable = false; // the sender hears the outcome, cancelled or not
       sendJson(FRAME.ACK, { ok: cmd.ok, error: cmd.error });
       return { ok: true };
   }
 }
 
-self.onmessage = (ev: MessageEvent<WorkerCommand>) => {
+self.onmessage = (ev: MessageEvent<WorkerCommand | { op: "init"; cancel: SharedArrayBuffer }>) => {
+  if (ev.data.op === "init") {
+    cancel = new Int32Array(ev.data.cancel);
+    return; // no reply: the main thread does not wait for this one
+  }
   let reply: WorkerReply;
   try {
     reply = handle(ev.data);

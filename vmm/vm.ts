@@ -63,7 +63,12 @@ import { DEVICE_WORKER, type DevicePlacement, virtioDeviceCount } from "./pci_pl
 import { workerPool, workerUrl } from "./worker_pool.ts";
 export { workerPool };
 import { DirtyTracker, type TrackedSlot } from "./dirty.ts";
-import { type MigrationSource, type MigrationStats, sendMigration } from "./migration.ts";
+import {
+  type MigrationHooks,
+  type MigrationSource,
+  type MigrationStats,
+  sendMigration,
+} from "./migration.ts";
 import { lockImage, unlockImage } from "../devices/virtio/device_blk.ts";
 
 const MSR = {
@@ -949,9 +954,12 @@ export class Vm implements VmBackend, MigrationSource {
     }
   }
 
-  /** Sends this running VM to another dvmm (vm.send-migration); on failure it runs on here. */
-  sendMigration(opts: SendMigrationData, config: unknown): Promise<MigrationStats> {
-    return sendMigration(this, config, opts);
+  /**
+   * Sends this running VM to another dvmm (vm.send-migration); on failure, or when the hooks' signal
+   * aborts it before the destination has everything, it runs on here.
+   */
+  sendMigration(opts: SendMigrationData, config: unknown, hooks?: MigrationHooks): Promise<MigrationStats> {
+    return sendMigration(this, config, opts, hooks);
   }
 
   /** Restore: the saved shared state into the fresh devices; ACPI-plugged RAM mapped again. */

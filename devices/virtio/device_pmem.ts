@@ -25,6 +25,7 @@ import {
   MAP_PRIVATE,
   MAP_SHARED,
   O_CLOEXEC,
+  O_NONBLOCK,
   O_RDONLY,
   O_RDWR,
   PROT_READ,
@@ -35,6 +36,8 @@ import { PMEM_ALIGN, type PmemBackend } from "./pmem.ts";
 
 /** open(2) O_TMPFILE (includes O_DIRECTORY). */
 const O_TMPFILE = 0o20200000;
+/** lseek(2) whence: the end of the file. */
+const SEEK_END = 2;
 
 /**
  * First KVM memory slot used for pmem regions: clear of guest RAM's slots (0 and up, one per RAM
@@ -85,33 +88,38 @@ export function pmemSize(what: string, fileSize: number, size: number | undefine
   return s;
 }
 
-/** Opens the backing file; returns its fd and the region size. */
+/**
+ * Opens the backing file once; returns its fd and the region size. It must be a regular file, a block
+ * device or a directory (a temporary file in it): a FIFO would block the open, a character device has no
+ * size to map. The open is non-blocking and the size comes from the open descriptor, so a FIFO put in the
+ * file's place after the check fails (lseek) instead of hanging.
+ */
 export function openPmemFile(p: PmemConfig, what: string): { fd: number; size: number } {
   const s = shim();
-  let isDir = false;
-  let fileSize = 0;
-  const st = Deno.statSync(p.file);
-  if (st.isDirectory) isDir = true;
-  else {
-    const f = Deno.openSync(p.file, { read: true });
-    try {
-      fileSize = f.seekSync(0, Deno.SeekMode.End); // block devices report 0 in stat
-    } finally {
-      f.close();
-    }
+  let st: Deno.FileInfo;
+  try {
+    st = Deno.statSync(p.file);
+  } catch (e) {
+    throw new Error(`${what}: ${p.file}: ${(e as Error).message.replace(/, stat '.*'$/, "")}`);
   }
-  const size = pmemSize(what, fileSize, p.size, isDir);
-  const flags = isDir ? O_TMPFILE | O_RDWR : (p.discard_writes ? O_RDONLY : O_RDWR);
+  if (!st.isDirectory && !st.isFile && !st.isBlockDevice) {
+    throw new Error(`${what}: ${p.file} is not a regular file, a block device or a directory`);
+  }
+  const flags = st.isDirectory ? O_TMPFILE | O_RDWR : (p.discard_writes ? O_RDONLY : O_RDWR) | O_NONBLOCK;
   const fd = check(s.kvs_open(cstr(p.file), flags | O_CLOEXEC, 0o600), `${what}: open ${p.file}`);
-  if (isDir) {
-    try {
+  try {
+    if (st.isDirectory) {
+      const size = pmemSize(what, 0, p.size, true);
       check(s.kvs_ftruncate(fd, size), `${what}: size the temporary file`);
-    } catch (e) {
-      s.kvs_close(fd);
-      throw e;
+      return { fd, size };
     }
+    // Block devices report 0 in stat: the end of the open file is its size.
+    const fileSize = check(s.kvs_lseek(fd, 0n, SEEK_END), `${what}: the size of ${p.file}`);
+    return { fd, size: pmemSize(what, fileSize, p.size, false) };
+  } catch (e) {
+    s.kvs_close(fd);
+    throw e;
   }
-  return { fd, size };
 }
 
 /** The pmem regions of one VM (main thread). */

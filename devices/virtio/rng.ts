@@ -21,14 +21,14 @@ export const cryptoSource: EntropySource = {
 /** Reads entropy from a file such as /dev/urandom. */
 export class FileEntropySource implements EntropySource {
   readonly #file: Deno.FsFile;
-  constructor(path = "/dev/urandom") {
+  constructor(readonly path = "/dev/urandom") {
     this.#file = Deno.openSync(path, { read: true });
   }
   fill(buf: Uint8Array): void {
     let done = 0;
     while (done < buf.length) {
       const n = this.#file.readSync(buf.subarray(done));
-      if (n === null || n === 0) throw new Error("entropy source exhausted");
+      if (n === null || n === 0) throw new Error(`entropy source ${this.path} exhausted`);
       done += n;
     }
   }
@@ -62,7 +62,11 @@ export class RngDevice {
     this.counters = counters ?? new RngCounters();
   }
 
-  /** Fills the chain's writable buffers; returns the used length (bytes written). */
+  /**
+   * Fills the chain's writable buffers; returns the used length (bytes written). A source that fails part
+   * way gives a short fill; one that gives nothing at all throws: the device has failed (the guest would
+   * otherwise ask again forever), and the worker marks it DEVICE_NEEDS_RESET.
+   */
   handle(chain: DescriptorChain): number {
     if (chain.error !== null) return 0;
     let left = RNG_MAX_REQUEST;
@@ -72,7 +76,8 @@ export class RngDevice {
       if (view.length > left) view = view.subarray(0, left);
       try {
         this.source.fill(view);
-      } catch {
+      } catch (e) {
+        if (done === 0) throw e;
         break;
       }
       done += view.length;
