@@ -3,7 +3,13 @@
  * the 16550 over shared state, the ACPI sleep register (poweroff), pause/resume and shutdown.
  */
 import assert from "node:assert/strict";
-import { DiskConfigSchema, NetConfigSchema, PmemConfigSchema, VmConfigSchema } from "../vmm/vm_config.ts";
+import {
+  DiskConfigSchema,
+  NetConfigSchema,
+  PmemConfigSchema,
+  VmConfigSchema,
+  VsockConfigSchema,
+} from "../vmm/vm_config.ts";
 import { openTap } from "../devices/virtio/tap.ts";
 import { shim } from "../ffi/shim.ts";
 import type { GuestEvent } from "../vmm/control.ts";
@@ -362,6 +368,18 @@ Deno.test(
       if (i === 0) first = range.base;
       assert.equal(range.base, first, "the same guest address again: the region was given back");
       await g.vm.removeDevice("pm0");
+    }
+    // vsock (Kata hot-adds none, but Cloud Hypervisor takes it): its worker and its host socket come and go.
+    const vsock = `${g.dir}/v.sock`;
+    for (let i = 0; i < 2; i++) {
+      const info = await g.vm.addDevice("vsock", VsockConfigSchema.parse({ id: "vs0", cid: 3, socket: vsock }));
+      assert.equal(info.id, "vs0");
+      await settle((n) => n.includes("vs0"));
+      assert.ok(threadNames().includes("vs0"), "the vsock device's worker runs");
+      assert.ok((await Deno.lstat(vsock)).isSocket, "the host side listens");
+      await g.vm.removeDevice("vs0");
+      await settle((n) => !n.includes("vs0"));
+      assert.ok(!threadNames().includes("vs0"), "the worker ends with the device");
     }
     await g.vm.shutdown();
     await Deno.remove(g.dir, { recursive: true });
