@@ -159,7 +159,8 @@ class Conn {
   }
 }
 
-const WAKE = 2 ** 32;
+/** The wake eventfd's epoll tag: above any descriptor number (the other tags are the fds themselves). */
+const WAKE = 0xffffffff;
 /** How long a connection answered with an error is drained after the client goes quiet. */
 const LINGER_MS = 2000; // epoll data word of the wake eventfd (no descriptor has this number)
 
@@ -222,7 +223,7 @@ class HttpApiServer implements ApiServer {
   #dispatchEvents(n: number): void {
     for (let i = 0; i < n; i++) {
       const data = Number(this.#events[i]);
-      if (data === WAKE) shim().kvs_read(this.#wake, this.#wakeBuf, 8);
+      if (data === WAKE) shim().kvs_read_i32(this.#wake, this.#wakeBuf, 8);
       else if (data === this.listener) this.#acceptAll();
       else {
         const c = this.#conns.get(data);
@@ -470,7 +471,7 @@ class HttpApiServer implements ApiServer {
 
   #wakeUp(): void {
     this.#wakeBuf[0] = 1n;
-    shim().kvs_write(this.#wake, this.#wakeBuf, 8);
+    shim().kvs_write_i32(this.#wake, this.#wakeBuf, 8);
   }
 
   #closed: Promise<void> | null = null;

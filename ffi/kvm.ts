@@ -521,7 +521,7 @@ export class VcpuFd {
   /** The kvm_run view (one per VcpuFd object). */
   readonly kvmRun: KvmRun;
 
-  readonly #runFn = shim().kvs_ioctl_val_i32;
+  readonly #runFn = shim().kvs_run;
   readonly #ioctl = shim().kvs_ioctl_i32;
   readonly #regs = newStruct(SIZES.kvm_regs);
   readonly #sregs = newStruct(SIZES.kvm_sregs);
@@ -550,7 +550,7 @@ export class VcpuFd {
    * with immediate_exit set, -EAGAIN...). Never throws and allocates nothing.
    */
   run(): number {
-    return this.#runFn(this.fd, C.KVM_RUN, 0);
+    return this.#runFn(this.fd);
   }
 
   #get(req: number, buf: Uint8Array, what: string): void {

@@ -11,9 +11,9 @@
 //     removed when the main thread unloads.
 //
 // Every shim call returns a non-negative result or -errno. `check()` turns the negative case into an OsError.
-// Hot-path aliases (`*_i32`) declare the same C function with an i32 result: the C functions return int64_t
-// but ioctl/read/write results are C ints sign-extended to 64 bits, so the low 32 bits carry the full value;
-// an i32 result comes back as a JS number and calling it allocates nothing (no BigInt).
+// Hot paths use functions and aliases with i32 results (a JS number: no BigInt allocated per call) and only
+// 32-bit or f64 parameters (see kvs_run below); an alias may declare a C function returning int64_t with an
+// i32 result where the value is a C int sign-extended to 64 bits (readv/writev, epoll_wait).
 
 const SYMBOLS = {
   kvs_open: { parameters: ["buffer", "i32", "i32"], result: "i64" },
@@ -42,7 +42,7 @@ const SYMBOLS = {
   kvs_dup: { parameters: ["i32"], result: "i64" },
   kvs_dup2: { parameters: ["i32", "i32"], result: "i64" },
   kvs_epoll_create: { parameters: [], result: "i64" },
-  kvs_epoll_ctl: { parameters: ["i32", "i32", "i32", "u32", "u64"], result: "i64" },
+  kvs_epoll_ctl: { parameters: ["i32", "i32", "i32", "u32", "u32"], result: "i32" },
   kvs_epoll_wait: { parameters: ["i32", "buffer", "i32", "i32"], result: "i64" },
   kvs_poll1: { parameters: ["i32", "i32", "i32"], result: "i64" },
   kvs_socket: { parameters: ["i32", "i32", "i32"], result: "i64" },
@@ -73,11 +73,24 @@ const SYMBOLS = {
   kvs_landlock_add_rule: { parameters: ["i32", "i32", "buffer"], result: "i64" },
   kvs_landlock_restrict_self: { parameters: ["i32"], result: "i64" },
 
-  // ---- aliases (same C functions, different FFI signatures) ----
-  /** ioctl with a struct buffer, int result (hot paths: get/set regs...). */
-  kvs_ioctl_i32: { name: "kvs_ioctl", parameters: ["i32", "u64", "buffer"], result: "i32" },
-  /** ioctl with an integer argument, int result (KVM_RUN: no BigInt allocation per call). */
-  kvs_ioctl_val_i32: { name: "kvs_ioctl_val", parameters: ["i32", "u64", "u64"], result: "i32" },
+  // ---- hot-path functions, and aliases (same C functions, different FFI signatures) ----
+  // Hot paths take only 32-bit and f64 parameters (C functions of their own): V8's fast call wants a BigInt
+  // for a u64/i64 parameter, and a JIT-compiled caller passing a number there is deoptimized on every call
+  // and compiled again, for ever (a vCPU loop kept a V8 compiler thread 24% busy that way).
+  /** ioctl with a struct buffer: its result or -errno (hot paths: KVM_IRQ_LINE, get/set regs...). */
+  kvs_ioctl_i32: { name: "kvs_ioctl32", parameters: ["i32", "u32", "buffer"], result: "i32" },
+  /** KVM_RUN on a vCPU fd: 0 or -errno. */
+  kvs_run: { parameters: ["i32"], result: "i32" },
+  /** read/write with a 32-bit size and result (eventfd signalling, serial output, sockets). */
+  kvs_read_i32: { name: "kvs_read32", parameters: ["i32", "buffer", "u32"], result: "i32" },
+  kvs_write_i32: { name: "kvs_write32", parameters: ["i32", "buffer", "u32"], result: "i32" },
+  /** pread/pwrite/preadv/pwritev at a file offset given as a number (exact below 2^53): disk I/O. */
+  kvs_pread_at: { parameters: ["i32", "buffer", "u32", "f64"], result: "i32" },
+  kvs_pwrite_at: { parameters: ["i32", "buffer", "u32", "f64"], result: "i32" },
+  kvs_preadv_at: { parameters: ["i32", "buffer", "i32", "f64"], result: "i32" },
+  kvs_pwritev_at: { parameters: ["i32", "buffer", "i32", "f64"], result: "i32" },
+  /** madvise on a host address given as a number (balloon and virtio-mem releases). */
+  kvs_madvise_at: { parameters: ["f64", "f64", "i32"], result: "i32" },
   /** ioctl whose argument is a host address (a struct living in foreign memory). */
   kvs_ioctl_addr: { name: "kvs_ioctl", parameters: ["i32", "u64", "u64"], result: "i64" },
   /** read/write/pread/pwrite to/from a host address (e.g. straight into guest RAM). */
@@ -88,9 +101,6 @@ const SYMBOLS = {
   /** readv/writev with an int result (virtio-net frames: no BigInt per call). */
   kvs_readv_i32: { name: "kvs_readv", parameters: ["i32", "buffer", "i32"], result: "i32" },
   kvs_writev_i32: { name: "kvs_writev", parameters: ["i32", "buffer", "i32"], result: "i32" },
-  /** read/write with an int result (hot paths: eventfd signalling, serial output). */
-  kvs_read_i32: { name: "kvs_read", parameters: ["i32", "buffer", "u64"], result: "i32" },
-  kvs_write_i32: { name: "kvs_write", parameters: ["i32", "buffer", "u64"], result: "i32" },
   /** epoll_wait with an int result (a device worker's nested epoll set: no BigInt per pass). */
   kvs_epoll_wait_i32: { name: "kvs_epoll_wait", parameters: ["i32", "buffer", "i32", "i32"], result: "i32" },
   /** Blocking calls run on a Deno blocking-pool thread; they return Promises (for the main thread). */

@@ -32,6 +32,44 @@ int64_t kvs_ioctl(int32_t fd, uint64_t request, void *arg) { RET(ioctl(fd, (unsi
 int64_t kvs_ioctl_val(int32_t fd, uint64_t request, uint64_t value) {
   RET(ioctl(fd, (unsigned long)request, (unsigned long)value));
 }
+/* Hot-path variants with 32-bit and double parameters only. V8's fast FFI call takes a u64/i64 parameter
+ * as a BigInt: a JIT-compiled caller that passes a plain number there is deoptimized on every call, and
+ * re-optimized, for ever. Sizes fit in 32 bits (Linux moves at most 0x7ffff000 bytes per call), file
+ * offsets in a double (exact below 2^53). */
+int32_t kvs_ioctl32(int32_t fd, uint32_t request, void *arg) {
+  int r = ioctl(fd, (unsigned long)request, arg);
+  return r < 0 ? -errno : r;
+}
+int32_t kvs_read32(int32_t fd, void *buf, uint32_t len) {
+  ssize_t r = read(fd, buf, len);
+  return r < 0 ? -errno : (int32_t)r;
+}
+int32_t kvs_write32(int32_t fd, const void *buf, uint32_t len) {
+  ssize_t r = write(fd, buf, len);
+  return r < 0 ? -errno : (int32_t)r;
+}
+int32_t kvs_pread_at(int32_t fd, void *buf, uint32_t len, double off) {
+  ssize_t r = pread(fd, buf, len, (off_t)off);
+  return r < 0 ? -errno : (int32_t)r;
+}
+int32_t kvs_pwrite_at(int32_t fd, const void *buf, uint32_t len, double off) {
+  ssize_t r = pwrite(fd, buf, len, (off_t)off);
+  return r < 0 ? -errno : (int32_t)r;
+}
+int32_t kvs_preadv_at(int32_t fd, const void *iov, int32_t n, double off) {
+  ssize_t r = preadv(fd, (const struct iovec *)iov, n, (off_t)off);
+  return r < 0 ? -errno : (int32_t)r;
+}
+int32_t kvs_pwritev_at(int32_t fd, const void *iov, int32_t n, double off) {
+  ssize_t r = pwritev(fd, (const struct iovec *)iov, n, (off_t)off);
+  return r < 0 ? -errno : (int32_t)r;
+}
+int32_t kvs_madvise_at(double addr, double len, int32_t advice) {
+  return madvise((void *)(uintptr_t)addr, (size_t)len, advice) < 0 ? -errno : 0;
+}
+/* KVM_RUN on a vCPU fd: 0 or -errno. Only 32-bit values cross: JIT-compiled callers pass plain numbers
+ * (a u64 parameter wants a BigInt in V8's fast call, and a number there deoptimizes the caller). */
+int32_t kvs_run(int32_t fd) { return ioctl(fd, 0xAE80 /* KVM_RUN = _IO(0xAE, 0x80) */, 0) < 0 ? -errno : 0; }
 
 int64_t kvs_mmap(uint64_t addr, uint64_t len, int32_t prot, int32_t flags, int32_t fd, int64_t offset) {
   void *p = mmap((void *)(uintptr_t)addr, (size_t)len, prot, flags, fd, (off_t)offset);
@@ -72,9 +110,10 @@ int64_t kvs_dup(int32_t fd) { RET(fcntl(fd, F_DUPFD_CLOEXEC, 0)); }
 int64_t kvs_dup2(int32_t fd, int32_t target) { RET(dup3(fd, target, O_CLOEXEC)); }
 
 int64_t kvs_epoll_create(void) { RET(epoll_create1(EPOLL_CLOEXEC)); }
-int64_t kvs_epoll_ctl(int32_t epfd, int32_t op, int32_t fd, uint32_t events, uint64_t data) {
+/* The tag (data) is 32 bits: callers pass numbers (see the hot-path note below). */
+int32_t kvs_epoll_ctl(int32_t epfd, int32_t op, int32_t fd, uint32_t events, uint32_t data) {
   struct epoll_event ev = {.events = events, .data.u64 = data};
-  RET(epoll_ctl(epfd, op, fd, &ev));
+  return epoll_ctl(epfd, op, fd, &ev) < 0 ? -errno : 0;
 }
 int64_t kvs_epoll_wait(int32_t epfd, uint64_t *out, int32_t max, int32_t timeout_ms) {
   struct epoll_event evs[64];

@@ -9,6 +9,15 @@ int64_t kvs_open(const char *path, int32_t flags, int32_t mode);
 int64_t kvs_close(int32_t fd);
 int64_t kvs_ioctl(int32_t fd, uint64_t request, void *arg);
 int64_t kvs_ioctl_val(int32_t fd, uint64_t request, uint64_t value);
+int32_t kvs_run(int32_t fd);
+int32_t kvs_ioctl32(int32_t fd, uint32_t request, void *arg);
+int32_t kvs_read32(int32_t fd, void *buf, uint32_t len);
+int32_t kvs_write32(int32_t fd, const void *buf, uint32_t len);
+int32_t kvs_pread_at(int32_t fd, void *buf, uint32_t len, double off);
+int32_t kvs_pwrite_at(int32_t fd, const void *buf, uint32_t len, double off);
+int32_t kvs_preadv_at(int32_t fd, const void *iov, int32_t n, double off);
+int32_t kvs_pwritev_at(int32_t fd, const void *iov, int32_t n, double off);
+int32_t kvs_madvise_at(double addr, double len, int32_t advice);
 int64_t kvs_mmap(uint64_t addr, uint64_t len, int32_t prot, int32_t flags, int32_t fd, int64_t offset);
 int64_t kvs_munmap(uint64_t addr, uint64_t len);
 int64_t kvs_madvise(uint64_t addr, uint64_t len, int32_t advice);
@@ -34,7 +43,7 @@ int64_t kvs_dup(int32_t fd);
 /* dup3(fd, target, O_CLOEXEC): `target` now refers to what `fd` refers to (atomically). */
 int64_t kvs_dup2(int32_t fd, int32_t target);
 int64_t kvs_epoll_create(void);
-int64_t kvs_epoll_ctl(int32_t epfd, int32_t op, int32_t fd, uint32_t events, uint64_t data);
+int32_t kvs_epoll_ctl(int32_t epfd, int32_t op, int32_t fd, uint32_t events, uint32_t data);
 /* Waits for events; stores each event's data word in out[i]. Returns the count (0 on timeout). */
 int64_t kvs_epoll_wait(int32_t epfd, uint64_t *out, int32_t max, int32_t timeout_ms);
 int64_t kvs_poll1(int32_t fd, int32_t events, int32_t timeout_ms);

@@ -372,7 +372,10 @@ Deno.test(
     // vsock (Kata hot-adds none, but Cloud Hypervisor takes it): its worker and its host socket come and go.
     const vsock = `${g.dir}/v.sock`;
     for (let i = 0; i < 2; i++) {
-      const info = await g.vm.addDevice("vsock", VsockConfigSchema.parse({ id: "vs0", cid: 3, socket: vsock }));
+      const info = await g.vm.addDevice(
+        "vsock",
+        VsockConfigSchema.parse({ id: "vs0", cid: 3, socket: vsock }),
+      );
       assert.equal(info.id, "vs0");
       await settle((n) => n.includes("vs0"));
       assert.ok(threadNames().includes("vs0"), "the vsock device's worker runs");

@@ -48,7 +48,7 @@ async function pump(
     const r = Number(await s.kvs_poll1_async(fd, POLLIN, 200));
     if (stopped()) break;
     if (r <= 0) continue;
-    const n = Number(s.kvs_read(fd, buf, buf.length));
+    const n = s.kvs_read_i32(fd, buf, buf.length);
     if (n > 0) onInput(buf.slice(0, n));
     else if (n === 0) return "eof";
     else if (n !== -EAGAIN && n !== -EINTR) {

@@ -99,7 +99,7 @@ export function hostMemoryReleaser(mem: GuestMemory, sharedMemory: boolean): Mem
   return {
     release(gpa, len) {
       if (!mem.contains(gpa, len)) return false;
-      return Number(s.kvs_madvise(mem.hostAddress(gpa, len), len, advice)) === 0;
+      return s.kvs_madvise_at(Number(mem.hostAddress(gpa, len)), len, advice) === 0;
     },
   };
 }

@@ -113,11 +113,9 @@ export class ShimFileDisk implements Disk {
     let done = 0;
     while (done < buf.length) {
       const view = done === 0 ? buf : buf.subarray(done);
-      const n = Number(
-        write
-          ? s.kvs_pwrite(this.fd, view, view.length, off + done)
-          : s.kvs_pread(this.fd, view, view.length, off + done),
-      );
+      const n = write
+        ? s.kvs_pwrite_at(this.fd, view, view.length, off + done)
+        : s.kvs_pread_at(this.fd, view, view.length, off + done);
       if (n === -EINTR) continue;
       if (n < 0) throw new OsError(-n, write ? "disk pwrite" : "disk pread");
       if (n === 0) break;
@@ -147,9 +145,9 @@ export class ShimFileDisk implements Disk {
     }
     const s = shim();
     for (;;) {
-      const n = Number(
-        write ? s.kvs_pwritev(this.fd, iov, bufs.length, off) : s.kvs_preadv(this.fd, iov, bufs.length, off),
-      );
+      const n = write
+        ? s.kvs_pwritev_at(this.fd, iov, bufs.length, off)
+        : s.kvs_preadv_at(this.fd, iov, bufs.length, off);
       if (n === -EINTR) continue;
       if (n < 0) throw new OsError(-n, write ? "disk pwritev" : "disk preadv");
       return n; // a short transfer makes the device redo the request buffer by buffer

@@ -203,7 +203,7 @@ function run(init: DeviceWorkerInit): void {
         {
           discard: (off, len) =>
             off >= 0 && off + len <= m.size &&
-            Number(s.kvs_madvise(BigInt(m.hostAddr + off), len, advice)) === 0,
+            s.kvs_madvise_at(Number(m.hostAddr) + off, len, advice) === 0,
         },
         new MemCounters(d.counters),
         m.plugged ? new Uint8Array(m.plugged) : undefined,

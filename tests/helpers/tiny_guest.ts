@@ -254,3 +254,27 @@ export function serialConsoleCode(
   for (const [at, l] of absFix) v.setUint32(at, loadAddr + labels.get(l)!, true);
   return out;
 }
+
+/**
+ * 32-bit code that prints `line` on COM1 for ever, as Linux's console does (poll the line status register
+ * for THRE, then write the byte; IER = 0): two port exits per byte, one of them coalesced. For runs that
+ * keep a vCPU's exit loop busy.
+ *
+ *   0: mov esi, msg ; 1: lodsb ; test al, al ; jz 0b ; mov bl, al ; mov dx, 0x3fd
+ *   2: in al, dx ; test al, 0x20 ; jz 2b ; mov dx, 0x3f8 ; mov al, bl ; out dx, al ; jmp 1b
+ */
+export function serialFloodCode(line: string, loadAddr = 0x100000): Uint8Array {
+  const code: number[] = [0xbe, 0, 0, 0, 0];
+  const loop = code.length;
+  code.push(0xac, 0x84, 0xc0, 0x74, 0x00);
+  const jz = code.length - 1;
+  code[jz] = (0 - code.length) & 0xff;
+  code.push(0x88, 0xc3, 0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x20, 0x74, 0xfb);
+  code.push(0x66, 0xba, 0xf8, 0x03, 0x88, 0xd8, 0xee, 0xeb, 0x00);
+  code[code.length - 1] = (loop - code.length) & 0xff;
+  const msg = loadAddr + code.length;
+  for (const c of line) code.push(c.charCodeAt(0) & 0x7f || 0x3f);
+  code.push(0);
+  for (let i = 0; i < 4; i++) code[1 + i] = (msg >>> (8 * i)) & 0xff;
+  return new Uint8Array(code);
+}
