@@ -51,11 +51,12 @@ const queueSize = (dflt: number) =>
 
 export const CpuAffinitySchema = z.object({ vcpu: u32(), host_cpus: z.array(u32()) });
 export const CpuFeaturesSchema = z.object({ amx: z.boolean().default(false) });
+/** Each member at least 1: a 0 makes the product 0, which no max_vcpus matches (Cloud Hypervisor refuses it). */
 export const CpuTopologySchema = z.object({
-  threads_per_core: u8(),
-  cores_per_die: u8(),
-  dies_per_package: u8(),
-  packages: u8(),
+  threads_per_core: u8().min(1),
+  cores_per_die: u8().min(1),
+  dies_per_package: u8().min(1),
+  packages: u8().min(1),
 });
 
 export const CpusConfigSchema = z.object({
