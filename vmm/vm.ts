@@ -794,7 +794,10 @@ export class Vm implements VmBackend, MigrationSource {
     });
     exited.then((m) => {
       if (m.error) log.error(`vCPU ${m.id}: ${m.error}`);
-      else log.debug(`vCPU ${m.id} exited: ${m.reason}`);
+      // A triple fault resets the machine as on a PC, which a guest never asks for: say so by default.
+      else if (m.reason.startsWith("shutdown (triple fault)")) {
+        log.warn(`vCPU ${m.id}: ${m.reason}; the VM resets`);
+      } else log.debug(`vCPU ${m.id} exited: ${m.reason}`);
     });
     const init: VcpuWorkerInit = {
       vcpu: fd.descriptor(),
