@@ -85,7 +85,7 @@ key_common() {
 	fstamp "$KERNEL" "$MODDIR/modules.dep" /bin/busybox "$HERE/images.sh"
 	echo "kver $KVER"
 }
-key_guest() { key_common; fstamp "$HERE/guest-init.sh" "$HERE/guest-tools/vsock.c"; }
+key_guest() { key_common; fstamp "$HERE/guest-init.sh" "$HERE/guest-tools/vsock.c" "$HERE/guest-tools/randread.c"; }
 key_initrd() { key_common; fstamp "$HERE/lab-initrd-init.sh"; }
 key_rootfs() {
 	key_guest
@@ -202,6 +202,8 @@ build_guest() {
 	install_mods "$t" $GUEST_MODULES
 	# Guest tools busybox lacks: `vsock` (AF_VSOCK listen/connect/echo-test), static.
 	gcc -static -O2 -o "$t/bin/vsock" "$HERE/guest-tools/vsock.c" || die "cannot build guest-tools/vsock.c"
+	# `randread` (random O_DIRECT reads, IOPS: tests/bench/io), static.
+	gcc -static -O2 -o "$t/bin/randread" "$HERE/guest-tools/randread.c" || die "cannot build guest-tools/randread.c"
 	install -m 755 "$HERE/guest-init.sh" "$t/init"
 	mkcpio_gz "$t" "$LAB_DIR/guest/initramfs.gz"
 	rm -rf "$t"
