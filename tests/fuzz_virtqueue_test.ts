@@ -38,7 +38,7 @@
  */
 import assert from "node:assert/strict";
 import { type Seeded, seeded } from "./helpers/seeded.ts";
-import { FakeDriverQueue } from "./virtio_driver.ts";
+import { FakeDriverQueue, type VsockHeader, writeVsockHeader } from "./virtio_driver.ts";
 import { GuestMemory } from "../vmm/memory.ts";
 import { check, cstr, hostBytes, shim } from "../ffi/shim.ts";
 import { accept, closeFd, unixListen } from "../ffi/socket.ts";
@@ -184,29 +184,11 @@ const VS_CID = 3;
 /** Guest-initiated connections to this host port reach a listener (others find nobody: RST). */
 const VS_PEER_PORT = 5000;
 
-interface VsockHdr {
-  srcPort: number;
-  dstPort: number;
-  op: number;
-  len?: number;
-  type?: number;
-  flags?: number;
-  bufAlloc?: number;
-  fwdCnt?: number;
-  dstCid?: number;
-}
+/** A header the vsock prelude writes: from the guest (VS_CID). */
+type VsockHdr = Omit<VsockHeader, "srcCid">;
 
 function writeVsockHdr(mem: GuestMemory, at: number, h: VsockHdr): void {
-  mem.writeU64(at, VS_CID);
-  mem.writeU64(at + 8, h.dstCid ?? VSOCK_HOST_CID);
-  mem.writeU32(at + 16, h.srcPort >>> 0);
-  mem.writeU32(at + 20, h.dstPort >>> 0);
-  mem.writeU32(at + 24, (h.len ?? 0) >>> 0);
-  mem.writeU16(at + 28, h.type ?? VSOCK_TYPE_STREAM);
-  mem.writeU16(at + 30, h.op);
-  mem.writeU32(at + 32, (h.flags ?? 0) >>> 0);
-  mem.writeU32(at + 36, (h.bufAlloc ?? VSOCK_BUF_ALLOC) >>> 0);
-  mem.writeU32(at + 40, (h.fwdCnt ?? 0) >>> 0);
+  writeVsockHeader(mem, at, { srcCid: VS_CID, ...h });
 }
 
 /** The well-formed driver of the vsock prelude: its own rx and tx rings and buffers in [0x2000, 0x3000). */

@@ -2,6 +2,7 @@
 import type { GuestMemory } from "../vmm/memory.ts";
 import { ringSizes } from "../devices/virtio/queue.ts";
 import { COMMON_OFFSET, type VirtioPciDevice } from "../devices/virtio/pci_transport.ts";
+import { VSOCK_BUF_ALLOC, VSOCK_HOST_CID, VSOCK_TYPE_STREAM } from "../devices/virtio/vsock.ts";
 
 /** Writes a common-config register of a virtio-pci transport, as a driver does (little-endian, `size` bytes). */
 export function writeCommon(t: VirtioPciDevice, off: number, size: number, value: number): void {
@@ -86,4 +87,32 @@ export class FakeDriverQueue {
     const o = this.deviceAddr + 4 + 8 * (i % this.size);
     return { id: this.mem.readU32(o), len: this.mem.readU32(o + 4) };
   }
+}
+
+/** A virtio-vsock packet header as a guest's driver fills it; absent fields: a stream packet to the host. */
+export interface VsockHeader {
+  srcCid: number;
+  srcPort: number;
+  dstPort: number;
+  op: number;
+  len?: number;
+  type?: number;
+  flags?: number;
+  bufAlloc?: number;
+  fwdCnt?: number;
+  dstCid?: number;
+}
+
+/** Writes all 44 bytes of a virtio-vsock packet header at `at` (little-endian, as the spec lays it out). */
+export function writeVsockHeader(mem: GuestMemory, at: number, h: VsockHeader): void {
+  mem.writeU64(at, h.srcCid);
+  mem.writeU64(at + 8, h.dstCid ?? VSOCK_HOST_CID);
+  mem.writeU32(at + 16, h.srcPort >>> 0);
+  mem.writeU32(at + 20, h.dstPort >>> 0);
+  mem.writeU32(at + 24, (h.len ?? 0) >>> 0);
+  mem.writeU16(at + 28, h.type ?? VSOCK_TYPE_STREAM);
+  mem.writeU16(at + 30, h.op);
+  mem.writeU32(at + 32, (h.flags ?? 0) >>> 0);
+  mem.writeU32(at + 36, (h.bufAlloc ?? VSOCK_BUF_ALLOC) >>> 0);
+  mem.writeU32(at + 40, (h.fwdCnt ?? 0) >>> 0);
 }

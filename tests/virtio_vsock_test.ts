@@ -30,7 +30,7 @@ import {
   VIRTQ_DESC_F_NEXT as NEXT,
   VIRTQ_DESC_F_WRITE as W,
 } from "../devices/virtio/constants.ts";
-import { FakeDriverQueue } from "./virtio_driver.ts";
+import { FakeDriverQueue, type VsockHeader, writeVsockHeader } from "./virtio_driver.ts";
 
 const CID = 3;
 const POLLIN = 1;
@@ -57,17 +57,7 @@ interface Packet {
   usedLen: number;
 }
 
-interface Send {
-  srcPort: number;
-  dstPort: number;
-  op: number;
-  len?: number;
-  type?: number;
-  flags?: number;
-  bufAlloc?: number;
-  fwdCnt?: number;
-  dstCid?: number;
-}
+type Send = Omit<VsockHeader, "srcCid">;
 
 /** The guest's side: its rx/tx queues in test memory and the device over them. */
 class Guest {
@@ -164,17 +154,7 @@ class Guest {
   /** Sends one packet on the tx queue (header and payload in two descriptors) and serves the queue. */
   send(p: Send, payload?: Uint8Array): void {
     const m = this.mem;
-    m.fill(TX_HDR, VSOCK_HDR_SIZE, 0);
-    m.writeU32(TX_HDR, CID);
-    m.writeU32(TX_HDR + 8, p.dstCid ?? 2);
-    m.writeU32(TX_HDR + 16, p.srcPort);
-    m.writeU32(TX_HDR + 20, p.dstPort);
-    m.writeU32(TX_HDR + 24, p.len ?? payload?.length ?? 0);
-    m.writeU16(TX_HDR + 28, p.type ?? 1);
-    m.writeU16(TX_HDR + 30, p.op);
-    m.writeU32(TX_HDR + 32, p.flags ?? 0);
-    m.writeU32(TX_HDR + 36, p.bufAlloc ?? 256 * 1024);
-    m.writeU32(TX_HDR + 40, p.fwdCnt ?? 0);
+    writeVsockHeader(m, TX_HDR, { srcCid: CID, ...p, len: p.len ?? payload?.length ?? 0 });
     if (payload && payload.length > 0) {
       m.write(TX_DATA, payload);
       this.txd.setDesc(0, TX_HDR, VSOCK_HDR_SIZE, NEXT, 1);
