@@ -9,9 +9,7 @@
 import assert from "node:assert/strict";
 import { kvmAvailable } from "./helpers/realmode.ts";
 import { pvhElf, serialFloodCode } from "./helpers/tiny_guest.ts";
-import { until } from "./helpers/host.ts";
-
-const MAIN = new URL("../main.ts", import.meta.url).pathname;
+import { dvmmCommand, until } from "./helpers/host.ts";
 
 Deno.test({
   name: "jit: a busy vCPU's exit loop is not deoptimized over and over",
@@ -20,28 +18,10 @@ Deno.test({
   const dir = await Deno.makeTempDir({ prefix: "dvmm-jit-" });
   const out = `${dir}/serial.out`;
   await Deno.writeFile(`${dir}/flood.elf`, pvhElf(serialFloodCode("[    0.000000] a console line\r\n")));
-  const child = new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "--allow-all",
-      "--quiet",
-      "--no-prompt",
-      "--v8-flags=--trace-deopt",
-      MAIN,
-      "--kernel",
-      `${dir}/flood.elf`,
-      "--memory",
-      "size=64M",
-      "--serial",
-      `file=${out}`,
-      "--console",
-      "off",
-    ],
-    env: { DENO_NO_UPDATE_CHECK: "1" },
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
+  const child = dvmmCommand(
+    ["--kernel", `${dir}/flood.elf`, "--memory", "size=64M", "--serial", `file=${out}`, "--console", "off"],
+    ["--v8-flags=--trace-deopt"],
+  ).spawn();
   try {
     const size = async () => (await Deno.stat(out).catch(() => ({ size: 0 }))).size;
     // Three seconds of flooding: the loop gets hot and compiled, and stays so (or not).

@@ -36,10 +36,11 @@ const MAIN = new URL("../../main.ts", import.meta.url).pathname;
 /**
  * dvmm from its sources (`deno run main.ts ARGS`) as a subprocess: stdin closed, stdout and stderr piped,
  * Deno's update check off (a VMM makes no network calls; under seccomp the check's calls are foreign).
+ * `denoFlags` go to `deno run` (e.g. `--v8-flags=...`).
  */
-export function dvmmCommand(args: string[]): Deno.Command {
+export function dvmmCommand(args: string[], denoFlags: string[] = []): Deno.Command {
   return new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "--quiet", "--no-prompt", MAIN, ...args],
+    args: ["run", "--allow-all", "--quiet", "--no-prompt", ...denoFlags, MAIN, ...args],
     env: { DENO_NO_UPDATE_CHECK: "1" },
     stdin: "null",
     stdout: "piped",
