@@ -14,7 +14,7 @@
  *   it edge-triggered: the rising edge is what the guest sees).
  * - Other ports of the block read 0 and ignore writes.
  */
-import { checkSab, type IrqLine, SabLayout, SharedLock, type VmEventSink } from "./shared.ts";
+import { checkSab, EventSource, type IrqLine, SabLayout, SharedLock, type VmEventSink } from "./shared.ts";
 
 /** GED event bits. */
 export const GED_EVENT = { POWER_BUTTON: 0x01 } as const;
@@ -145,7 +145,7 @@ export class AcpiPm {
         if (v & SLP_EN) {
           if (((v >> 2) & 7) === this.#d.s5SleepType) {
             w[ST_POWEROFF]++;
-            this.#deps.events.request("poweroff");
+            this.#deps.events.request("poweroff", EventSource.AcpiSleepControl);
           } else {
             w[ST_OTHER_SLEEP]++;
             w[SLP_STS] |= WAK_STS;
@@ -156,7 +156,7 @@ export class AcpiPm {
       } else if (offset === this.#rst) {
         if (v === this.#d.resetValue) {
           w[ST_RESET]++;
-          this.#deps.events.request("reboot");
+          this.#deps.events.request("reboot", EventSource.AcpiResetRegister);
         }
       } else if (offset === this.#ged) {
         w[GED] &= ~v;

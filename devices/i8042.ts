@@ -21,7 +21,7 @@
  * With a hardware-reduced ACPI FADT (no 8042 boot flag) Linux does not probe this controller at all
  * ("i8042: PNP: No PS/2 controller found."); the reset command still works for `reboot=k`.
  */
-import { checkSab, type IrqLine, SabLayout, SharedLock, type VmEventSink } from "./shared.ts";
+import { checkSab, EventSource, type IrqLine, SabLayout, SharedLock, type VmEventSink } from "./shared.ts";
 
 /** Status register bits. */
 export const I8042_STR = {
@@ -251,7 +251,7 @@ export class I8042 {
 
   #reset(): void {
     this.#w[ST_RESETS]++;
-    this.#deps.events.request("reboot");
+    this.#deps.events.request("reboot", EventSource.KeyboardController);
   }
 
   #push(entry: number): void {

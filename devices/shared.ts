@@ -27,10 +27,37 @@ export interface ByteSink {
   write(bytes: Uint8Array): void;
 }
 
-/** VM-level requests a device can make (guest poweroff or reset). */
+/** VM-level requests a device can make (guest poweroff or reset); `by` names the register the guest used. */
 export interface VmEventSink {
-  request(e: "poweroff" | "reboot"): void;
+  request(e: "poweroff" | "reboot", by: EventSource): void;
 }
+
+/**
+ * What made the guest power off or reset, as the VMM reports it (the log line "guest event: reboot (...)").
+ * An unexpected reset of a test guest is then told apart: a guest panic with panic=-1 (keyboard controller
+ * or ACPI reset register), a triple fault, or a reset KVM itself asked for.
+ */
+export const EventSource = {
+  Unknown: 0,
+  TripleFault: 1,
+  KvmSystemEvent: 2,
+  KeyboardController: 3,
+  AcpiResetRegister: 4,
+  PciResetControl: 5,
+  AcpiSleepControl: 6,
+} as const;
+export type EventSource = typeof EventSource[keyof typeof EventSource];
+
+/** Words for each {@link EventSource}, for the log. */
+export const EVENT_SOURCE_NAMES: readonly string[] = [
+  "source unknown",
+  "triple fault",
+  "KVM system event",
+  "keyboard controller reset line",
+  "ACPI reset register",
+  "PCI reset control register 0xCF9",
+  "ACPI sleep control register",
+];
 
 /** Line, sink and event implementations that do nothing. */
 export const nullIrq: IrqLine = { set() {} };

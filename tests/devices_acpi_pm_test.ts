@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { EVENT_SOURCE_NAMES } from "../devices/shared.ts";
 import { AcpiPm, GED_EVENT } from "../devices/acpi_pm.ts";
 import { Layout } from "../vmm/layout.ts";
 import { PioBus } from "../devices/bus.ts";
@@ -8,7 +9,7 @@ function pm() {
   const irq: boolean[] = [];
   const d = AcpiPm.createDescriptor(Layout.acpiPm);
   const dev = new AcpiPm(d, {
-    events: { request: (e) => events.push(e) },
+    events: { request: (e, by) => events.push(`${e} by ${EVENT_SOURCE_NAMES[by]}`) },
     gedIrq: { set: (l) => irq.push(l) },
   });
   const bus = new PioBus();
@@ -44,7 +45,7 @@ Deno.test("acpi_pm: SLP_EN with SLP_TYP=S5 powers off; other writes do not", () 
   bus.write(Layout.acpiPm.sleepStatusPort, 1, 0x80);
   assert.equal(bus.read(Layout.acpiPm.sleepStatusPort, 1), 0);
   bus.write(ctl, 1, Layout.acpiPm.s5ControlValue);
-  assert.deepEqual(events, ["poweroff"]);
+  assert.deepEqual(events, ["poweroff by ACPI sleep control register"]);
   assert.deepEqual(dev.stats(), { poweroffs: 1, resets: 0, otherSleeps: 1 });
 });
 
@@ -53,7 +54,7 @@ Deno.test("acpi_pm: the reset register reboots on the reset value only", () => {
   bus.write(Layout.acpiPm.resetPort, 1, 0x02);
   assert.deepEqual(events, []);
   bus.write(Layout.acpiPm.resetPort, 1, Layout.acpiPm.resetValue);
-  assert.deepEqual(events, ["reboot"]);
+  assert.deepEqual(events, ["reboot by ACPI reset register"]);
 });
 
 Deno.test("acpi_pm: power button through the GED: line up, read returns and clears", () => {

@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { EVENT_SOURCE_NAMES } from "../devices/shared.ts";
 import { I8042, I8042_CTR, I8042_STR } from "../devices/i8042.ts";
 import { PioBus } from "../devices/bus.ts";
 
@@ -7,7 +8,7 @@ function kbc() {
   const kbd: boolean[] = [];
   const aux: boolean[] = [];
   const dev = new I8042(I8042.createDescriptor(), {
-    events: { request: (e) => events.push(e) },
+    events: { request: (e, by) => events.push(`${e} by ${EVENT_SOURCE_NAMES[by]}`) },
     kbdIrq: { set: (l) => kbd.push(l) },
     auxIrq: { set: (l) => aux.push(l) },
   });
@@ -41,10 +42,10 @@ Deno.test("i8042: command 0xFE pulses the reset line → reboot", () => {
   const k = kbc();
   assert.equal(k.status() & I8042_STR.IBF, 0, "Linux's kb_wait sees the input buffer empty");
   k.cmd(0xfe);
-  assert.deepEqual(k.events, ["reboot"]);
+  assert.deepEqual(k.events, ["reboot by keyboard controller reset line"]);
   assert.equal(k.dev.resets, 1);
   k.cmd(0xff); // pulse nothing
-  assert.deepEqual(k.events, ["reboot"]);
+  assert.deepEqual(k.events, ["reboot by keyboard controller reset line"]);
 });
 
 Deno.test("i8042: writing the output port with bit 0 clear resets too", () => {
@@ -53,7 +54,7 @@ Deno.test("i8042: writing the output port with bit 0 clear resets too", () => {
   command(k, 0xd1, 0x03);
   assert.deepEqual(k.events, []);
   command(k, 0xd1, 0x02);
-  assert.deepEqual(k.events, ["reboot"]);
+  assert.deepEqual(k.events, ["reboot by keyboard controller reset line"]);
 });
 
 Deno.test("i8042: self-test, command byte read/write, interface tests", () => {

@@ -10,7 +10,7 @@ import { check, cstr, EAGAIN, EINTR, shim } from "../ffi/shim.ts";
 import { O_APPEND, O_CREAT, O_TRUNC, O_WRONLY, POLLOUT } from "../ffi/kvm_constants.ts";
 import { deviceIds, type VmConfig } from "./vm_config.ts";
 import { MmioBus, PioBus } from "../devices/bus.ts";
-import type { ByteSink, IrqLine, VmEventSink } from "../devices/shared.ts";
+import { type ByteSink, EventSource, type IrqLine, type VmEventSink } from "../devices/shared.ts";
 import {
   buildLegacyDevices,
   createLegacyDescriptors,
@@ -89,7 +89,7 @@ function irqLine(vm: VmFd, gsi: number): IrqLine {
 }
 
 function eventSink(events: VmEvents): VmEventSink {
-  return { request: (e) => events.raise(e === "poweroff" ? VmEvent.Poweroff : VmEvent.Reboot) };
+  return { request: (e, by) => events.raise(e === "poweroff" ? VmEvent.Poweroff : VmEvent.Reboot, by) };
 }
 
 function vmOf(d: PlatformDescriptors): VmFd {
@@ -136,7 +136,7 @@ export function buildPlatformBuses(
     pci = buildPciBuses(d.pci, vmOf(d), pio, mmio);
     // 0xCF9, the PC's reset control register: bit 2 (RST_CPU) resets the machine (Linux's reboot=pci).
     pci.bus.onResetControl = (value) => {
-      if (value & 0x04) events.raise(VmEvent.Reboot);
+      if (value & 0x04) events.raise(VmEvent.Reboot, EventSource.PciResetControl);
     };
   }
   return { pio, mmio, pci, ring };

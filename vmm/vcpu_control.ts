@@ -99,11 +99,19 @@ export class VmEvents {
   constructor(readonly sab: SharedArrayBuffer = new SharedArrayBuffer(8)) {
     this.i32 = new Int32Array(sab);
   }
-  /** Raises an event; returns false when another event was raised first. */
-  raise(e: VmEventCode): boolean {
+  /**
+   * Raises an event; returns false when another event was raised first. `source` says what caused it
+   * (an {@link EventSource} of devices/shared.ts), kept for the log beside the event that won.
+   */
+  raise(e: VmEventCode, source = 0): boolean {
     const won = Atomics.compareExchange(this.i32, 0, VmEvent.None, e) === VmEvent.None;
+    if (won) Atomics.store(this.i32, 1, source);
     Atomics.notify(this.i32, 0);
     return won;
+  }
+  /** The source given with the event raised (0 when none was said). */
+  get source(): number {
+    return Atomics.load(this.i32, 1);
   }
   get current(): number {
     return Atomics.load(this.i32, 0);
@@ -117,6 +125,7 @@ export class VmEvents {
     return this.current;
   }
   reset(): void {
+    Atomics.store(this.i32, 1, 0);
     Atomics.store(this.i32, 0, VmEvent.None);
   }
 }

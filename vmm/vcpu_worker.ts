@@ -25,6 +25,7 @@ import { confineThread } from "./seccomp.ts";
 import { Cmd, CTL_EXITS, State, VcpuControl, VmEvent, VmEvents } from "./vcpu_control.ts";
 import { buildPlatformBuses, type PlatformDescriptors } from "./platform.ts";
 import type { MmioBus, PioBus } from "../devices/bus.ts";
+import { EventSource } from "../devices/shared.ts";
 import type { PciThread } from "./pci_platform.ts";
 import type { VirtioDeviceDescriptor } from "../devices/virtio/device_shared.ts";
 import type { CoalescedRing } from "./coalesced_pio.ts";
@@ -158,12 +159,12 @@ function runVcpu(c: VcpuContext): string {
         break;
       case KVM_EXIT_SHUTDOWN:
         // Triple fault: the machine resets, as a PC does.
-        events.raise(VmEvent.Reboot);
+        events.raise(VmEvent.Reboot, EventSource.TripleFault);
         return "shutdown (triple fault)";
       case KVM_EXIT_SYSTEM_EVENT: {
         const t = run.systemEventType;
-        if (t === KVM_SYSTEM_EVENT_SHUTDOWN) events.raise(VmEvent.Poweroff);
-        else if (t === KVM_SYSTEM_EVENT_RESET) events.raise(VmEvent.Reboot);
+        if (t === KVM_SYSTEM_EVENT_SHUTDOWN) events.raise(VmEvent.Poweroff, EventSource.KvmSystemEvent);
+        else if (t === KVM_SYSTEM_EVENT_RESET) events.raise(VmEvent.Reboot, EventSource.KvmSystemEvent);
         else events.raise(VmEvent.Crash);
         return `system event ${t}`;
       }

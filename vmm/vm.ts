@@ -29,6 +29,7 @@ import type { PciDeviceInfo } from "./vm_config.ts";
 import type { PciHotplugRequest } from "./pci_platform.ts";
 import { Layout, layout, memoryHotplugSlots } from "./layout.ts";
 import { MEM_BLOCK_SIZE } from "../devices/virtio/mem.ts";
+import { EVENT_SOURCE_NAMES } from "../devices/shared.ts";
 import {
   DEFAULT_ZONE,
   hotplugSpace,
@@ -817,7 +818,8 @@ export class Vm implements VmBackend, MigrationSource {
       : code === VmEvent.Reboot
       ? "reboot"
       : "crash";
-    log.info(`guest event: ${ev}`);
+    // What caused it (which register, a triple fault): an unexpected reset is then told apart in the log.
+    log.info(`guest event: ${ev} (${EVENT_SOURCE_NAMES[this.#events.source] ?? "source unknown"})`);
     await this.#stopVcpus();
     for (const cb of this.#listeners) cb(ev);
   }

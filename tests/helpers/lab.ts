@@ -27,12 +27,16 @@ export interface LabResult {
 
 /**
  * The lines of a lab run that say what went wrong, first, for an assertion message (CI shows the first
- * lines of each failure): the runner's LAB TIMEOUT, and a host script's own markers (`GONE`, `HUNG`,
- * `NO-…`, `NOT-…`, `SILENT …`). Empty when there are none.
+ * lines of each failure): the runner's LAB TIMEOUT, a host script's own markers (`GONE`, `HUNG`,
+ * `NO-…`, `NOT-…`, `SILENT …`), and dvmm's report of a guest reset or triple fault (with -v: "guest event:
+ * reboot (keyboard controller reset line)"…), which a test guest that resets unexpectedly leaves. Empty when
+ * there are none.
  */
 export function labTrouble(res: LabResult): string {
   const text = res.stdout + "\n" + res.stderr;
-  return [...text.matchAll(/^(LAB (FAULT|TIMEOUT):.*|GONE:.*|HUNG .*|NO-[A-Z-]+|NOT-[A-Z-]+.*|SILENT .*)$/gm)]
+  const re =
+    /^(LAB (FAULT|TIMEOUT):.*|GONE:.*|HUNG .*|NO-[A-Z-]+|NOT-[A-Z-]+.*|SILENT .*|.*guest event: reboot.*|.*triple fault.*)$/gm;
+  return [...text.matchAll(re)]
     .map((m) => m[0].slice(0, 200)).join(" | ");
 }
 
