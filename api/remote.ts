@@ -3,7 +3,6 @@
  * ch-remote's command names. Replies with a body are printed as JSON; on an error the server's messages
  * go to stderr and the exit status is 1.
  */
-import { parseArgs } from "node:util";
 import { ApiReply, apiRequest, errorMessages } from "./client.ts";
 import { API_PREFIX } from "./routes.ts";
 import {
@@ -71,7 +70,14 @@ function none(cmd: string, args: string[]): void {
   if (args.length !== 0) throw new UsageError(`${cmd} takes no arguments`);
 }
 
+/**
+ * node:util's parseArgs, loaded by runRemote: a static import of node:util would make every dvmm start
+ * load Node's util compatibility layer (several milliseconds of start-up) for a sub-command it rarely runs.
+ */
+let parseArgs: typeof import("node:util").parseArgs | null = null;
+
 function flags(cmd: string, args: string[], spec: Record<string, "string" | "boolean">) {
+  if (!parseArgs) throw new Error("remote: node:util not loaded (runRemote loads it)");
   try {
     const options = Object.fromEntries(Object.entries(spec).map(([k, type]) => [k, { type }]));
     return parseArgs({ args, options, allowPositionals: true, strict: true });
@@ -203,6 +209,7 @@ async function buildCall(cmd: string, args: string[], io: RemoteIo): Promise<Cal
 
 /** Run `dvmm remote` with the arguments after `remote`; returns the exit status. */
 export async function runRemote(argv: string[], io: RemoteIo = defaultIo): Promise<number> {
+  parseArgs ??= (await import("node:util")).parseArgs;
   let socket: string | undefined;
   let i = 0;
   for (; i < argv.length; i++) {

@@ -4,7 +4,7 @@
  * the rules fails with EACCES (the VMM and guest go on), and a rule path that does not exist is refused.
  */
 import assert from "node:assert/strict";
-import { landlockAbi, landlockRules } from "../vmm/landlock.ts";
+import { dirname, landlockAbi, landlockRules } from "../vmm/landlock.ts";
 import { VmConfigSchema } from "../vmm/vm_config.ts";
 import { kvmAvailable } from "./helpers/realmode.ts";
 import { pvhElf } from "./helpers/tiny_guest.ts";
@@ -119,3 +119,17 @@ Deno.test(
     }
   },
 );
+
+Deno.test("landlock: dirname gives a socket's directory as dirname(1) does", () => {
+  const cases: [string, string][] = [
+    ["/run/kata/vm.sock", "/run/kata"],
+    ["/a/b/", "/a"],
+    ["vm.sock", "."],
+    ["/vm.sock", "/"],
+    ["/", "/"],
+    ["", "."],
+    ["a/b", "a"],
+    ["/a//b//", "/a"],
+  ];
+  for (const [path, dir] of cases) assert.equal(dirname(path), dir, path);
+});

@@ -141,9 +141,10 @@ Deno.test({
         const filters = Number(/^Seccomp_filters:\s+(\d+)/m.exec(status)?.[1] ?? -1);
         return { comm, mode, filters };
       });
+    // The device workers start once the vCPUs run: wait for the rng's too.
     await until(
-      "two vCPU threads with their filters",
-      () => threads().filter((t) => /^vcpu\d$/.test(t.comm) && t.filters === 2).length === 2,
+      "two vCPU threads and the rng's worker with their filters",
+      () => threads().filter((t) => /^vcpu\d$|^__rng$/.test(t.comm) && t.filters === 2).length === 3,
       20_000,
     );
     const all = threads();

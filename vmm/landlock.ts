@@ -11,9 +11,18 @@
  * Deno's I/O pool threads that start later); like Cloud Hypervisor, threads that exist already (Deno's own
  * runtime threads) are not changed. A second VM in the same process adds its own, stacked domain.
  */
-import { dirname } from "node:path";
 import { cstr, shim } from "../ffi/shim.ts";
 import type { VmConfig } from "./vm_config.ts";
+
+/** The directory part of a path, as POSIX dirname(1) gives it (a local one: node:path costs start-up). */
+export function dirname(path: string): string {
+  const p = path.replace(/\/+$/, "");
+  if (p === "") return path.startsWith("/") ? "/" : ".";
+  const i = p.lastIndexOf("/");
+  if (i < 0) return ".";
+  const d = p.slice(0, i).replace(/\/+$/, "");
+  return d === "" ? "/" : d;
+}
 
 const CREATE_RULESET_VERSION = 1;
 const RULE_PATH_BENEATH = 1;

@@ -540,9 +540,8 @@ export class Vm implements VmBackend, MigrationSource {
     // the rest of the set-up when the host is slow (the lab runs this ~20x slower than hardware), so
     // they load while this thread maps RAM and loads the kernel. Each gets its vCPU later.
     this.#idle = Array.from({ length: boot }, () => newVcpuWorker());
-    // The device workers too: they load while RAM is mapped and the payload read, not after.
-    const devices = virtioDeviceCount(cfg);
-    workerPool.prewarm(DEVICE_WORKER, Math.max(0, devices - workerPool.idle(DEVICE_WORKER)));
+    // The device workers start once the vCPUs run (see PciHost.startWorkers): the guest needs none of
+    // them for a while, and creating each blocks this thread.
     phase("workers started");
     try {
       const kvm = this.#kvm = Kvm.open();
@@ -744,6 +743,9 @@ export class Vm implements VmBackend, MigrationSource {
       // Wait until every worker has published its thread, so pause/stop can kick it.
       await Promise.all(this.#vcpus.map((v) => waitReady(v.control)));
       phase("vCPU workers running");
+      // Only now: a vCPU worker still loading its code would share the CPU with the device workers'.
+      this.#platform.pci?.startWorkers();
+      phase("device workers started");
       workerPool.drain(); // what a head start prepared and this VM did not take
     } catch (e) {
       await this.shutdown();
