@@ -390,6 +390,42 @@ Deno.test(
 );
 
 Deno.test(
+  {
+    name: "hot removal: a guest that never lets go gets an error after the bound; the device and vCPU stay",
+    ignore,
+  },
+  async () => {
+    // The guest spins (jmp $) and never answers an eject request.
+    const g = await guestVm(new Uint8Array([0xeb, 0xfe]), 2, 3);
+    g.vm.ejectTimeoutMs = 300;
+    const image = `${g.dir}/hp.img`;
+    await Deno.writeFile(image, new Uint8Array(1 << 20));
+    await g.vm.boot();
+    try {
+      await g.vm.addDevice("disk", DiskConfigSchema.parse({ id: "hp0", path: image }));
+      let t0 = performance.now();
+      await assert.rejects(
+        g.vm.removeDevice("hp0"),
+        /the guest did not release device 'hp0' within 0\.3 s .*the device stays/,
+      );
+      assert.ok(performance.now() - t0 < 5000, "answered after the bound, not later");
+      assert.ok((g.vm.deviceTree() as Record<string, unknown>)["_virtio-pci-hp0"], "the device stays");
+      assert.equal(g.vm.counters()["hp0"]?.read_ops, 0);
+      t0 = performance.now();
+      await assert.rejects(
+        g.vm.resize({ desired_vcpus: 1 }),
+        /the guest did not give up vCPU 1 within 0\.3 s; 2 vCPUs stay/,
+      );
+      assert.ok(performance.now() - t0 < 5000);
+      assert.equal(g.vm.vcpuCount(), 2);
+    } finally {
+      await g.vm.shutdown();
+      await Deno.remove(g.dir, { recursive: true });
+    }
+  },
+);
+
+Deno.test(
   { name: "vCPU hotplug: resize 1 → 2 → 1 → 2 → 1 starts and stops the vCPU thread; fds come back", ignore },
   async () => {
     // The guest plays the part of Linux's ACPI processor driver for vCPU 1: it polls vCPU 1's register of

@@ -148,6 +148,11 @@ export class Vm implements VmBackend, MigrationSource {
   #listeners: ((e: GuestEvent) => void)[] = [];
   #stopping = false;
   #closed = false;
+  /**
+   * How long the guest gets to let go of a device or vCPU being removed (ACPI eject), in ms: 20 s, as a
+   * default; tests shorten it.
+   */
+  ejectTimeoutMs: number = EJECT_TIMEOUT_MS;
   #supportedCpuid?: ReturnType<Kvm["supportedCpuid"]>;
   #msrList = new Set<number>();
   /** virtio-mem regions by zone id: the region's size and the zone's boot size. */
@@ -376,11 +381,11 @@ export class Vm implements VmBackend, MigrationSource {
     for (let id = have - 1; id >= want; id--) {
       hp.requestEject(id);
       this.#platform!.raiseGed(bit);
-      if (!await hp.waitEjected(id, EJECT_TIMEOUT_MS)) {
+      if (!await hp.waitEjected(id, this.ejectTimeoutMs)) {
         throw new VmmError(
           "Internal",
           `the guest did not give up vCPU ${id} within ${
-            EJECT_TIMEOUT_MS / 1000
+            this.ejectTimeoutMs / 1000
           } s; ${this.#vcpus.length} vCPUs stay`,
         );
       }
@@ -428,7 +433,7 @@ export class Vm implements VmBackend, MigrationSource {
   /**
    * Hot-removes a device: the guest is asked to eject it (ACPI), and once it has let go (its `_EJ0`),
    * every vCPU thread drops it and its worker, BAR, GSIs, ioeventfds, irqfds and descriptors are freed.
-   * A guest that does not let go within EJECT_TIMEOUT_MS gets an error; the device stays.
+   * A guest that does not let go within `ejectTimeoutMs` gets an error; the device stays.
    */
   async removeDevice(id: string): Promise<void> {
     const pci = this.#platform?.pci;
@@ -437,11 +442,11 @@ export class Vm implements VmBackend, MigrationSource {
     if (desc.kind === "balloon" || desc.kind === "console") {
       throw new VmmError("NotImplemented", `removing ${desc.kind} devices is not implemented in dvmm yet`);
     }
-    const ejected = await pci.requestEject(id, EJECT_TIMEOUT_MS);
+    const ejected = await pci.requestEject(id, this.ejectTimeoutMs);
     if (!ejected) {
       throw new VmmError(
         "Internal",
-        `the guest did not release device '${id}' within ${EJECT_TIMEOUT_MS / 1000} s ` +
+        `the guest did not release device '${id}' within ${this.ejectTimeoutMs / 1000} s ` +
           "(does it run ACPI PCI hotplug, acpiphp?); the device stays",
       );
     }
