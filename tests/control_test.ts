@@ -1,3 +1,5 @@
+import { EVENT_SOURCE_NAMES, EventSource } from "../devices/shared.ts";
+import { VmEvent, VmEvents } from "../vmm/vcpu_control.ts";
 import assert from "node:assert/strict";
 import { ControlLoop, type VmmRequest, type VmmResponse } from "../vmm/control.ts";
 import { VmConfigSchema } from "../vmm/vm_config.ts";
@@ -327,4 +329,18 @@ Deno.test("control: what dvmm cannot do yet says so", async () => {
     errKind(await loop.request("vm.send-migration", { destination_url: "unix:/x" } as never)),
     "WrongState",
   );
+});
+
+Deno.test("VmEvents: the first event raised wins and carries its source; reset clears both", async () => {
+  const ev = new VmEvents();
+  assert.equal(ev.raise(VmEvent.Reboot, EventSource.TripleFault), true);
+  assert.equal(ev.raise(VmEvent.Poweroff, EventSource.AcpiSleepControl), false);
+  assert.equal(await ev.next(), VmEvent.Reboot);
+  assert.equal(EVENT_SOURCE_NAMES[ev.source], "triple fault");
+  ev.reset();
+  assert.equal(ev.current, VmEvent.None);
+  assert.equal(ev.source, EventSource.Unknown);
+  ev.raise(VmEvent.Crash);
+  assert.equal(ev.current, VmEvent.Crash);
+  assert.equal(ev.source, EventSource.Unknown);
 });

@@ -101,20 +101,20 @@ export class VmEvents {
   }
   /**
    * Raises an event; returns false when another event was raised first. `source` says what caused it
-   * (an {@link EventSource} of devices/shared.ts), kept for the log beside the event that won.
+   * (an {@link EventSource} of devices/shared.ts); it shares the event's word (bits 8 and up), so whoever
+   * sees the event sees its source too.
    */
   raise(e: VmEventCode, source = 0): boolean {
-    const won = Atomics.compareExchange(this.i32, 0, VmEvent.None, e) === VmEvent.None;
-    if (won) Atomics.store(this.i32, 1, source);
+    const won = Atomics.compareExchange(this.i32, 0, VmEvent.None, e | (source << 8)) === VmEvent.None;
     Atomics.notify(this.i32, 0);
     return won;
   }
   /** The source given with the event raised (0 when none was said). */
   get source(): number {
-    return Atomics.load(this.i32, 1);
+    return Atomics.load(this.i32, 0) >>> 8;
   }
   get current(): number {
-    return Atomics.load(this.i32, 0);
+    return Atomics.load(this.i32, 0) & 0xff;
   }
   /** Main thread: resolves with the next event (non-blocking wait). */
   async next(): Promise<number> {
@@ -125,7 +125,6 @@ export class VmEvents {
     return this.current;
   }
   reset(): void {
-    Atomics.store(this.i32, 1, 0);
     Atomics.store(this.i32, 0, VmEvent.None);
   }
 }
