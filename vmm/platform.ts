@@ -8,7 +8,8 @@
 import { VmFd } from "../ffi/kvm.ts";
 import { check, cstr, EAGAIN, EINTR, shim } from "../ffi/shim.ts";
 import { O_APPEND, O_CREAT, O_TRUNC, O_WRONLY, POLLOUT } from "../ffi/kvm_constants.ts";
-import { deviceIds, type VmConfig } from "./vm_config.ts";
+import type { VmConfig } from "./vm_config.ts";
+import { deviceIds } from "./device_ids.ts";
 import { MmioBus, PioBus } from "../devices/bus.ts";
 import { type ByteSink, EventSource, type IrqLine, type VmEventSink } from "../devices/shared.ts";
 import {

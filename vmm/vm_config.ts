@@ -10,6 +10,8 @@
  * CLI validate and translate into them.
  */
 import { z } from "zod";
+import { deviceIds } from "./device_ids.ts";
+export { deviceIds };
 
 // ---------------------------------------------------------------------------------------------------
 // Scalar helpers
@@ -529,28 +531,6 @@ const VmConfigObject = z.object({
   landlock_enable: z.boolean().default(false),
   landlock_rules: z.array(LandlockConfigSchema).optional(),
 });
-
-/** Identifiers of every device in a config, with where each one sits (for duplicate checks). */
-export function deviceIds(c: z.infer<typeof VmConfigObject>): { id: string; where: string }[] {
-  const out: { id: string; where: string }[] = [];
-  const add = (list: { id?: string }[] | undefined, where: string) =>
-    list?.forEach((d, i) => d.id !== undefined && out.push({ id: d.id, where: `${where}[${i}]` }));
-  add(c.disks, "disks");
-  add(c.net, "net");
-  add(c.fs, "fs");
-  add(c.pmem, "pmem");
-  add(c.devices, "devices");
-  add(c.user_devices, "user_devices");
-  add(c.vdpa, "vdpa");
-  add(c.generic_vhost_user, "generic_vhost_user");
-  add(c.vsock ? [c.vsock] : undefined, "vsock");
-  add([c.rng], "rng");
-  add(c.balloon ? [c.balloon] : undefined, "balloon");
-  add([c.console], "console");
-  add(c.memory.zones, "memory.zones");
-  add(c.rate_limit_groups, "rate_limit_groups");
-  return out;
-}
 
 /** Every PCI device config of a VM, with where it sits (lists, then the single devices). */
 function pciDevices(c: z.infer<typeof VmConfigObject>): { d: PciCommon; where: (string | number)[] }[] {
