@@ -637,7 +637,7 @@ Deno.test("vhost-user device worker: DRIVER_OK programs the back-end, a reset wa
           };
           w = new Worker(new URL("../devices/virtio/worker.ts", import.meta.url).href, { type: "module" });
           const exited = new Promise<DeviceWorkerExit>((r) => w!.onmessage = (ev) => r(ev.data));
-          w.postMessage({ device: desc, ram });
+          w.postMessage({ devices: [desc], ram });
           // The driver: features (VERSION_1 only), two queues at fixed addresses, vectors 1 and 2.
           common(tr, 0x14, 1, 1 | 2);
           common(tr, 0x08, 4, 1);

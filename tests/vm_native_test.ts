@@ -20,7 +20,12 @@ import { fdDiff, openFds, threadNames } from "./helpers/host.ts";
 
 const ignore = !kvmAvailable();
 
-async function guestVm(code: Uint8Array, vcpus = 1, maxVcpus = vcpus) {
+async function guestVm(
+  code: Uint8Array,
+  vcpus = 1,
+  maxVcpus = vcpus,
+  extra: (dir: string) => Record<string, unknown> = () => ({}),
+) {
   const dir = await Deno.makeTempDir({ prefix: "dvmm-vm-test-" });
   await Deno.writeFile(`${dir}/guest.elf`, pvhElf(code));
   const config = VmConfigSchema.parse({
@@ -29,6 +34,7 @@ async function guestVm(code: Uint8Array, vcpus = 1, maxVcpus = vcpus) {
     payload: { kernel: `${dir}/guest.elf` },
     serial: { mode: "File", file: `${dir}/serial.out` },
     console: { mode: "Off" },
+    ...extra(dir),
   });
   const vm = new Vm(config);
   const event = new Promise<GuestEvent>((resolve) => vm.onGuestEvent(resolve));
@@ -154,6 +160,38 @@ Deno.test(
     await g.vm.nmi();
     assert.equal(await g.event, "reboot");
     await g.vm.shutdown();
+    await Deno.remove(g.dir, { recursive: true });
+  },
+);
+
+Deno.test(
+  { name: "the light devices share one device thread; a disk keeps its own", ignore },
+  async () => {
+    const g = await guestVm(new Uint8Array([0xeb, 0xfe]), 1, 1, (dir) => {
+      Deno.writeFileSync(`${dir}/disk.img`, new Uint8Array(1 << 20));
+      return {
+        console: { mode: "File", file: `${dir}/console.out` },
+        balloon: { size: 0 },
+        disks: [{ path: `${dir}/disk.img` }],
+      };
+    });
+    await g.vm.boot();
+    let names: string[] = [];
+    for (let i = 0; i < 200 && !(names.includes("virtio-shared") && names.includes("_disk0")); i++) {
+      names = threadNames();
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    // rng, console and balloon: one isolate between them; the disk's data plane stays apart.
+    assert.equal(names.filter((n) => n === "virtio-shared").length, 1, names.join(", "));
+    assert.ok(names.includes("_disk0"), names.join(", "));
+    assert.ok(!names.includes("__rng") && !names.includes("__console"), names.join(", "));
+    await g.vm.pause();
+    await g.vm.resume();
+    await g.vm.shutdown();
+    for (let i = 0; i < 100 && threadNames().includes("virtio-shared"); i++) {
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    assert.ok(!threadNames().includes("virtio-shared"), "the shared device thread ends with the VM");
     await Deno.remove(g.dir, { recursive: true });
   },
 );

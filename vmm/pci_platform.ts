@@ -107,6 +107,7 @@ import {
   CTL_RESTORE,
   CTL_STOP,
   newControlBlock,
+  sharesDeviceWorker,
   type VirtioDeviceDescriptor,
   VirtioDeviceHandle,
 } from "../devices/virtio/device_shared.ts";
@@ -603,16 +604,15 @@ function bdf(slot: number, segment = 0): string {
 /** The module every virtio device worker runs. */
 export const DEVICE_WORKER = workerUrl("../devices/virtio/worker.ts", import.meta.url);
 
-/** How many virtio devices (so device workers) a config makes at boot. */
-export function virtioDeviceCount(cfg: VmConfig): number {
+/** How many device workers a config's virtio devices take at boot (the light ones share one). */
+export function deviceWorkerCount(cfg: VmConfig): number {
   const m = cfg.memory;
   const virtioMem = (m.hotplug_size && m.hotplug_method === "VirtioMem" ? 1 : 0) +
     (m.zones ?? []).filter((z) => z.hotplug_size).length;
-  return (wantsConsole(cfg) ? 1 : 0) + (cfg.disks?.length ?? 0) + (cfg.net?.length ?? 0) +
-    (cfg.rng?.src ? 1 : 0) +
+  const light = (wantsConsole(cfg) ? 1 : 0) + (cfg.rng?.src ? 1 : 0) + (cfg.balloon ? 1 : 0) + virtioMem;
+  return (light > 0 ? 1 : 0) + (cfg.disks?.length ?? 0) + (cfg.net?.length ?? 0) +
     (cfg.generic_vhost_user?.length ?? 0) + (cfg.fs?.length ?? 0) + (cfg.pmem?.length ?? 0) +
-    (cfg.vsock ? 1 : 0) +
-    (cfg.balloon ? 1 : 0) + virtioMem;
+    (cfg.vsock ? 1 : 0);
 }
 
 /** Whether the config asks for a virtio-console (every console mode but Off). */
@@ -660,7 +660,8 @@ interface DeviceResources {
   fds: number[];
   /** Anything else to undo (a socket path to remove). */
   cleanup: (() => void)[];
-  worker?: { w: Worker; exited: Promise<void> };
+  /** Its device worker; `group`: the devices that worker still serves (one, or the light devices). */
+  worker?: { w: Worker; exited: Promise<void>; group: Set<string> };
 }
 
 /** How long a stopping device worker gets before it is terminated. */
@@ -1116,41 +1117,48 @@ export function createPci(
   const routing = new GsiRouting(vm, descriptors.routing);
   routing.install();
 
-  // Device workers, one per device, named after it.
-  const startWorker = (desc: VirtioDeviceDescriptor) => {
+  // Device workers: one per device, named after it, except that the light devices present at boot share
+  // one (sharesDeviceWorker). Each device has its own exit (a worker reports one per device it served).
+  const startWorker = (descs: VirtioDeviceDescriptor[]) => {
     const w = workerPool.take(DEVICE_WORKER);
-    const exited = new Promise<void>((resolve) => {
-      w.onmessage = (ev: MessageEvent<DeviceWorkerExit>) => {
-        if (ev.data.type === "failed") {
-          log.error(
-            `virtio device ${ev.data.id} failed (the guest sees DEVICE_NEEDS_RESET): ${ev.data.error}`,
-          );
-          return;
-        }
-        if (ev.data.error) log.error(`virtio device ${ev.data.id}: ${ev.data.error}`);
-        else log.debug(`virtio device ${ev.data.id} worker exited`);
-        resolve();
-      };
-      w.onerror = (ev) => {
-        ev.preventDefault();
-        log.error(`virtio device ${desc.id}: ${ev.message}`);
-        resolve();
-      };
-    });
+    const ends = new Map<string, () => void>();
+    const group = new Set(descs.map((d) => d.id));
+    const all = () => {
+      for (const end of ends.values()) end();
+    };
+    for (const desc of descs) {
+      const exited = new Promise<void>((resolve) => ends.set(desc.id, resolve));
+      resources.get(desc.id)!.worker = { w, exited, group };
+    }
+    w.onmessage = (ev: MessageEvent<DeviceWorkerExit>) => {
+      if (ev.data.type === "failed") {
+        log.error(
+          `virtio device ${ev.data.id} failed (the guest sees DEVICE_NEEDS_RESET): ${ev.data.error}`,
+        );
+        return;
+      }
+      if (ev.data.error) log.error(`virtio device ${ev.data.id}: ${ev.data.error}`);
+      else log.debug(`virtio device ${ev.data.id} worker exited`);
+      ends.get(ev.data.id)?.();
+    };
+    w.onerror = (ev) => {
+      ev.preventDefault();
+      log.error(`virtio device ${descs.map((d) => d.id).join(", ")}: ${ev.message}`);
+      all();
+    };
     // A vhost-user back-end maps the memory hotplug region from the start (its pages are used only once
     // plugged); so does every worker with virtio-mem (the whole region is guest RAM to KVM). With ACPI
     // hotplug, the workers that touch rings themselves learn of plugged slots from memTable.
     const init: DeviceWorkerInit = {
-      device: desc,
+      devices: descs,
       ram: [
         ...ram,
-        ...(hotplugRam && desc.kind === "vhost_user" ? [hotplugRam] : []),
+        ...(hotplugRam && descs[0].kind === "vhost_user" ? [hotplugRam] : []),
         ...virtioMemRegions,
       ],
       memTable,
     };
     w.postMessage(init);
-    resources.get(desc.id)!.worker = { w, exited };
   };
   let unstarted: VirtioDeviceDescriptor[] | null = [...devices];
 
@@ -1168,7 +1176,9 @@ export function createPci(
     });
     const r = await Promise.race([Promise.all(ws.map((x) => x.exited)), timeout]);
     clearTimeout(timer);
-    for (const x of ws) x.w.terminate();
+    // A worker shared with devices that stay serves on; it ends when its last device has stopped.
+    for (const h of handles) resources.get(h.desc.id)?.worker?.group.delete(h.desc.id);
+    for (const x of ws) if (x.group.size === 0) x.w.terminate();
     return r !== "timeout";
   };
 
@@ -1293,7 +1303,7 @@ export function createPci(
         throw e;
       }
       primary.attach(desc);
-      startWorker(desc);
+      startWorker([desc]);
       return desc;
     },
     announce: (id) => {
@@ -1336,7 +1346,10 @@ export function createPci(
     startWorkers: () => {
       const p = unstarted;
       unstarted = null;
-      p?.forEach(startWorker);
+      if (!p) return;
+      const shared = p.filter((d) => sharesDeviceWorker(d.kind));
+      if (shared.length > 0) startWorker(shared);
+      for (const d of p) if (!sharesDeviceWorker(d.kind)) startWorker([d]);
     },
     pauseWorkers: async () => {
       const live = primary.devices.filter((h) => h.desc.kind !== "vhost_user");

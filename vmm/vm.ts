@@ -60,7 +60,7 @@ import {
   writeMemory,
 } from "./snapshot.ts";
 import { type CoreVcpu, writeCoredump } from "./coredump.ts";
-import { DEVICE_WORKER, type DevicePlacement, virtioDeviceCount } from "./pci_platform.ts";
+import { DEVICE_WORKER, type DevicePlacement, deviceWorkerCount } from "./pci_platform.ts";
 import { workerPool, workerUrl } from "./worker_pool.ts";
 export { workerPool };
 import { DirtyTracker, type TrackedSlot } from "./dirty.ts";
@@ -1123,7 +1123,7 @@ function newVcpuWorker(): Worker {
 export function prewarmVm(config: VmConfig): void {
   if (applyLandlock(config)) workerPool.drain();
   workerPool.prewarm(VCPU_WORKER, config.cpus.boot_vcpus);
-  workerPool.prewarm(DEVICE_WORKER, virtioDeviceCount(config));
+  workerPool.prewarm(DEVICE_WORKER, deviceWorkerCount(config));
 }
 
 async function waitState(ctl: VcpuControl, want: number): Promise<void> {

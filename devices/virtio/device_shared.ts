@@ -53,6 +53,19 @@ export type VirtioKind =
   | "vsock"
   | "mem";
 
+/**
+ * Whether a device of this kind shares one device worker with the VM's other light devices: rng,
+ * console, balloon and virtio-mem see little traffic, and each worker is a V8 isolate (about 8 MiB).
+ * Data-plane devices (disks, net, vsock, pmem, vhost-user) keep a worker each, and so does any device
+ * added to a running VM.
+ */
+export function sharesDeviceWorker(kind: VirtioKind): boolean {
+  return kind === "rng" || kind === "console" || kind === "balloon" || kind === "mem";
+}
+
+/** The name of a device thread that serves several devices (a thread serving one is named after it). */
+export const SHARED_THREAD_NAME = "virtio-shared";
+
 /** Structured-cloneable description of one virtio-pci device (made once, on the main thread). */
 export interface VirtioDeviceDescriptor {
   /** Device id as the API names it ("_disk0", "__rng", or the user's id). */
