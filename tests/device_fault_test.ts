@@ -213,13 +213,13 @@ Deno.test("device fault: a handler that throws while serving the guest fails the
 
 Deno.test("shared device worker: its devices pause, fail and stop one by one; the others serve on", async () => {
   const dir = await Deno.makeTempDir({ prefix: "dvmm-shared-" });
-  const srcs = [0xa5, 0x5a, 0x3c].map((b, k) => `${dir}/src${k}`);
-  await Promise.all(srcs.map((p, k) => Deno.writeFile(p, new Uint8Array(4096).fill([0xa5, 0x5a, 0x3c][k]))));
+  const fill = [0xa5, 0x5a, 0x3c];
+  const srcs = fill.map((_, k) => `${dir}/src${k}`);
+  await Promise.all(srcs.map((p, k) => Deno.writeFile(p, new Uint8Array(4096).fill(fill[k]))));
   // The third device's source runs dry at its second request: its handler throws.
   await Deno.writeFile(srcs[2], new Uint8Array(12).fill(0x3c));
   try {
     await withRngWorkers(srcs, async (rigs) => {
-      const fill = [0xa5, 0x5a, 0x3c];
       const ask = (k: number, n: number, len = 8) => {
         const r = rigs[k];
         r.drv.setDesc(n, r.base + 0x20000 + 0x100 * n, len, 2 /* WRITE */);

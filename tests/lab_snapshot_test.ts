@@ -148,7 +148,9 @@ Deno.test({
       const disk = Number(b.match(/^disk-now disk (\d+)/m)?.[1]);
       const atSnap = Number(out.match(/^DISK-AT-SNAP disk (\d+)/m)?.[1]);
       assert.ok(now > atSnap, `count ${now} after the snapshot's ${atSnap}`);
-      assert.ok(disk >= now - 1 && disk <= now, `the disk holds the latest count (${disk} vs ${now})`);
+      // The two readings are a few commands apart and the counter writes /tmp/count before the disk: the
+      // disk may be one behind the count read before it, or one ahead when a tick came in between.
+      assert.ok(Math.abs(disk - now) <= 1, `the disk holds the latest count (${disk} vs ${now})`);
       assert.match(b, /^ping-rc 0$/m);
       assert.match(out, /"state":"Running"/);
       assert.match(section("B-EV"), /"restoring"[\s\S]*"restored"[\s\S]*"resumed"/);

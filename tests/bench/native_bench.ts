@@ -237,7 +237,8 @@ for (const r of rows) {
 const perVcpu = (rows[2].d.rss - rows[0].d.rss) / 7;
 const perDevice = (rows[3].d.rss - rows[1].d.rss) / 4;
 console.log(
-  `  dvmm: each vCPU worker ≈ ${f1(perVcpu)} MiB, each virtio device ≈ ${f1(perDevice)} MiB (isolates)`,
+  `  dvmm: each vCPU worker ≈ ${f1(perVcpu)} MiB; each virtio device ≈ ${f1(perDevice)} MiB ` +
+    `(the disk has an isolate of its own, rng, balloon and console share one)`,
 );
 console.log(
   `native: dvmm_startup_ms=${f1(median(dv))} qemu_startup_ms=${f1(median(qe))} ratio=${

@@ -41,33 +41,35 @@ export function labTrouble(res: LabResult): string {
 }
 
 /**
- * Runs COMMAND inside the lab and returns its output. A lab fault (the lab VM itself failed: it is not
- * a test result) is retried once, saying so on stderr; a second fault throws. So is a command that ran
- * into its timeout (LAB TIMEOUT): the nested lab now and then stalls a run for minutes with no sign on its
- * console, and a second run tells that apart from a hang of dvmm's own, which times out again.
+ * Runs COMMAND inside the lab and returns its output. A lab fault (the lab VM itself failed: its kernel
+ * panicked or its console shows a stalled vCPU; not a test result) is retried, saying so on stderr, up to
+ * two more times while the suite's lab budget allows; then it throws. A command that ran into its timeout
+ * (LAB TIMEOUT) is run once more: the nested lab now and then stalls a run for minutes with no sign on its
+ * console, and a second run tells that apart from a hang of dvmm's own, which times out again (the test
+ * then sees that run as it ended).
  */
 export async function runInLab(
   command: string,
   opts: { smp?: number; mem?: number; add?: string[]; timeout?: number } = {},
 ): Promise<LabResult> {
-  try {
-    return await runInLabOnce(command, withinBudget(opts));
-  } catch (e) {
-    if (!(e instanceof LabFault)) throw e;
-    if (labSecondsLeft() < 2 * MIN_RUN) {
-      if (e.run) return e.run;
-      throw new Error(`${e.message.split("\n")[0]}; no time left in the suite's lab budget to run it again`);
-    }
-    const reason = e.message.match(/^LAB (FAULT|TIMEOUT): .*$/m)?.[0] ?? "LAB FAULT";
-    console.error(
-      `${reason}\nlab fault, running the lab command once more; console tail:\n${e.message.slice(-1200)}`,
-    );
+  let timeouts = 0;
+  for (let attempt = 1;; attempt++) {
     try {
       return await runInLabOnce(command, withinBudget(opts));
-    } catch (e2) {
-      // A second timeout is dvmm's own: the test sees the run as it ended.
-      if (e2 instanceof LabFault && e2.run) return e2.run;
-      throw e2;
+    } catch (e) {
+      if (!(e instanceof LabFault)) throw e;
+      if (e.run && ++timeouts > 1) return e.run; // a second timeout is dvmm's own
+      if (attempt >= 3) throw e;
+      if (labSecondsLeft() < 2 * MIN_RUN) {
+        if (e.run) return e.run;
+        throw new Error(
+          `${e.message.split("\n")[0]}; no time left in the suite's lab budget to run it again`,
+        );
+      }
+      const reason = e.message.match(/^LAB (FAULT|TIMEOUT): .*$/m)?.[0] ?? "LAB FAULT";
+      console.error(
+        `${reason}\nlab fault, running the lab command once more; console tail:\n${e.message.slice(-1200)}`,
+      );
     }
   }
 }
