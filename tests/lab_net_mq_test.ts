@@ -99,11 +99,13 @@ run() { # name MRG_RXBUF(on|off) extra-net-options
   echo "net $net mrg_rxbuf=$mrg"
   for i in 1 2 3 4; do "\${NC[@]}" -l -p 500$i <&7 >$D/$name.par$i & lp+=($!); done
   "\${NC[@]}" -l -p 5010 <&7 >/dev/null & lp+=($!)
-  DVMM_NET_MRG_RXBUF=$mrg dvmm --kernel /lab/vmlinuz --initramfs /lab/initramfs.gz \\
+  # The guest's console and dvmm's log (-v: a guest reset names its source) also go to the lab's console, so
+  # that a run the lab VM does not survive still shows them in the lab fault's console tail.
+  DVMM_NET_MRG_RXBUF=$mrg dvmm -v --kernel /lab/vmlinuz --initramfs /lab/initramfs.gz \\
     --cmdline "console=ttyS0 panic=-1 quiet dvmm.script=/dev/vda" \\
     --cpus boot=4 --memory size=512M --serial tty --console off \\
     --disk path=$D/guest.img,readonly=on --net "$net" --api-socket path=$D/$name.sock \\
-    </dev/null >$out 2>$D/$name.err &
+    </dev/null > >(tee $out >/dev/console) 2> >(tee $D/$name.err >/dev/console) &
   local vm=$!
   if waitfor $out rx-ready $vm; then
     echo "tap-flags $(cat /sys/class/net/$TAP/tun_flags) mtu $(cat /sys/class/net/$TAP/mtu)"
@@ -131,6 +133,7 @@ run() { # name MRG_RXBUF(on|off) extra-net-options
   fi
   wait $vm
   echo "dvmm-exit $?"
+  sleep 0.5 # the tee processes write the last of the output
   for p in "\${lp[@]}"; do kill $p 2>/dev/null; wait $p 2>/dev/null; done
   for i in 1 2 3 4; do echo "par$i-bytes $(stat -c %s $D/$name.par$i)"; done
   echo "=== OUT"; tr -d '\\r' <$out

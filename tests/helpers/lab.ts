@@ -68,7 +68,7 @@ export async function runInLab(
       }
       const reason = e.message.match(/^LAB (FAULT|TIMEOUT): .*$/m)?.[0] ?? "LAB FAULT";
       console.error(
-        `${reason}\nlab fault, running the lab command once more; console tail:\n${e.message.slice(-1200)}`,
+        `${reason}\nlab fault, running the lab command once more; console tail:\n${e.message.slice(-3000)}`,
       );
     }
   }
