@@ -332,11 +332,7 @@ class DeviceRunner {
     s.kvs_epoll_ctl(this.#epfd, EPOLL_CTL_DEL, d.controlFd, 0, 0);
     for (const fd of d.queueFds) s.kvs_epoll_ctl(this.#epfd, EPOLL_CTL_DEL, fd, 0, 0);
     if (this.#proc.hostFd !== undefined) s.kvs_epoll_ctl(this.#epfd, EPOLL_CTL_DEL, this.#proc.hostFd, 0, 0);
-    try {
-      this.#proc.deactivate?.();
-    } finally {
-      this.#proc.close?.();
-    }
+    this.#proc.close?.();
   }
 }
 
@@ -444,12 +440,10 @@ function run(init: DeviceWorkerInit): void {
     init.devices.forEach((d, slot) => {
       runners.push(new DeviceRunner(d, slot, epfd, mem));
     });
-    let live = runners.length;
-    const end = (r: DeviceRunner, error?: string) => {
+    const end = (r: DeviceRunner) => {
       r.finish();
-      live--;
       Atomics.store(r.h.ctl, CTL_WORKER_STATE, 2);
-      const msg: DeviceWorkerExit = { type: "exit", id: r.d.id, error };
+      const msg: DeviceWorkerExit = { type: "exit", id: r.d.id };
       self.postMessage(msg);
     };
     for (;;) {
@@ -481,7 +475,7 @@ function run(init: DeviceWorkerInit): void {
         if (r.paused) r.resume();
         r.serve();
       }
-      if (live === 0) return;
+      if (runners.every((r) => r.done)) return;
     }
   } finally {
     s.kvs_close(epfd);
