@@ -28,10 +28,10 @@ $(TOOLS)/deno:
 
 deno: $(DENO)
 
-$(SHIM): libkvmshim/kvmshim.c libkvmshim/sandbox.c libkvmshim/kvmshim.h
+$(SHIM): libkvmshim/kvmshim.c libkvmshim/sandbox.c libkvmshim/uring.c libkvmshim/kvmshim.h
 	@command -v $(CC) >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev; }
 	mkdir -p $(BUILD)
-	$(CC) $(CFLAGS) -shared -o $@ libkvmshim/kvmshim.c libkvmshim/sandbox.c -lpthread
+	$(CC) $(CFLAGS) -shared -o $@ libkvmshim/kvmshim.c libkvmshim/sandbox.c libkvmshim/uring.c -lpthread
 
 # The bundled build: main.ts and each worker's module graph as one JavaScript file each (build/js, laid
 # out as the sources are, so that worker URLs resolve alike: see vmm/worker_pool.ts workerUrl). One file

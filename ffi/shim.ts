@@ -88,6 +88,12 @@ const SYMBOLS = {
   kvs_pread_at: { parameters: ["i32", "buffer", "u32", "f64"], result: "i32" },
   kvs_pwrite_at: { parameters: ["i32", "buffer", "u32", "f64"], result: "i32" },
   kvs_preadv_at: { parameters: ["i32", "buffer", "i32", "f64"], result: "i32" },
+  /** io_uring for batched disk I/O (libkvmshim/uring.c): a ring is a small handle owned by one thread. */
+  kvs_uring_create: { parameters: ["u32"], result: "i32" },
+  kvs_uring_prep: { parameters: ["i32", "i32", "i32", "buffer", "i32", "f64", "u32"], result: "i32" },
+  kvs_uring_submit_wait: { parameters: ["i32", "u32"], result: "i32" },
+  kvs_uring_reap: { parameters: ["i32", "buffer", "i32"], result: "i32" },
+  kvs_uring_destroy: { parameters: ["i32"], result: "i32" },
   kvs_pwritev_at: { parameters: ["i32", "buffer", "i32", "f64"], result: "i32" },
   /** madvise on a host address given as a number (balloon and virtio-mem releases). */
   kvs_madvise_at: { parameters: ["f64", "f64", "i32"], result: "i32" },

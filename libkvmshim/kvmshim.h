@@ -100,4 +100,18 @@ uint64_t kvs_seccomp_escape_ip(void);
 int64_t kvs_landlock_create_ruleset(const void *attr, uint64_t size, uint32_t flags);
 int64_t kvs_landlock_add_rule(int32_t ruleset, int32_t type, const void *attr);
 int64_t kvs_landlock_restrict_self(int32_t ruleset);
+/* io_uring for batched disk I/O (uring.c). A ring is a small handle (not an fd), used by one thread.
+ * `prep` queues one request (op: KVS_URING_*; `iov` is a struct iovec array that must stay valid until
+ * its completion is reaped; `tag` comes back with the result); -EBUSY when the ring is full.
+ * `submit_wait` submits what was queued and waits until at least `wait` results are ready; `reap` moves
+ * up to `max` results into out as (tag, result) pairs and returns how many. */
+#define KVS_URING_READV 0
+#define KVS_URING_WRITEV 1
+#define KVS_URING_FDATASYNC 2
+int32_t kvs_uring_create(uint32_t entries);
+int32_t kvs_uring_prep(int32_t h, int32_t op, int32_t fd, const void *iov, int32_t n, double off, uint32_t tag);
+int32_t kvs_uring_submit_wait(int32_t h, uint32_t wait);
+int32_t kvs_uring_reap(int32_t h, int32_t *out, int32_t max);
+int32_t kvs_uring_destroy(int32_t h);
+
 #endif

@@ -55,7 +55,11 @@ export class GuestMemory {
 
   /** Memory made of plain buffers (tests, tools). */
   static fromBuffers(layout: { gpa: number; size: number }[]): GuestMemory {
-    return new GuestMemory(layout.map((l) => ({ gpa: l.gpa, bytes: new Uint8Array(l.size), hostAddr: 0n })));
+    return new GuestMemory(layout.map((l) => {
+      const bytes = new Uint8Array(l.size);
+      // The buffer's real address, so iovecs built from guest addresses work on it as on mapped RAM.
+      return { gpa: l.gpa, bytes, hostAddr: BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(bytes))) };
+    }));
   }
 
   /** Memory over host mappings given by address (works in any thread of the process). */

@@ -869,7 +869,7 @@ export function createPci(
         maxQueueSize: disk.queue_size,
         config: blkConfigSpace({ size }, opts),
       },
-      { blk: { fd, size, readonly: disk.readonly, serial } },
+      { blk: { fd, size, readonly: disk.readonly, serial, ioUring: !disk.disable_io_uring } },
       new SharedArrayBuffer(8 * BLK_COUNTERS.length),
     );
   };

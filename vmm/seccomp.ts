@@ -63,12 +63,13 @@ const LISTS: Record<ThreadKind, string[]> = {
     "fsync", "ftruncate", "unlink", "rename", "mkdir", "readlink", "getcwd", "flock",
   ],
   // Queue work: the device's backing fd (files, taps), eventfds, guest-memory advice; vsock's host
-  // sockets (accept, connect to PATH_port), vhost-user's control socket (descriptors over sendmsg).
+  // sockets (accept, connect to PATH_port), vhost-user's control socket (descriptors over sendmsg); a
+  // disk's io_uring (what it runs is the disk's reads, writes and syncs, outside this filter, as in CH).
   device: [
     "socket", "connect", "accept4", "shutdown", "sendmsg", "recvmsg", "recvfrom", "getsockopt", "setsockopt",
     "ioctl", "newfstatat", "statx", "unlink", "rename", "mkdir", "readlink", "getcwd", "flock", "ftruncate",
     "openat", "readv", "writev", "preadv", "pwritev", "pread64", "pwrite64", "fdatasync", "fsync", "fallocate",
-    "lseek", "fstat", "fcntl", "ppoll", "poll",
+    "lseek", "fstat", "fcntl", "ppoll", "poll", "io_uring_setup", "io_uring_enter",
   ],
   // Migration: its socket (UNIX or TCP) and the received memory's memfds; a host name in a tcp: URL goes
   // through the C library's resolver (/etc/hosts, DNS: the files, sendmmsg/recvfrom, FIONREAD).

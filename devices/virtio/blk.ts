@@ -24,6 +24,12 @@ export interface Disk {
    */
   readvAt?(bufs: readonly Uint8Array[], off: number): number;
   writevAt?(bufs: readonly Uint8Array[], off: number): number;
+  /**
+   * Optional: one request over `count` entries of a struct iovec array the device filled with host
+   * addresses of guest memory (no view per buffer). Returns the bytes moved, or -1 when it cannot take
+   * the request (the device then uses the forms above).
+   */
+  iovAt?(write: boolean, iov: Uint8Array, count: number, off: number): number;
   /** Makes previous writes durable. */
   flush(): void;
   /** Size in bytes. */
@@ -31,6 +37,23 @@ export interface Disk {
   readonly readonly: boolean;
   /** Serial returned by T_GET_ID (at most 20 bytes are used). */
   readonly id: string;
+}
+
+/**
+ * Requests run side by side: the device queues the requests of one notify, then runs them all and
+ * waits for every one (nothing is in flight once {@link run} returns, so pause, reset and snapshot see
+ * an idle device). The iovec arrays given to {@link queue} must stay as they are until then.
+ */
+export interface DiskBatch {
+  /** Most requests one batch holds. */
+  readonly capacity: number;
+  /** After {@link run}: (tag, bytes moved or -errno) pairs. */
+  readonly results: Int32Array;
+  /** Queues one request over `count` iovecs; false when it cannot (the device then does it itself). */
+  queue(write: boolean, iov: Uint8Array, count: number, off: number, tag: number): boolean;
+  /** Runs what was queued and waits for all of it; returns how many results there are. */
+  run(): number;
+  close(): void;
 }
 
 /** A disk held in memory (unit tests, scratch disks). */
@@ -95,6 +118,57 @@ export class FileDisk implements Disk {
 function defaultSerial(path: string): string {
   const base = path.split("/").pop() ?? path;
   return base.slice(0, BLK_ID_BYTES);
+}
+
+/** Most iovec entries of one request taken straight from guest addresses (Linux's UIO_MAXIOV). */
+const IOV_ENTRIES = 1024;
+/** Iovecs of one batched request (more than seg_max allows; a longer chain is done on its own). */
+const SLOT_IOVECS = 256;
+/** errno values a batched request may end with and is then redone for. */
+const ERRNO_EINTR = 4;
+const ERRNO_EAGAIN = 11;
+
+/**
+ * Fills struct iovecs (u32 halves, little-endian host) at entry `at` of `v` with the chain's readable
+ * (`write`) or writable buffers: `skip` bytes left out at the start, `total` bytes in all. Returns how
+ * many entries it used, or -1 when more than `max` would be needed.
+ */
+function fillIovecs(
+  chain: DescriptorChain,
+  write: boolean,
+  skip: number,
+  total: number,
+  v: Uint32Array,
+  at: number,
+  max: number,
+): number {
+  const count = write ? chain.readableCount : chain.writableCount;
+  let k = 0;
+  let left = total;
+  for (let i = 0; i < count && left > 0; i++) {
+    let addr = write ? chain.readableAddr(i) : chain.writableAddr(i);
+    let len = write ? chain.readableLen(i) : chain.writableLen(i);
+    if (skip > 0) {
+      if (len <= skip) {
+        skip -= len;
+        continue;
+      }
+      addr += skip;
+      len -= skip;
+      skip = 0;
+    }
+    if (len > left) len = left;
+    if (len === 0) continue;
+    if (k === max) return -1;
+    const o = 4 * (at + k);
+    v[o] = addr >>> 0;
+    v[o + 1] = Math.floor(addr / 0x1_0000_0000);
+    v[o + 2] = len;
+    v[o + 3] = 0;
+    k++;
+    left -= len;
+  }
+  return left === 0 ? k : -1;
 }
 
 /** Knobs of the virtio-blk device model. */
@@ -174,27 +248,152 @@ export class BlkDevice {
   readonly #result: BlkResult = { status: 0, usedLen: 0 };
   /** The current request's data buffers (reused: no allocation per request beyond the views). */
   readonly #iov: Uint8Array[] = [];
+  /** struct iovec[IOV_ENTRIES] for {@link Disk.iovAt}, filled from guest addresses as u32 halves. */
+  readonly #iovec = new Uint8Array(16 * IOV_ENTRIES);
+  readonly #iovec32 = new Uint32Array(this.#iovec.buffer);
 
-  constructor(readonly disk: Disk, counters?: BlkCounters) {
+  // Batched requests (see DiskBatch), slot by slot: each slot's iovecs in the slab, and what completing
+  // it takes (its head, where its status byte is, how long it is).
+  #batch: DiskBatch | null;
+  #queued = 0;
+  readonly #slab: Uint8Array;
+  readonly #slab32: Uint32Array;
+  readonly #slotIov: Uint8Array[] = [];
+  readonly #sHead: Uint16Array;
+  readonly #sCount: Uint16Array;
+  readonly #sWrite: Uint8Array;
+  readonly #sLen: Float64Array;
+  readonly #sDiskOff: Float64Array;
+  readonly #sStatusOff: Float64Array;
+  readonly #sStatusBytes: (Uint8Array | null)[] = [];
+  readonly #sResult: Float64Array;
+
+  /** `batch`: run the requests of each notify side by side (an io_uring); without it, one by one. */
+  constructor(readonly disk: Disk, counters?: BlkCounters, batch?: DiskBatch | null) {
     this.counters = counters ?? new BlkCounters();
     this.capacity = Math.floor(disk.size / SECTOR_SIZE);
     this.#id.set(new TextEncoder().encode(disk.id).subarray(0, BLK_ID_BYTES));
+    this.#batch = batch && disk.iovAt ? batch : null;
+    const slots = this.#batch?.capacity ?? 0;
+    this.#slab = new Uint8Array(16 * SLOT_IOVECS * slots);
+    this.#slab32 = new Uint32Array(this.#slab.buffer);
+    for (let i = 0; i < slots; i++) {
+      this.#slotIov.push(this.#slab.subarray(16 * SLOT_IOVECS * i, 16 * SLOT_IOVECS * (i + 1)));
+      this.#sStatusBytes.push(null);
+    }
+    this.#sHead = new Uint16Array(slots);
+    this.#sCount = new Uint16Array(slots);
+    this.#sWrite = new Uint8Array(slots);
+    this.#sLen = new Float64Array(slots);
+    this.#sDiskOff = new Float64Array(slots);
+    this.#sStatusOff = new Float64Array(slots);
+    this.#sResult = new Float64Array(slots);
+  }
+
+  /** Ends batching (the worker closes the ring when the device stops). */
+  close(): void {
+    this.#batch?.close();
+    this.#batch = null;
   }
 
   /**
    * Pops and completes every available chain on q. Returns true when the driver should be
    * interrupted. If q.broken is set afterwards the transport should flag DEVICE_NEEDS_RESET.
+   * Reads and writes are queued in the batch (when there is one) and run together; any other request
+   * first lets the batch finish, so requests still complete in the order the driver made them.
    */
   processQueue(q: SplitQueue): boolean {
-    for (;;) {
-      const chain = q.popChain();
-      if (chain === null) break;
-      if (q.broken !== null) break;
-      if (!chain.headValid) continue; // cannot be completed: there is no valid id to return
-      const r = this.handle(chain);
-      q.pushUsed(chain.head, r.usedLen);
+    try {
+      for (;;) {
+        const chain = q.popChain();
+        if (chain === null) break;
+        if (q.broken !== null) break;
+        if (!chain.headValid) continue; // cannot be completed: there is no valid id to return
+        if (this.#batch !== null && this.#enqueue(chain)) {
+          if (this.#queued === this.#batch.capacity) this.#runBatch(q);
+          continue;
+        }
+        if (this.#queued > 0) this.#runBatch(q);
+        const r = this.handle(chain);
+        q.pushUsed(chain.head, r.usedLen);
+      }
+    } finally {
+      // Whatever happened, nothing stays in flight past this pass.
+      if (this.#queued > 0) this.#runBatch(q);
     }
     return q.needsInterrupt();
+  }
+
+  /**
+   * Queues a well-formed read or write in the batch: its iovecs from the chain's guest addresses into
+   * the next slot. False (nothing queued) for anything else: the request is then handled on its own,
+   * which also reports every error.
+   */
+  #enqueue(chain: DescriptorChain): boolean {
+    if (chain.error !== null || chain.writableBytes < 1 || chain.readAt(0, this.#hdr) !== 16) return false;
+    const type = this.#hdrView.getUint32(0, true);
+    if (type !== BLK_T.IN && type !== BLK_T.OUT) return false;
+    const write = type === BLK_T.OUT;
+    if (write && this.disk.readonly) return false;
+    const lo = this.#hdrView.getUint32(8, true);
+    const hi = this.#hdrView.getUint32(12, true);
+    if (hi >= 0x200000) return false;
+    const sector = hi * 0x1_0000_0000 + lo;
+    const statusPos = chain.writableBytes - 1;
+    const len = write ? chain.readableBytes - 16 : statusPos;
+    if (len <= 0 || !this.#inBounds(sector, len)) return false;
+    // The status byte: the last byte of the last non-empty writable buffer.
+    let last = chain.writableCount - 1;
+    while (last > 0 && chain.writableLen(last) === 0) last--;
+    const slot = this.#queued;
+    const k = fillIovecs(chain, write, write ? 16 : 0, len, this.#slab32, SLOT_IOVECS * slot, SLOT_IOVECS);
+    if (k < 0) return false;
+    if (!this.#batch!.queue(write, this.#slotIov[slot], k, sector * SECTOR_SIZE, slot)) return false;
+    this.#sHead[slot] = chain.head;
+    this.#sCount[slot] = k;
+    this.#sWrite[slot] = write ? 1 : 0;
+    this.#sLen[slot] = len;
+    this.#sDiskOff[slot] = sector * SECTOR_SIZE;
+    this.#sStatusBytes[slot] = chain.regionBytes(chain.writableRegion(last));
+    this.#sStatusOff[slot] = chain.writableOffset(last) + chain.writableLen(last) - 1;
+    this.#sResult[slot] = NaN;
+    this.#queued = slot + 1;
+    return true;
+  }
+
+  /** Runs the batch, then completes its requests in the order they came (status byte, used entry). */
+  #runBatch(q: SplitQueue): void {
+    const n = this.#queued;
+    this.#queued = 0;
+    const batch = this.#batch!;
+    try {
+      const got = batch.run();
+      const res = batch.results;
+      for (let i = 0; i < got; i++) {
+        const slot = res[2 * i];
+        if (slot >= 0 && slot < n) this.#sResult[slot] = res[2 * i + 1];
+      }
+    } catch {
+      this.#batch = null; // the ring failed: one request at a time from now on (results below: redone)
+    }
+    for (let slot = 0; slot < n; slot++) {
+      const write = this.#sWrite[slot] === 1;
+      const len = this.#sLen[slot];
+      let done = this.#sResult[slot];
+      // Short, interrupted or not reported: once more, synchronously, from the same iovecs.
+      if (done !== len && !(done < 0 && done !== -ERRNO_EINTR && done !== -ERRNO_EAGAIN)) {
+        try {
+          done = this.disk.iovAt!(write, this.#slotIov[slot], this.#sCount[slot], this.#sDiskOff[slot]);
+        } catch {
+          done = -1;
+        }
+      }
+      const ok = done === len;
+      if (ok) this.#count(write ? 1 : 0, len);
+      this.#sStatusBytes[slot]![this.#sStatusOff[slot]] = ok ? BLK_S.OK : BLK_S.IOERR;
+      this.#sStatusBytes[slot] = null;
+      q.pushUsed(this.#sHead[slot], ok && !write ? len + 1 : 1);
+    }
   }
 
   /** Executes one request; the returned object is reused by the next call. */
@@ -268,8 +467,21 @@ export class BlkDevice {
     return true;
   }
 
+  /**
+   * The request straight from the chain's guest addresses (segments `from`.. of the writable or
+   * readable side, skipping `skip` bytes, `total` bytes in all) when the disk takes iovecs; false when
+   * it does not or the transfer fell short (the caller then goes buffer by buffer).
+   */
+  #direct(chain: DescriptorChain, write: boolean, skip: number, total: number, off: number): boolean {
+    const d = this.disk;
+    if (d.iovAt === undefined) return false;
+    const k = fillIovecs(chain, write, skip, total, this.#iovec32, 0, IOV_ENTRIES);
+    return k >= 0 && d.iovAt(write, this.#iovec, k, off) === total;
+  }
+
   #read(chain: DescriptorChain, sector: number, len: number): number {
     if (!this.#inBounds(sector, len)) return BLK_S.IOERR;
+    if (len > 0 && this.#direct(chain, false, 0, len, sector * SECTOR_SIZE)) return this.#count(0, len);
     const iov = this.#iov;
     iov.length = 0;
     let left = len;
@@ -280,9 +492,14 @@ export class BlkDevice {
       left -= view.length;
     }
     if (!this.#transfer(false, sector * SECTOR_SIZE, len)) return BLK_S.IOERR;
+    return this.#count(0, len);
+  }
+
+  /** Counts a done request (`k` 0 = read, 1 = write) of `len` bytes; returns BLK_S.OK. */
+  #count(k: number, len: number): number {
     const v = this.counters.values;
-    v[0] += len;
-    v[2]++;
+    v[k] += len;
+    v[k + 2]++;
     return BLK_S.OK;
   }
 
@@ -290,6 +507,7 @@ export class BlkDevice {
     if (this.disk.readonly) return BLK_S.IOERR;
     const len = chain.readableBytes - 16;
     if (!this.#inBounds(sector, len)) return BLK_S.IOERR;
+    if (len > 0 && this.#direct(chain, true, 16, len, sector * SECTOR_SIZE)) return this.#count(1, len);
     const iov = this.#iov;
     iov.length = 0;
     let skip = 16;
@@ -306,9 +524,6 @@ export class BlkDevice {
       iov.push(view);
     }
     if (!this.#transfer(true, sector * SECTOR_SIZE, len)) return BLK_S.IOERR;
-    const v = this.counters.values;
-    v[1] += len;
-    v[3]++;
-    return BLK_S.OK;
+    return this.#count(1, len);
   }
 }

@@ -84,8 +84,11 @@ export interface VirtioDeviceDescriptor {
   controlFd: number;
   /** First GSI of this device's MSI-X vectors (vector v uses gsiBase + v). */
   gsiBase: number;
-  /** blk: the image, opened by the main thread (kvs_open), and its size. */
-  blk?: { fd: number; size: number; readonly: boolean; serial: string };
+  /**
+   * blk: the image, opened by the main thread (kvs_open), and its size. `ioUring`: the requests a notify
+   * brings run together in an io_uring (false: `_disable_io_uring=on`, one request after the other).
+   */
+  blk?: { fd: number; size: number; readonly: boolean; serial: string; ioUring?: boolean };
   /** rng: entropy source path. */
   rng?: { src: string };
   /**
