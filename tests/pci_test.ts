@@ -223,3 +223,28 @@ Deno.test("msix: capability, table programming, masking and pending bits", () =>
   // out-of-range table writes are ignored
   m.tableWrite(48, u32(5));
 });
+
+Deno.test("device workers at boot: the light devices (console, rng, balloon, virtio-mem) share one", async () => {
+  const { VmConfigSchema } = await import("../vmm/vm_config.ts");
+  const { deviceWorkerCount, wantsPci } = await import("../vmm/pci_platform.ts");
+  const base = { payload: { kernel: "/k" }, memory: { size: 1 << 28 } };
+  const cfg = (extra: Record<string, unknown>) => VmConfigSchema.parse({ ...base, ...extra });
+  assert.equal(deviceWorkerCount(cfg({})), 1, "the default rng");
+  assert.equal(wantsPci(cfg({})), true, "the rng is always there");
+  assert.equal(
+    deviceWorkerCount(
+      cfg({ console: { mode: "Tty" }, balloon: { size: 0 }, disks: [{ path: "/a" }, { path: "/b" }] }),
+    ),
+    3,
+    "rng, console and balloon together; a worker per disk",
+  );
+  assert.equal(
+    deviceWorkerCount(cfg({ net: [{}], vsock: { cid: 3, socket: "/v" }, pmem: [{ file: "/p" }] })),
+    4,
+  );
+  assert.equal(
+    deviceWorkerCount(cfg({ memory: { size: 1 << 28, hotplug_method: "VirtioMem", hotplug_size: 1 << 28 } })),
+    1,
+    "virtio-mem joins the rng",
+  );
+});

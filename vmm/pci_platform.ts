@@ -110,6 +110,7 @@ import {
   sharesDeviceWorker,
   type VirtioDeviceDescriptor,
   VirtioDeviceHandle,
+  type VirtioKind,
 } from "../devices/virtio/device_shared.ts";
 import type { DeviceWorkerExit, DeviceWorkerInit } from "../devices/virtio/worker.ts";
 import { connectVhostUser, waitVhostUserStopped } from "../devices/virtio/device_vhost_user.ts";
@@ -604,15 +605,29 @@ function bdf(slot: number, segment = 0): string {
 /** The module every virtio device worker runs. */
 export const DEVICE_WORKER = workerUrl("../devices/virtio/worker.ts", import.meta.url);
 
+/** The kinds of the virtio devices a config creates at boot, one entry per device. */
+function bootDeviceKinds(cfg: VmConfig): VirtioKind[] {
+  const m = cfg.memory;
+  const n = (k: VirtioKind, count: number) => Array<VirtioKind>(count).fill(k);
+  return [
+    ...n("console", wantsConsole(cfg) ? 1 : 0),
+    ...n("rng", cfg.rng?.src ? 1 : 0),
+    ...n("balloon", cfg.balloon ? 1 : 0),
+    ...n("mem", (m.hotplug_size && m.hotplug_method === "VirtioMem" ? 1 : 0) +
+      (m.zones ?? []).filter((z) => z.hotplug_size).length),
+    ...n("blk", cfg.disks?.length ?? 0),
+    ...n("net", cfg.net?.length ?? 0),
+    ...n("vhost_user", (cfg.generic_vhost_user?.length ?? 0) + (cfg.fs?.length ?? 0)),
+    ...n("pmem", cfg.pmem?.length ?? 0),
+    ...n("vsock", cfg.vsock ? 1 : 0),
+  ];
+}
+
 /** How many device workers a config's virtio devices take at boot (the light ones share one). */
 export function deviceWorkerCount(cfg: VmConfig): number {
-  const m = cfg.memory;
-  const virtioMem = (m.hotplug_size && m.hotplug_method === "VirtioMem" ? 1 : 0) +
-    (m.zones ?? []).filter((z) => z.hotplug_size).length;
-  const light = (wantsConsole(cfg) ? 1 : 0) + (cfg.rng?.src ? 1 : 0) + (cfg.balloon ? 1 : 0) + virtioMem;
-  return (light > 0 ? 1 : 0) + (cfg.disks?.length ?? 0) + (cfg.net?.length ?? 0) +
-    (cfg.generic_vhost_user?.length ?? 0) + (cfg.fs?.length ?? 0) + (cfg.pmem?.length ?? 0) +
-    (cfg.vsock ? 1 : 0);
+  const kinds = bootDeviceKinds(cfg);
+  const own = kinds.filter((k) => !sharesDeviceWorker(k)).length;
+  return own + (own < kinds.length ? 1 : 0);
 }
 
 /** Whether the config asks for a virtio-console (every console mode but Off). */
@@ -625,11 +640,7 @@ function wantsConsole(cfg: VmConfig): boolean {
  * without any device, devices can still be hot-added.
  */
 export function wantsPci(cfg: VmConfig): boolean {
-  return wantsConsole(cfg) || (cfg.disks?.length ?? 0) > 0 || (cfg.net?.length ?? 0) > 0 || !!cfg.rng?.src ||
-    (cfg.pmem?.length ?? 0) > 0 || !!cfg.balloon || (cfg.fs?.length ?? 0) > 0 || !!cfg.vsock ||
-    (cfg.generic_vhost_user?.length ?? 0) > 0 ||
-    (cfg.memory.hotplug_method === "VirtioMem" && !!cfg.memory.hotplug_size) ||
-    (cfg.memory.zones ?? []).some((z) => !!z.hotplug_size);
+  return bootDeviceKinds(cfg).length > 0;
 }
 
 /** Refuses the parts of a --net this VMM does not implement, naming them. */
