@@ -348,7 +348,6 @@ export class BlkDevice {
     const slot = this.#queued;
     const k = fillIovecs(chain, write, write ? 16 : 0, len, this.#slab32, SLOT_IOVECS * slot, SLOT_IOVECS);
     if (k < 0) return false;
-    if (!this.#batch!.queue(write, this.#slotIov[slot], k, sector * SECTOR_SIZE, slot)) return false;
     this.#sHead[slot] = chain.head;
     this.#sCount[slot] = k;
     this.#sWrite[slot] = write ? 1 : 0;
@@ -361,26 +360,38 @@ export class BlkDevice {
     return true;
   }
 
-  /** Runs the batch, then completes its requests in the order they came (status byte, used entry). */
+  /**
+   * Runs the batch, then completes its requests in the order they came (status byte, used entry). A
+   * lone request is done right here: the ring only pays when requests can overlap.
+   */
   #runBatch(q: SplitQueue): void {
     const n = this.#queued;
     this.#queued = 0;
     const batch = this.#batch!;
-    try {
-      const got = batch.run();
-      const res = batch.results;
-      for (let i = 0; i < got; i++) {
-        const slot = res[2 * i];
-        if (slot >= 0 && slot < n) this.#sResult[slot] = res[2 * i + 1];
+    if (n > 1) {
+      try {
+        let queued = 0;
+        for (let slot = 0; slot < n; slot++) {
+          const write = this.#sWrite[slot] === 1;
+          if (batch.queue(write, this.#slotIov[slot], this.#sCount[slot], this.#sDiskOff[slot], slot)) {
+            queued++;
+          }
+        }
+        const got = queued > 0 ? batch.run() : 0;
+        const res = batch.results;
+        for (let i = 0; i < got; i++) {
+          const slot = res[2 * i];
+          if (slot >= 0 && slot < n) this.#sResult[slot] = res[2 * i + 1];
+        }
+      } catch {
+        this.#batch = null; // the ring failed: one request at a time from now on (results below: redone)
       }
-    } catch {
-      this.#batch = null; // the ring failed: one request at a time from now on (results below: redone)
     }
     for (let slot = 0; slot < n; slot++) {
       const write = this.#sWrite[slot] === 1;
       const len = this.#sLen[slot];
       let done = this.#sResult[slot];
-      // Short, interrupted or not reported: once more, synchronously, from the same iovecs.
+      // Alone, short, interrupted or not reported: (once more,) synchronously, from the same iovecs.
       if (done !== len && !(done < 0 && done !== -ERRNO_EINTR && done !== -ERRNO_EAGAIN)) {
         try {
           done = this.disk.iovAt!(write, this.#slotIov[slot], this.#sCount[slot], this.#sDiskOff[slot]);
