@@ -3,13 +3,13 @@
  * booted three times in one lab session, each time over a tap dvmm creates (`dvmmq0`, 192.168.249.1/24
  * in the lab VM's own network namespace):
  *
- * - `sq-nomrg`: num_queues=2 without mergeable RX buffers (the default, as Cloud Hypervisor): the
- *   single-queue device;
- * - `sq-mrg`: num_queues=2, MRG_RXBUF offered (DVMM_NET_MRG_RXBUF=on);
+ * - `sq-nomrg`: num_queues=2 without mergeable RX buffers (DVMM_NET_MRG_RXBUF=off): the single-queue
+ *   device;
+ * - `sq-mrg`: num_queues=2, MRG_RXBUF offered (the default, as QEMU);
  * - `mq`: num_queues=8,mtu=9000 (and MRG_RXBUF on): 4 queue pairs, a multi-queue tap with one queue
  *   per pair;
  * - `fds`: a client opens a 2-queue tap and sends both fds with vm.add-net (num_queues=4, mtu=4000),
- *   without MRG_RXBUF, as an orchestrator hands taps over.
+ *   as an orchestrator hands taps over.
  *
  * In each run the guest pings with the largest packet its MTU allows, moves data both ways in 4
  * parallel TCP flows (busybox nc, each end pinned to its own vCPU with taskset) and in one large
@@ -237,7 +237,7 @@ Deno.test({
     }
     assert.equal(runs["sq-mrg"].line("queues")?.trim(), "rx-0 tx-0");
     assert.ok(bit(runs["sq-mrg"].line("features"), 15), "MRG_RXBUF in the single-queue run");
-    assert.ok(!bit(runs["sq-nomrg"].line("features"), 15), "no MRG_RXBUF by default");
+    assert.ok(!bit(runs["sq-nomrg"].line("features"), 15), "no MRG_RXBUF with DVMM_NET_MRG_RXBUF=off");
     assert.equal(runs["sq-mrg"].line("mtu"), "1500", "the tap's MTU, advertised with VIRTIO_NET_F_MTU");
   });
 

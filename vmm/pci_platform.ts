@@ -916,14 +916,16 @@ export function createPci(
     if (!n.fds?.length) pending.fds.push(...tap.fds);
     const mac = n.mac ? parseMac(n.mac) : randomMac();
     // Offloads as Cloud Hypervisor maps them (TSO and UFO ride on checksum offload); the MTU is the
-    // tap's. Mergeable RX buffers are dvmm's own, offered only with DVMM_NET_MRG_RXBUF=on: in the lab
-    // they did not speed up guest RX (tests/lab_net_mq_test.ts), so the default is Cloud Hypervisor's.
+    // tap's. Mergeable RX buffers are offered, as QEMU does: without them a Linux guest with TSO posts
+    // 64 KiB "big packet" buffers and spends one on every frame, down to each TCP ACK; in the lab they
+    // doubled guest → host TCP (tests/lab_net_mq_test.ts, sq-nomrg against sq-mrg in two sessions).
+    // DVMM_NET_MRG_RXBUF=off withholds them.
     const features = netFeatures({
       csum: n.offload_csum,
       tso: n.offload_tso,
       ufo: n.offload_ufo,
       mtu: tap.mtu !== null,
-      mrgRxbuf: Deno.env.get("DVMM_NET_MRG_RXBUF") === "on",
+      mrgRxbuf: Deno.env.get("DVMM_NET_MRG_RXBUF") !== "off",
     });
     const id = n.id ?? `_net${i}`;
     log.debug(
