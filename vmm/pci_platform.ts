@@ -613,8 +613,11 @@ function bootDeviceKinds(cfg: VmConfig): VirtioKind[] {
     ...n("console", wantsConsole(cfg) ? 1 : 0),
     ...n("rng", cfg.rng?.src ? 1 : 0),
     ...n("balloon", cfg.balloon ? 1 : 0),
-    ...n("mem", (m.hotplug_size && m.hotplug_method === "VirtioMem" ? 1 : 0) +
-      (m.zones ?? []).filter((z) => z.hotplug_size).length),
+    ...n(
+      "mem",
+      (m.hotplug_size && m.hotplug_method === "VirtioMem" ? 1 : 0) +
+        (m.zones ?? []).filter((z) => z.hotplug_size).length,
+    ),
     ...n("blk", cfg.disks?.length ?? 0),
     ...n("net", cfg.net?.length ?? 0),
     ...n("vhost_user", (cfg.generic_vhost_user?.length ?? 0) + (cfg.fs?.length ?? 0)),
