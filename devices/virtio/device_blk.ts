@@ -205,9 +205,13 @@ export class UringBatch implements DiskBatch {
     this.results = new Int32Array(2 * capacity);
   }
 
+  /** Why the last {@link open} gave null: the errno of io_uring_setup (or of mapping its rings). */
+  static lastErrno = 0;
+
   /** A batch of up to `capacity` requests on `fd`, or null when this kernel (or sandbox) has no io_uring. */
   static open(fd: number, capacity: number): UringBatch | null {
     const h = shim().kvs_uring_create(capacity);
+    UringBatch.lastErrno = h < 0 ? -h : 0;
     return h < 0 ? null : new UringBatch(h, fd, capacity);
   }
 

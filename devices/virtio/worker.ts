@@ -351,11 +351,17 @@ function makeProcessor(
   const dev = h.transport;
   if (d.kind === "blk") {
     const b = d.blk!;
+    // No io_uring here (an old kernel, io_uring_disabled): requests run one by one, and the log says so.
+    const batch = b.ioUring !== false ? UringBatch.open(b.fd, BLK_BATCH) : null;
+    if (b.ioUring !== false && batch === null) {
+      console.warn(
+        `dvmm: virtio-blk ${d.id}: no io_uring (errno ${UringBatch.lastErrno}); requests run one at a time`,
+      );
+    }
     const blk = new BlkDevice(
       new ShimFileDisk(b.fd, b.size, b.readonly, b.serial),
       new BlkCounters(d.counters),
-      // No io_uring here (an old kernel, io_uring_disabled): requests run one by one, as they did.
-      b.ioUring !== false ? UringBatch.open(b.fd, BLK_BATCH) : null,
+      batch,
     );
     // A resize (vm.resize-disk) is published before the guest hears of it; take it in on every wake.
     return drainingProcessor((q) => {
