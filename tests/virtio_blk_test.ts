@@ -194,6 +194,19 @@ Deno.test("blk: file-backed disk", () => {
   }
 });
 
+/** A shim-backed disk that counts the per-buffer fallback calls (the vectored paths must make none). */
+class CountingDisk extends ShimFileDisk {
+  perBuffer = 0;
+  override readAt(b: Uint8Array, o: number): number {
+    this.perBuffer++;
+    return super.readAt(b, o);
+  }
+  override writeAt(b: Uint8Array, o: number): number {
+    this.perBuffer++;
+    return super.writeAt(b, o);
+  }
+}
+
 Deno.test("blk: a request spread over several buffers is one preadv / pwritev on a shim-backed image", () => {
   const path = Deno.makeTempFileSync({ suffix: ".img" });
   try {
@@ -201,18 +214,6 @@ Deno.test("blk: a request spread over several buffers is one preadv / pwritev on
     for (let i = 0; i < init.length; i++) init[i] = (i * 13 + 5) & 0xff;
     Deno.writeFileSync(path, init);
     const { fd, size } = openDiskImage(path);
-    // Counts the per-buffer fallback calls: the vectored path must make none.
-    class CountingDisk extends ShimFileDisk {
-      perBuffer = 0;
-      override readAt(b: Uint8Array, o: number): number {
-        this.perBuffer++;
-        return super.readAt(b, o);
-      }
-      override writeAt(b: Uint8Array, o: number): number {
-        this.perBuffer++;
-        return super.writeAt(b, o);
-      }
-    }
     const disk = new CountingDisk(fd, size, false, "vec");
     const { mem, drv, q, dev } = setup(disk);
     const segs: [number, number][] = [[DATA, 512], [DATA + 0x2000, 1024], [DATA + 0x5000, 512]];
@@ -253,18 +254,8 @@ Deno.test("blk: header and data in one buffer, data and status in one buffer (an
     for (let i = 0; i < init.length; i++) init[i] = (i * 7 + 3) & 0xff;
     Deno.writeFileSync(path, init);
     const { fd, size } = openDiskImage(path);
-    let perBuffer = 0;
-    class CountingDisk extends ShimFileDisk {
-      override readAt(b: Uint8Array, o: number): number {
-        perBuffer++;
-        return super.readAt(b, o);
-      }
-      override writeAt(b: Uint8Array, o: number): number {
-        perBuffer++;
-        return super.writeAt(b, o);
-      }
-    }
-    const { mem, drv, q, dev } = setup(new CountingDisk(fd, size, false, "any"));
+    const disk = new CountingDisk(fd, size, false, "any");
+    const { mem, drv, q, dev } = setup(disk);
     // Write: the header and the first 512 data bytes share one buffer, 1024 more bytes follow.
     mem.writeU32(HDR, BLK_T.OUT);
     mem.writeU64(HDR + 8, 4);
@@ -291,7 +282,7 @@ Deno.test("blk: header and data in one buffer, data and status in one buffer (an
     assert.ok(mem.read(DATA, 512).every((b) => b === 0x11));
     assert.ok(mem.read(DATA + 512, 512).every((b) => b === 0x22));
     assert.ok(mem.read(DATA + 0x2000, 512).every((b) => b === 0x22));
-    assert.equal(perBuffer, 0, "no per-buffer fallback");
+    assert.equal(disk.perBuffer, 0, "no per-buffer fallback");
     assert.deepEqual(dev.counters.snapshot(), {
       read_bytes: 1536,
       write_bytes: 1536,

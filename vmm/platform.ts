@@ -412,10 +412,13 @@ export function createPlatform(
     const busy = (ring?.pending ?? false) || host.serial.pendingOutput > 0;
     drain();
     host.serial.flush();
-    if (busy) {
-      quietBeats = 0;
-      if (period !== FLUSH_BUSY_MS) reschedule(FLUSH_BUSY_MS);
-    } else if (++quietBeats === FLUSH_QUIET_BEATS && period !== FLUSH_IDLE_MS) reschedule(FLUSH_IDLE_MS);
+    if (busy) busyBeat();
+    else if (++quietBeats === FLUSH_QUIET_BEATS && period !== FLUSH_IDLE_MS) reschedule(FLUSH_IDLE_MS);
+  };
+  /** Output or input: back to the busy beat. */
+  const busyBeat = () => {
+    quietBeats = 0;
+    if (period !== FLUSH_BUSY_MS) reschedule(FLUSH_BUSY_MS);
   };
   let flusher = setInterval(beat, period);
   const reschedule = (ms: number) => {
@@ -428,9 +431,7 @@ export function createPlatform(
     pciAcpi: pci !== null,
     // stdin goes to the serial port when it uses the terminal, else to a terminal virtio-console.
     serialInput: (bytes) => {
-      // Typing: the echo should come back on the busy beat.
-      quietBeats = 0;
-      if (period !== FLUSH_BUSY_MS) reschedule(FLUSH_BUSY_MS);
+      busyBeat(); // typing: the echo should come back on the busy beat
       return mode !== "Tty" && cfg.console?.mode === "Tty" && pci !== null
         ? Math.max(0, pci.consoleInput(bytes))
         : host.serial.enqueueInput(bytes);

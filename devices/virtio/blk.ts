@@ -9,7 +9,7 @@
  */
 
 import { BLK_F, BLK_ID_BYTES, BLK_S, BLK_T, F, featureBit, SECTOR_SIZE } from "./constants.ts";
-import type { DescriptorChain, SplitQueue } from "./queue.ts";
+import { type DescriptorChain, setIovec, type SplitQueue } from "./queue.ts";
 
 /** Backing store of a block device. Offsets and lengths are in bytes. */
 export interface Disk {
@@ -160,11 +160,7 @@ function fillIovecs(
     if (len > left) len = left;
     if (len === 0) continue;
     if (k === max) return -1;
-    const o = 4 * (at + k);
-    v[o] = addr >>> 0;
-    v[o + 1] = Math.floor(addr / 0x1_0000_0000);
-    v[o + 2] = len;
-    v[o + 3] = 0;
+    setIovec(v, at + k, addr, len);
     k++;
     left -= len;
   }
@@ -335,10 +331,7 @@ export class BlkDevice {
     if (type !== BLK_T.IN && type !== BLK_T.OUT) return false;
     const write = type === BLK_T.OUT;
     if (write && this.disk.readonly) return false;
-    const lo = this.#hdrView.getUint32(8, true);
-    const hi = this.#hdrView.getUint32(12, true);
-    if (hi >= 0x200000) return false;
-    const sector = hi * 0x1_0000_0000 + lo;
+    const sector = this.#headerSector();
     const statusPos = chain.writableBytes - 1;
     const len = write ? chain.readableBytes - 16 : statusPos;
     if (len <= 0 || !this.#inBounds(sector, len)) return false;
@@ -418,9 +411,7 @@ export class BlkDevice {
     let dataWritten = 0;
     if (chain.readAt(0, this.#hdr) === 16) {
       const type = this.#hdrView.getUint32(0, true);
-      const lo = this.#hdrView.getUint32(8, true);
-      const hi = this.#hdrView.getUint32(12, true);
-      const sector = hi >= 0x200000 ? Infinity : hi * 0x1_0000_0000 + lo;
+      const sector = this.#headerSector();
       try {
         switch (type) {
           case BLK_T.IN: {
@@ -456,6 +447,12 @@ export class BlkDevice {
     return r;
   }
 
+  /** The header's sector (read into #hdr); Infinity when it is too large to be exact (never in bounds). */
+  #headerSector(): number {
+    const hi = this.#hdrView.getUint32(12, true);
+    return hi >= 0x200000 ? Infinity : hi * 0x1_0000_0000 + this.#hdrView.getUint32(8, true);
+  }
+
   #inBounds(sector: number, len: number): boolean {
     return len % SECTOR_SIZE === 0 && sector <= this.capacity &&
       sector + len / SECTOR_SIZE <= this.capacity;
@@ -479,9 +476,9 @@ export class BlkDevice {
   }
 
   /**
-   * The request straight from the chain's guest addresses (segments `from`.. of the writable or
-   * readable side, skipping `skip` bytes, `total` bytes in all) when the disk takes iovecs; false when
-   * it does not or the transfer fell short (the caller then goes buffer by buffer).
+   * The request straight from the chain's guest addresses (its writable or, for a write, readable side,
+   * skipping `skip` bytes, `total` bytes in all) when the disk takes iovecs; false when it does not or
+   * the transfer fell short (the caller then goes buffer by buffer).
    */
   #direct(chain: DescriptorChain, write: boolean, skip: number, total: number, off: number): boolean {
     const d = this.disk;

@@ -30,7 +30,7 @@
  */
 import { addressOf, EAGAIN, EINTR } from "../../ffi/shim.ts";
 import { F, featureBit, NET_F } from "./constants.ts";
-import type { DescriptorChain, SplitQueue } from "./queue.ts";
+import { type DescriptorChain, setIovec, type SplitQueue } from "./queue.ts";
 
 /** virtio-net header size with VERSION_1 (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers). */
 export const NET_HDR_SIZE = 12;
@@ -182,16 +182,6 @@ export class NetCounters {
 
 /** Why an RX pass stopped. */
 export type RxStop = "empty" | "no-buffers" | "error";
-
-const TWO32 = 0x1_0000_0000;
-
-/** iovec k of a u32 view over an iovec array = (addr, len), as u32 halves (little-endian host). */
-function setIovec(v: Uint32Array, k: number, addr: number, len: number): void {
-  v[4 * k] = addr >>> 0;
-  v[4 * k + 1] = Math.floor(addr / TWO32);
-  v[4 * k + 2] = len;
-  v[4 * k + 3] = 0;
-}
 
 /** Frame processing for one virtio-net queue pair. */
 export class NetDevice {

@@ -283,6 +283,14 @@ function grow(
   return [r, o, l];
 }
 
+/** iovec k of a u32 view over an iovec array = (addr, len), as u32 halves (little-endian host). */
+export function setIovec(v: Uint32Array, k: number, addr: number, len: number): void {
+  v[4 * k] = addr >>> 0;
+  v[4 * k + 1] = Math.floor(addr / TWO32);
+  v[4 * k + 2] = len;
+  v[4 * k + 3] = 0;
+}
+
 /** Device side of one split virtqueue. */
 export class SplitQueue {
   readonly size: number;
