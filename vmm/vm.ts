@@ -47,7 +47,7 @@ import { writeResetVector } from "./reset_vector.ts";
 import { checkSupported, createPlatform, type Platform } from "./platform.ts";
 import { log } from "./log.ts";
 import { shim } from "../ffi/shim.ts";
-import { MADV_POPULATE_WRITE } from "../ffi/kvm_constants.ts";
+import { KVM_CAP_TSC_DEADLINE_TIMER, MADV_POPULATE_WRITE } from "../ffi/kvm_constants.ts";
 import { fromBase64, loadVcpu, saveVcpu, toBase64 } from "./vcpu_state.ts";
 import {
   MEMORY_FILE,
@@ -154,6 +154,8 @@ export class Vm implements VmBackend, MigrationSource {
    */
   ejectTimeoutMs: number = EJECT_TIMEOUT_MS;
   #supportedCpuid?: ReturnType<Kvm["supportedCpuid"]>;
+  /** KVM_CAP_TSC_DEADLINE_TIMER: the guest is told its LAPIC has the TSC-deadline mode. */
+  #tscDeadline = false;
   #msrList = new Set<number>();
   /** virtio-mem regions by zone id: the region's size and the zone's boot size. */
   #virtioMemZones = new Map<string, { size: number; base: number }>();
@@ -712,6 +714,9 @@ export class Vm implements VmBackend, MigrationSource {
       // vCPUs.
       phase("ACPI tables written");
       this.#supportedCpuid = kvm.supportedCpuid();
+      // DVMM_TSC_DEADLINE=off withholds it (for comparing the two timer modes in one bench session).
+      this.#tscDeadline = vm.checkExtension(KVM_CAP_TSC_DEADLINE_TIMER) > 0 &&
+        Deno.env.get("DVMM_TSC_DEADLINE") !== "off";
       this.#msrList = new Set(kvm.msrIndexList());
       if (restore) {
         // vCPUs as they were (their threads start paused), then the irqchip, PIT and clock.
@@ -762,7 +767,7 @@ export class Vm implements VmBackend, MigrationSource {
   #createVcpu(id: number, hotplugged = false): VcpuFd {
     const max = this.config.cpus.max_vcpus;
     const fd = this.#vm!.createVcpu(id);
-    fd.setCpuid2(vcpuCpuid(this.#supportedCpuid!, id, { cores: max }));
+    fd.setCpuid2(vcpuCpuid(this.#supportedCpuid!, id, { cores: max, tscDeadline: this.#tscDeadline }));
     fd.setMsrs([
       { index: MSR.IA32_SYSENTER_CS, data: 0n },
       { index: MSR.IA32_SYSENTER_ESP, data: 0n },
