@@ -44,6 +44,9 @@ Deno.test({
     assert.match(c.output, /DVMM-GUEST: userspace up/);
     assert.match(c.output, /^cpus=2$/m);
     assert.match(c.output, /^2$/m, "two processors in /proc/cpuinfo");
+    // KVM emulates the LAPIC's TSC-deadline mode: the guest is told so, and arms its timer that way.
+    assert.match(c.output, /^tsc-deadline=yes\r?$/m, "tsc_deadline_timer in /proc/cpuinfo");
+    assert.match(c.output, /^clockevent=lapic-deadline\r?$/m);
     const kb = Number(c.output.match(/^MemTotal:\s+(\d+) kB$/m)?.[1]);
     assert.ok(kb > 300 * 1024 && kb <= 384 * 1024, `MemTotal ${kb} kB for a 384 MiB guest`);
     assert.match(c.output, /^cmdline=console=ttyS0 quiet panic=-1 dvmm\.marker=smp2 /m);

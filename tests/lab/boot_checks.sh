@@ -16,7 +16,7 @@ case_end() { echo "=== END $1 exit=$2"; }
 # 1. Two vCPUs, 384 MiB: the guest reports what it sees, then powers off; dvmm must exit 0.
 case_begin smp2
 timeout 300 dvmm --kernel $KERNEL --initramfs $INITRD \
-	--cmdline "console=ttyS0 quiet panic=-1 dvmm.marker=smp2 $(guest-arg 'echo "cpus=$(nproc)"; grep MemTotal /proc/meminfo; echo "cmdline=$(cat /proc/cmdline)"; grep -c ^processor /proc/cpuinfo')" \
+	--cmdline "console=ttyS0 quiet panic=-1 dvmm.marker=smp2 $(guest-arg 'echo "cpus=$(nproc)"; grep MemTotal /proc/meminfo; echo "cmdline=$(cat /proc/cmdline)"; grep -c ^processor /proc/cpuinfo; grep -q tsc_deadline_timer /proc/cpuinfo && echo tsc-deadline=yes; echo "clockevent=$(cat /sys/devices/system/clockevents/clockevent0/current_device)"')" \
 	--cpus boot=2 --memory size=384M --serial tty --console off </dev/null
 case_end smp2 $?
 
