@@ -75,7 +75,11 @@ Deno.test({
 
 Deno.test("leaf 1 announces the TSC-deadline timer only when KVM emulates it", () => {
   const base = [leaf(1, 0, { ecx: 1 })];
-  assert.ok(find(vcpuCpuid(base, 0, { cores: 1, tscDeadline: true }), 1).ecx & (1 << 24));
+  assert.ok(find(vcpuCpuid(base, 0, { cores: 1 }, { tscDeadline: true }), 1).ecx & (1 << 24));
   assert.equal(find(vcpuCpuid(base, 0, { cores: 1 }), 1).ecx & (1 << 24), 0);
-  assert.equal(find(vcpuCpuid(base, 0, { cores: 1, tscDeadline: true }), 1).ecx & 1, 1, "other bits kept");
+  assert.equal(
+    find(vcpuCpuid(base, 0, { cores: 1 }, { tscDeadline: true }), 1).ecx & 1,
+    1,
+    "other bits kept",
+  );
 });

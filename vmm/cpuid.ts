@@ -11,6 +11,10 @@ import type { CpuidEntry } from "../ffi/structs.ts";
 export interface CpuTopology {
   /** vCPUs the guest may ever see (max_vcpus); sizes the APIC id space. */
   cores: number;
+}
+
+/** Features the VMM adds to KVM's supported table. */
+export interface CpuidExtras {
   /**
    * KVM emulates the LAPIC's TSC-deadline mode (KVM_CAP_TSC_DEADLINE_TIMER). KVM's supported table
    * leaves the bit clear because the in-kernel LAPIC is the VMM's choice; with it set the guest arms
@@ -28,8 +32,13 @@ function idBits(n: number): number {
   return b;
 }
 
-/** Returns the CPUID entries for vCPU `apicId`, derived from KVM's supported table. */
-export function vcpuCpuid(supported: readonly CpuidEntry[], apicId: number, topo: CpuTopology): CpuidEntry[] {
+/** Returns the CPUID entries for vCPU `apicId`, derived from KVM's supported table and `extras`. */
+export function vcpuCpuid(
+  supported: readonly CpuidEntry[],
+  apicId: number,
+  topo: CpuTopology,
+  extras: CpuidExtras = {},
+): CpuidEntry[] {
   const coreBits = idBits(topo.cores);
   const out: CpuidEntry[] = [];
   for (const src of supported) {
@@ -39,7 +48,7 @@ export function vcpuCpuid(supported: readonly CpuidEntry[], apicId: number, topo
         // EBX: APIC id [31:24], logical processors per package [23:16], CLFLUSH size kept.
         e.ebx = ((apicId & 0xff) << 24) | ((Math.min(topo.cores, 255) & 0xff) << 16) | (e.ebx & 0xffff);
         e.ecx = (e.ecx | (1 << 31)) >>> 0; // running under a hypervisor
-        if (topo.tscDeadline) e.ecx = (e.ecx | (1 << 24)) >>> 0; // TSC-deadline timer
+        if (extras.tscDeadline) e.ecx = (e.ecx | (1 << 24)) >>> 0; // TSC-deadline timer
         if (topo.cores > 1) e.edx = (e.edx | (1 << 28)) >>> 0; // HTT: multi-core package
         break;
       case 0x4:

@@ -767,7 +767,7 @@ export class Vm implements VmBackend, MigrationSource {
   #createVcpu(id: number, hotplugged = false): VcpuFd {
     const max = this.config.cpus.max_vcpus;
     const fd = this.#vm!.createVcpu(id);
-    fd.setCpuid2(vcpuCpuid(this.#supportedCpuid!, id, { cores: max, tscDeadline: this.#tscDeadline }));
+    fd.setCpuid2(vcpuCpuid(this.#supportedCpuid!, id, { cores: max }, { tscDeadline: this.#tscDeadline }));
     fd.setMsrs([
       { index: MSR.IA32_SYSENTER_CS, data: 0n },
       { index: MSR.IA32_SYSENTER_ESP, data: 0n },

@@ -444,10 +444,9 @@ function run(init: DeviceWorkerInit): void {
   const s = shim();
   const epfd = check(s.kvs_epoll_create(), "epoll_create");
   const runners: DeviceRunner[] = [];
-  // epoll's data words (u64; our tags fit in their low halves): read as u32s, so a wakeup makes no BigInt.
-  const out = new BigUint64Array(16);
-  const outBytes = new Uint8Array(out.buffer);
-  const out32 = new Uint32Array(out.buffer);
+  // 16 epoll data words (u64; our tags fit in their low halves), read as u32s: a wakeup makes no BigInt.
+  const out32 = new Uint32Array(2 * 16);
+  const outBytes = new Uint8Array(out32.buffer);
   const drain = new Uint8Array(8);
   try {
     init.devices.forEach((d, slot) => {
@@ -465,7 +464,7 @@ function run(init: DeviceWorkerInit): void {
         const r = runners.find((x) => !x.done)!;
         Atomics.wait(r.h.ctl, CTL_PAUSE, 1, 100);
       } else {
-        const n = s.kvs_epoll_wait_i32(epfd, outBytes, out.length, -1);
+        const n = s.kvs_epoll_wait_i32(epfd, outBytes, out32.length / 2, -1);
         if (n === -EINTR) continue;
         if (n < 0) throw new Error(`epoll_wait: errno ${-n}`);
         for (let i = 0; i < n; i++) {
