@@ -43,7 +43,7 @@ export function labTrouble(res: LabResult): string {
 /**
  * Runs COMMAND inside the lab and returns its output. A lab fault (the lab VM itself failed: its kernel
  * panicked or its console shows a stalled vCPU; not a test result) is retried, saying so on stderr, up to
- * two more times while the suite's lab budget allows; then it throws. A command that ran into its timeout
+ * three more times while the suite's lab budget allows; then it throws. A command that ran into its timeout
  * (LAB TIMEOUT) is run once more: the nested lab now and then stalls a run for minutes with no sign on its
  * console, and a second run tells that apart from a hang of dvmm's own, which times out again (the test
  * then sees that run as it ended).
@@ -59,7 +59,7 @@ export async function runInLab(
     } catch (e) {
       if (!(e instanceof LabFault)) throw e;
       if (e.run && ++timeouts > 1) return e.run; // a second timeout is dvmm's own
-      if (attempt >= 3) throw e;
+      if (attempt >= 4) throw e;
       if (labSecondsLeft() < 2 * MIN_RUN) {
         if (e.run) return e.run;
         throw new Error(
