@@ -9,6 +9,7 @@
 #   build/lab/rootfs.ext4        lab userland: busybox, bash, qemu-system-x86_64, deno, kernel modules, /lab/*
 #   build/lab/guest/vmlinuz      the default dvmm test guest kernel (same kernel)
 #   build/lab/guest/initramfs.gz the default guest initramfs (busybox + virtio modules + guest-init.sh)
+#   (in the rootfs) /lab/iperf3.cpio.gz  iperf3 and its libraries, to append to a guest's initramfs
 set -euo pipefail
 # System tools (mke2fs, mknod, modprobe) live in sbin, which a non-login PATH may lack.
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -40,6 +41,7 @@ ensure_packages() {
 	command -v xz >/dev/null || want+=(xz-utils)
 	command -v curl >/dev/null || want+=(curl)
 	command -v dbus-daemon >/dev/null || want+=(dbus) # the D-Bus API lab test
+	command -v iperf3 >/dev/null || want+=(iperf3)     # TCP throughput in tests/bench/io
 	[[ -f /usr/lib/x86_64-linux-gnu/libc.a ]] && command -v gcc >/dev/null || want+=(gcc libc6-dev) # guest tools
 	# vhost-user back-ends for the virtio-fs and vhost-user-blk lab test
 	{ command -v qemu-storage-daemon >/dev/null && [[ -x /usr/lib/qemu/virtiofsd ]]; } || want+=(qemu-system-common)
@@ -183,7 +185,7 @@ base_tree() { # minimal skeleton with /dev/console (the kernel opens it before /
 
 extra_bins() { # host binaries copied into the lab rootfs when present (plus $LAB_EXTRA_BINS)
 	local b
-	for b in qemu-img bash ip strace curl dbus-daemon dbus-send dbus-monitor qemu-storage-daemon \
+	for b in qemu-img bash ip strace curl dbus-daemon dbus-send dbus-monitor qemu-storage-daemon iperf3 \
 		/usr/lib/qemu/virtiofsd ${LAB_EXTRA_BINS:-}; do command -v "$b" 2>/dev/null || true; done
 }
 
@@ -252,6 +254,15 @@ build_rootfs() {
 	install -m 755 "$HERE/guest-arg" "$t/usr/local/bin/guest-arg"
 	cp "$KERNEL" "$t/lab/vmlinuz"
 	cp "$LAB_DIR/guest/initramfs.gz" "$t/lab/initramfs.gz"
+	# iperf3 for the guest, with its libraries and loader: an initramfs of its own that a bench appends to
+	# the guest's (Linux unpacks concatenated archives), so that other guests do not carry its 8 MB.
+	if command -v iperf3 >/dev/null; then
+		local it
+		it=$(mktemp -d "$LAB_DIR/tmp.iperf3.XXXXXX")
+		copy_elf "$it" "$(command -v iperf3)" /bin/iperf3
+		mkcpio_gz "$it" "$t/lab/iperf3.cpio.gz"
+		rm -rf "$it"
+	fi
 	echo "$KVER" >"$t/lab/kernel-version"
 	size=$(($(du -sm "$t" | cut -f1) + 128))
 	rm -f "$LAB_DIR/rootfs.ext4.tmp"
