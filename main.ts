@@ -571,12 +571,10 @@ async function main(argv: string[]): Promise<number> {
   let createBackend: (cfg: VmConfig) => VmBackend;
   let prewarm: ((cfg: VmConfig) => void) | undefined;
   let drainPrewarmed: (() => void) | undefined;
-  let headStart: ((cfg: VmConfig) => void) | undefined;
   try {
     const backendModule = await import("./vmm/vm.ts");
     createBackend = backendModule.createVmBackend;
     prewarm = backendModule.prewarmVm;
-    headStart = backendModule.prewarmVcpus;
     drainPrewarmed = () => backendModule.workerPool.drain();
   } catch (e) {
     const why = (e as Error).message.split("\n")[0];
@@ -591,9 +589,6 @@ async function main(argv: string[]): Promise<number> {
   } catch (e) {
     fail(`--seccomp: ${(e as Error).message}`);
   }
-  // A VM from the command line boots next: its vCPU workers (an isolate each, slow to make and to load)
-  // start now, so that they load beside the API server's start and the VM's creation.
-  if (config) headStart?.(config);
 
   let backend: VmBackend | null = null;
   const loop = new ControlLoop({

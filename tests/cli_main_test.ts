@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { CLI_OPTIONS, CliError, DEFAULT_LOG_FORMAT, logFormatProblem, parseCli } from "../main.ts";
 import { kvmAvailable } from "./helpers/realmode.ts";
-import { printAndPoweroffCode, pvhElf } from "./helpers/tiny_guest.ts";
+import { pvhElf } from "./helpers/tiny_guest.ts";
 import { dvmmCommand } from "./helpers/host.ts";
 import { apiRequest } from "../api/client.ts";
 
@@ -169,36 +169,6 @@ for (const how of ["SIGINT", "vmm.shutdown"] as const) {
     }
   });
 }
-
-Deno.test({
-  name: "cli: a VM from the command line has its vCPU workers started ahead of its boot",
-  ignore: !kvmAvailable(),
-}, async () => {
-  const dir = await Deno.makeTempDir({ prefix: "dvmm-cli-" });
-  try {
-    await Deno.writeFile(`${dir}/hello.elf`, pvhElf(printAndPoweroffCode("hello\n")));
-    const vm = [
-      "--kernel",
-      `${dir}/hello.elf`,
-      "--memory",
-      "size=64M",
-      "--serial",
-      "tty",
-      "--console",
-      "off",
-    ];
-    const two = await run(["-vv", ...vm, "--cpus", "boot=2"]);
-    assert.equal(two.code, 0, two.stderr);
-    assert.match(two.stdout, /hello/);
-    assert.match(two.stderr, /boot: vCPU workers started \(2 of 2 ahead of the boot\)/, two.stderr);
-    // Landlock's rules come with vm.create: no worker may start before them.
-    const locked = await run(["-vv", ...vm, "--landlock"]);
-    assert.equal(locked.code, 0, locked.stderr);
-    assert.match(locked.stderr, /boot: vCPU workers started \(0 of 1 ahead of the boot\)/, locked.stderr);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-});
 
 Deno.test({
   name: "cli: SIGTERM during a boot ends dvmm cleanly once the boot step is over",

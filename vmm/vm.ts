@@ -546,11 +546,10 @@ export class Vm implements VmBackend, MigrationSource {
     // vCPU threads first: a Worker needs its own V8 isolate and module graph, which costs more than
     // the rest of the set-up when the host is slow (the lab runs this ~20x slower than hardware), so
     // they load while this thread maps RAM and loads the kernel. Each gets its vCPU later.
-    const ahead = Math.min(boot, workerPool.idle(VCPU_WORKER));
     this.#idle = Array.from({ length: boot }, () => newVcpuWorker());
     // The device workers start once the vCPUs run (see PciHost.startWorkers): the guest needs none of
     // them for a while, and creating each blocks this thread.
-    phase(`vCPU workers started (${ahead} of ${boot} ahead of the boot)`);
+    phase("workers started");
     try {
       const kvm = this.#kvm = Kvm.open();
       const vm = this.#vm = kvm.createVm();
@@ -1130,17 +1129,6 @@ export function prewarmVm(config: VmConfig): void {
   if (applyLandlock(config)) workerPool.drain();
   workerPool.prewarm(VCPU_WORKER, config.cpus.boot_vcpus);
   workerPool.prewarm(DEVICE_WORKER, deviceWorkerCount(config));
-}
-
-/**
- * Starts the vCPU workers of a VM that boots as soon as the process is up (its config came on the command
- * line), so that they load their code while the API server starts and the VM is created; the boot takes
- * them. Not with Landlock: its rules are applied when the VM is created, and a worker started before
- * would not be bound by them.
- */
-export function prewarmVcpus(config: VmConfig): void {
-  if (config.landlock_enable) return;
-  workerPool.prewarm(VCPU_WORKER, config.cpus.boot_vcpus);
 }
 
 async function waitState(ctl: VcpuControl, want: number): Promise<void> {
